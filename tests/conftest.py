@@ -1,0 +1,20 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# CI has 2 cores; tests that spawn 2 ranks must not each grab both.
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    path = SHARED / "fixtures"
+    if not path.is_dir():
+        pytest.fail(f"shared fixtures not found at {path}; the repository expects ../shared beside it")
+    return path
