@@ -19,9 +19,10 @@ def _upstream_clip_groups() -> dict[str, float]:
 class OptimConfig:
     """AdamW with decoupled weight decay and per-group gradient clipping."""
 
-    lr: float = 2e-4
+    # Upstream's fine-tuning defaults (AdamW, lr 5e-5, weight decay 0.05, torch's betas and eps).
+    lr: float = 5e-5
     weight_decay: float = 0.05
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     # Parameter-name substrings that get no weight decay; every 1-D tensor (biases, norm scales,
     # layer scales) is also excluded when `no_decay_1d` is true.
@@ -52,25 +53,25 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    """Linear warmup from `warmup_start_factor * lr` to lr, then cosine decay to `min_lr_ratio * lr`.
+    """Linear warmup from `warmup_start_lr` to optim.lr, then cosine decay to `min_lr` (as upstream).
 
-    Warmup length: `warmup_steps` when set (> 0), otherwise `warmup_fraction * train.max_steps`.
+    Warmup length: `warmup_steps` when > 0, otherwise `warmup_fraction * train.max_steps`.
     """
 
     warmup_fraction: float = 0.05
     warmup_steps: int = 0
-    warmup_start_factor: float = 0.01
-    min_lr_ratio: float = 0.01
+    warmup_start_lr: float = 1e-8
+    min_lr: float = 1e-8
 
     def validate(self) -> None:
         if not 0.0 <= self.warmup_fraction < 1.0:
             raise ValueError(f"schedule.warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
         if self.warmup_steps < 0:
             raise ValueError(f"schedule.warmup_steps must be >= 0, got {self.warmup_steps}")
-        if not 0.0 < self.warmup_start_factor <= 1.0:
-            raise ValueError(f"schedule.warmup_start_factor must be in (0, 1], got {self.warmup_start_factor}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"schedule.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.warmup_start_lr < 0:
+            raise ValueError(f"schedule.warmup_start_lr must be >= 0, got {self.warmup_start_lr}")
+        if self.min_lr < 0:
+            raise ValueError(f"schedule.min_lr must be >= 0, got {self.min_lr}")
 
     def warmup_for(self, max_steps: int) -> int:
         """Warmup length in optimizer steps for a run of `max_steps`."""
