@@ -1,0 +1,128 @@
+"""The `parallel:` section of a recipe: how the model is sharded, in which precision, and what is recomputed.
+
+Plain typed dataclasses with defaults; `vggt_fsdp.recipe` loads and validates them from YAML. Everything
+model-specific (which classes are transformer blocks, which sub-modules are heads, how blocks group) lives
+in `LayoutConfig`, so a recipe can be pointed at another project's model by editing that part only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Union
+
+CheckpointPolicy = Literal["none", "attention", "block", "every_n"]
+HeadCheckpoint = Literal["none", "chunks"]
+ShardingMode = Literal["full", "hybrid"]
+ParamDtype = Literal["bf16", "fp32"]
+ReduceDtype = Literal["fp32", "bf16"]
+
+
+def _vggt_groups() -> dict[str, str]:
+    # Module-path patterns (fnmatch) of the VGGT block groups, as upstream names the modules.
+    return {
+        "dino": "aggregator.patch_embed.blocks.*",
+        "frame": "aggregator.frame_blocks.*",
+        "global": "aggregator.global_blocks.*",
+        "camera_trunk": "camera_head.trunk.*",
+    }
+
+
+@dataclass
+class LayoutConfig:
+    """Where the transformer blocks, their attention and the heads are in the model.
+
+    Class names are fully qualified (`package.module.Class`) or bare (`Class`); they are compared with
+    each module's type by name, so nothing is imported. Paths are fnmatch patterns over dotted module
+    names (`aggregator.frame_blocks.*`).
+    """
+
+    block_types: list[str] = field(default_factory=lambda: ["vggt_fsdp.model.layers.Block"])
+    block_paths: list[str] = field(default_factory=list)  # extra blocks found by path, not by type
+    attention_types: list[str] = field(default_factory=lambda: ["vggt_fsdp.model.layers.Attention"])
+    # Each matching module becomes one FSDP unit after the blocks inside it (VGGT: one unit per head).
+    # A pattern may match nothing: a disabled head has no module.
+    units: list[str] = field(
+        default_factory=lambda: ["camera_head", "depth_head", "point_head", "track_head"]
+    )
+    # Named groups of blocks, for per-group checkpoint policies. A block in no group uses the default.
+    groups: dict[str, str] = field(default_factory=_vggt_groups)
+
+
+@dataclass
+class ShardingConfig:
+    # full: shard every unit over all ranks. hybrid: shard inside a node, replicate across nodes (HSDP).
+    mode: ShardingMode = "full"
+    # Free the unsharded parameters after forward (gathered again in backward): less memory, one more
+    # all-gather per unit. The root unit is never resharded after forward: backward needs it at once.
+    reshard_after_forward: bool = True
+    # Keep sharded parameters, gradients and optimiser state in host memory (FSDP2 CPUOffloadPolicy).
+    cpu_offload: bool = False
+    # Hybrid mesh (replicate x shard); "auto": shard over the ranks of one node, replicate over nodes.
+    replicate_degree: Union[int, Literal["auto"]] = "auto"
+    shard_degree: Union[int, Literal["auto"]] = "auto"
+
+    def validate(self) -> None:
+        for name in ("replicate_degree", "shard_degree"):
+            value = getattr(self, name)
+            if value != "auto" and value < 1:
+                raise ValueError(f"{name} must be >= 1 or 'auto', got {value}")
+        if self.mode == "full" and (self.replicate_degree != "auto" or self.shard_degree != "auto"):
+            raise ValueError(
+                "replicate_degree/shard_degree apply only to mode: hybrid; "
+                f"got mode: full with replicate_degree={self.replicate_degree!r}, "
+                f"shard_degree={self.shard_degree!r}"
+            )
+
+
+@dataclass
+class PrecisionConfig:
+    # Compute dtype of the parameters FSDP2 all-gathers; the sharded master copy stays fp32.
+    param_dtype: ParamDtype = "bf16"
+    # Dtype of the gradient reduce-scatter; fp32 keeps the sum of many ranks' gradients exact enough.
+    reduce_dtype: ReduceDtype = "fp32"
+    # Units (patterns over unit paths) computed in fp32 whatever param_dtype says. Upstream runs the
+    # camera, depth and point heads in fp32; blocks inside these modules are fp32 too.
+    fp32_modules: list[str] = field(default_factory=lambda: ["camera_head", "depth_head", "point_head"])
+
+
+@dataclass
+class GroupCheckpoint:
+    policy: CheckpointPolicy = "attention"
+    n: Union[int, None] = None  # for every_n; None: the section's n
+
+
+@dataclass
+class CheckpointConfig:
+    # none | attention (the attention sub-module of each block) | block (whole blocks) |
+    # every_n (whole blocks, every n-th of each group, starting with the first).
+    policy: CheckpointPolicy = "attention"
+    n: int = 2
+    # Per-group overrides; keys are group names from parallel.layout.groups.
+    groups: dict[str, GroupCheckpoint] = field(default_factory=dict)
+    # Heads with a `checkpoint_chunks` attribute (VGGT's DPT heads): "chunks" recomputes each chunk of
+    # frames in backward instead of keeping its full-resolution activations.
+    heads: HeadCheckpoint = "none"
+
+    def validate(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+        for name, group in self.groups.items():
+            if group.n is not None and group.n < 1:
+                raise ValueError(f"groups.{name}.n must be >= 1, got {group.n}")
+
+
+@dataclass
+class ParallelConfig:
+    layout: LayoutConfig = field(default_factory=LayoutConfig)
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def validate(self) -> None:
+        unknown = sorted(set(self.checkpoint.groups) - set(self.layout.groups))
+        if unknown:
+            raise ValueError(
+                f"checkpoint.groups has unknown group(s) {unknown}; "
+                f"groups defined in layout.groups: {sorted(self.layout.groups)}"
+            )
+        if not self.layout.block_types and not self.layout.block_paths:
+            raise ValueError("layout.block_types and layout.block_paths are both empty: no FSDP units")
