@@ -1,0 +1,103 @@
+"""The assembled VGGT model: aggregator + camera / depth / point / track heads."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .aggregator import Aggregator
+from .config import VGGTConfig
+from .heads.camera import CameraHead
+from .heads.dpt import DPTHead
+
+
+def _build_track_head(cfg: VGGTConfig) -> nn.Module:
+    from .heads.track import TrackHead  # imported here: only models with a track head need it
+
+    dpt, track = cfg.dpt_head, cfg.track_head
+    return TrackHead(
+        cfg.token_dim,
+        patch_size=cfg.aggregator.patch_size,
+        features=track.features,
+        iters=track.iters,
+        predict_conf=track.predict_conf,
+        stride=track.stride,
+        corr_levels=track.corr_levels,
+        corr_radius=track.corr_radius,
+        hidden_size=track.hidden_size,
+        out_channels=dpt.out_channels,
+        intermediate_layer_idx=dpt.intermediate_layer_idx,
+    )
+
+
+def _build_dpt_head(cfg: VGGTConfig, output_dim: int, activation: str) -> DPTHead:
+    dpt = cfg.dpt_head
+    return DPTHead(
+        cfg.token_dim,
+        patch_size=cfg.aggregator.patch_size,
+        output_dim=output_dim,
+        activation=activation,
+        conf_activation=dpt.conf_activation,
+        features=dpt.features,
+        out_channels=dpt.out_channels,
+        intermediate_layer_idx=dpt.intermediate_layer_idx,
+        pos_embed=dpt.pos_embed,
+        frames_chunk_size=dpt.frames_chunk_size,
+    )
+
+
+class VGGT(nn.Module):
+    """forward(images (B, S, 3, H, W) or (S, 3, H, W) in [0, 1], query_points (B, N, 2) or (N, 2))."""
+
+    def __init__(self, config: VGGTConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.aggregator = Aggregator(config.aggregator, config.patch_embed, kept_layers=config.kept_layers())
+        # Attribute order = state-dict order of upstream (camera, point, depth, track).
+        self.camera_head = CameraHead(config.token_dim, config.camera_head) if config.enable_camera else None
+        self.point_head = _build_dpt_head(config, 4, config.dpt_head.point_activation) if config.enable_point else None
+        self.depth_head = _build_dpt_head(config, 2, config.dpt_head.depth_activation) if config.enable_depth else None
+        self.track_head = _build_track_head(config) if config.enable_track else None
+
+    def set_keep_all_layers(self, keep_all: bool) -> None:
+        """Keep every aggregator layer (upstream's memory behaviour) or only those the heads read."""
+        self.aggregator.kept_layers = self.config.replace(keep_all_layers=keep_all).kept_layers()
+
+    def forward(self, images: torch.Tensor, query_points: torch.Tensor | None = None) -> dict:
+        if images.ndim == 4:
+            images = images.unsqueeze(0)
+        if query_points is not None and query_points.ndim == 2:
+            query_points = query_points.unsqueeze(0)
+
+        tokens_list, patch_start_idx = self.aggregator(images)
+        predictions: dict = {}
+
+        # Camera, depth and point heads run in fp32 whatever the surrounding autocast says.
+        with torch.autocast(device_type=images.device.type, enabled=False):
+            fp32_tokens = [t if t is None else t.float() for t in tokens_list]
+            fp32_images = images.float()
+            if self.camera_head is not None:
+                pose_enc_list = self.camera_head(fp32_tokens)
+                predictions["pose_enc"] = pose_enc_list[-1]
+                predictions["pose_enc_list"] = pose_enc_list
+            if self.depth_head is not None:
+                depth, depth_conf = self.depth_head(fp32_tokens, images=fp32_images, patch_start_idx=patch_start_idx)
+                predictions["depth"] = depth
+                predictions["depth_conf"] = depth_conf
+            if self.point_head is not None:
+                points, points_conf = self.point_head(fp32_tokens, images=fp32_images, patch_start_idx=patch_start_idx)
+                predictions["world_points"] = points
+                predictions["world_points_conf"] = points_conf
+            del fp32_tokens
+
+        # The track head follows the surrounding precision.
+        if self.track_head is not None and query_points is not None:
+            tracks, vis, conf = self.track_head(
+                tokens_list, images=images, patch_start_idx=patch_start_idx, query_points=query_points)
+            predictions["track"] = tracks[-1]
+            predictions["vis"] = vis
+            predictions["conf"] = conf
+
+        if not self.training:
+            predictions["images"] = images  # as upstream: kept for visualisation at inference
+        return predictions
