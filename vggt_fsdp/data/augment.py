@@ -1,0 +1,108 @@
+"""Per-frame augmentation: crop-scale (with matching intrinsics), colour jitter and grayscale.
+
+Random draws come from a numpy Generator the caller seeds from (seed, step, rank, scene slot), so an
+augmented batch is a pure function of those numbers whichever worker builds it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from vggt_fsdp.data.config import AugmentConfig
+
+
+@dataclass(frozen=True)
+class CropBox:
+    """A window of a source image in pixels: columns [x0, x0 + width), rows [y0, y0 + height)."""
+
+    x0: float
+    y0: float
+    width: float
+    height: float
+
+
+def draw_crop(rng: np.random.Generator, src_hw: tuple[int, int], out_hw: tuple[int, int],
+              cfg: AugmentConfig | None) -> CropBox:
+    """The largest window of the output's aspect ratio, shrunk to a random area fraction, placed at random.
+
+    Without augmentation (cfg None or disabled) the window is the largest one, centred.
+    """
+    src_h, src_w = src_hw
+    aspect = out_hw[0] / out_hw[1]
+    width = min(float(src_w), src_h / aspect)
+    height = width * aspect
+    if cfg is None or not cfg.enabled:
+        return CropBox((src_w - width) / 2, (src_h - height) / 2, width, height)
+    lo, hi = cfg.crop_scale_range
+    side = math.sqrt(rng.uniform(lo, hi))  # area fraction -> side fraction
+    width, height = width * side, height * side
+    return CropBox(rng.uniform(0, src_w - width), rng.uniform(0, src_h - height), width, height)
+
+
+def crop_intrinsics(intrinsics: torch.Tensor, box: CropBox, out_hw: tuple[int, int]) -> torch.Tensor:
+    """Intrinsics of the image made by cropping `box` and resizing it to out_hw.
+
+    Pixel centres are integer coordinates, so a source column u lands at (u - x0 + 0.5) * s - 0.5.
+    """
+    sx, sy = out_hw[1] / box.width, out_hw[0] / box.height
+    k = intrinsics.clone()
+    k[..., 0, 0] = intrinsics[..., 0, 0] * sx
+    k[..., 1, 1] = intrinsics[..., 1, 1] * sy
+    k[..., 0, 1] = intrinsics[..., 0, 1] * sx
+    k[..., 0, 2] = (intrinsics[..., 0, 2] - box.x0 + 0.5) * sx - 0.5
+    k[..., 1, 2] = (intrinsics[..., 1, 2] - box.y0 + 0.5) * sy - 0.5
+    return k
+
+
+def crop_resize(image: torch.Tensor, depth: torch.Tensor, mask: torch.Tensor, box: CropBox,
+                out_hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Crop and resize one frame: image (3, H, W) bilinear with antialiasing; depth and mask nearest
+    (interpolating depth across an occlusion edge would invent surfaces that do not exist)."""
+    x0, y0 = int(round(box.x0)), int(round(box.y0))
+    x1, y1 = int(round(box.x0 + box.width)), int(round(box.y0 + box.height))
+    image = image[:, y0:y1, x0:x1][None]
+    image = F.interpolate(image, size=out_hw, mode="bilinear", align_corners=False, antialias=True)[0]
+    both = torch.stack([depth[y0:y1, x0:x1], mask[y0:y1, x0:x1].to(depth.dtype)])[None]
+    both = F.interpolate(both, size=out_hw, mode="nearest-exact")[0]
+    return image.clamp(0, 1), both[0], both[1] > 0.5
+
+
+def rounded_box(box: CropBox) -> CropBox:
+    """The integer window `crop_resize` actually cuts, for computing matching intrinsics."""
+    x0, y0 = int(round(box.x0)), int(round(box.y0))
+    x1, y1 = int(round(box.x0 + box.width)), int(round(box.y0 + box.height))
+    return CropBox(x0, y0, x1 - x0, y1 - y0)
+
+
+_LUMA = torch.tensor([0.299, 0.587, 0.114])
+
+
+def photometric(image: torch.Tensor, rng: np.random.Generator, cfg: AugmentConfig | None) -> torch.Tensor:
+    """Colour jitter (brightness, contrast, saturation, hue) then grayscale, on (3, H, W) in [0, 1]."""
+    if cfg is None or not cfg.enabled:
+        return image
+    if rng.uniform() < cfg.color_jitter_prob:
+        luma = _LUMA.to(image)
+        image = image * rng.uniform(1 - cfg.brightness, 1 + cfg.brightness)
+        mean = (image * luma[:, None, None]).sum(0).mean()
+        image = (image - mean) * rng.uniform(1 - cfg.contrast, 1 + cfg.contrast) + mean
+        gray = (image * luma[:, None, None]).sum(0, keepdim=True)
+        image = (image - gray) * rng.uniform(1 - cfg.saturation, 1 + cfg.saturation) + gray
+        image = _rotate_hue(image.clamp(0, 1), rng.uniform(-cfg.hue, cfg.hue))
+    if rng.uniform() < cfg.grayscale_prob:
+        image = (image * _LUMA.to(image)[:, None, None]).sum(0, keepdim=True).expand(3, -1, -1)
+    return image.clamp(0, 1).contiguous()
+
+
+def _rotate_hue(image: torch.Tensor, turns: float) -> torch.Tensor:
+    """Hue shift by rotating chroma in YIQ space: a 3x3 colour matrix, cheap enough for every frame."""
+    to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+    angle = 2 * math.pi * turns
+    c, s = math.cos(angle), math.sin(angle)
+    rot = torch.tensor([[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]])
+    matrix = (torch.linalg.inv(to_yiq) @ rot @ to_yiq).to(image)
+    return torch.einsum("ij,jhw->ihw", matrix, image)

@@ -1,0 +1,127 @@
+"""What every data source shares: the sample spec, the frame assembly and the error type.
+
+A source (synthetic, co3d, vkitti, folder) is a list of scenes. Asked for scene `index` with S frames
+at an image size, it returns one scene's tensors in world coordinates; `build_sample` then normalises
+them as upstream. All randomness comes from the spec's seed, so a sample is reproducible anywhere.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from vggt_fsdp.data.augment import crop_intrinsics, crop_resize, draw_crop, photometric, rounded_box
+from vggt_fsdp.data.config import AugmentConfig
+from vggt_fsdp.data.normalize import normalize_scene
+from vggt_fsdp.geometry import depth_to_points
+
+
+class DataError(ValueError):
+    """A dataset file is missing or malformed; the message names the path and what was expected."""
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """Everything needed to build one scene of a batch, decided by the sampler in the main process."""
+
+    index: int  # scene index within the split
+    num_frames: int
+    image_hw: tuple[int, int]
+    seed: tuple[int, ...]  # numpy SeedSequence entropy for every random draw of this sample
+    step: int  # the batch this sample belongs to
+    next_position: int  # sampler position after this batch (for resuming)
+
+
+@dataclass
+class RawFrame:
+    """One frame as a real source reads it, before cropping: image (3, H, W) in [0, 1], depth (H, W)
+    (0 where unknown), mask (H, W) bool, OpenCV extrinsics (3, 4), pixel intrinsics (3, 3)."""
+
+    image: torch.Tensor
+    depth: torch.Tensor
+    mask: torch.Tensor
+    extrinsics: torch.Tensor
+    intrinsics: torch.Tensor
+
+
+class SceneSource(Protocol):
+    def __len__(self) -> int: ...
+
+    def scene(self, spec: SampleSpec, rng: np.random.Generator, augment: AugmentConfig | None) -> dict[str, torch.Tensor]:
+        """(S, ...) tensors: images, depths, extrinsics, intrinsics, world_points, cam_points,
+        point_masks, optionally tracks/track_vis_mask, and skipped_frames (a 0-d count)."""
+        ...
+
+
+def assemble_frames(frames: list[RawFrame], image_hw: tuple[int, int], rng: np.random.Generator,
+                    augment: AugmentConfig | None) -> dict[str, torch.Tensor]:
+    """Crop/resize each frame to image_hw (intrinsics updated to match), jitter colours, stack, and
+    compute camera and world points from the resized depth."""
+    images, depths, masks, intrinsics = [], [], [], []
+    for frame in frames:
+        box = rounded_box(draw_crop(rng, tuple(frame.depth.shape), image_hw, augment))
+        image, depth, mask = crop_resize(frame.image, frame.depth, frame.mask, box, image_hw)
+        images.append(photometric(image, rng, augment))
+        mask = mask & (depth > 0) & torch.isfinite(depth)
+        depths.append(torch.where(mask, depth, torch.zeros_like(depth)))
+        masks.append(mask)
+        intrinsics.append(crop_intrinsics(frame.intrinsics, box, image_hw))
+    out = {
+        "images": torch.stack(images),
+        "depths": torch.stack(depths),
+        "point_masks": torch.stack(masks),
+        "extrinsics": torch.stack([f.extrinsics for f in frames]).float(),
+        "intrinsics": torch.stack(intrinsics).float(),
+    }
+    out["world_points"], out["cam_points"] = depth_to_points(out["depths"], out["extrinsics"], out["intrinsics"])
+    return out
+
+
+def pick_frames(rng: np.random.Generator, available: int, num_frames: int) -> list[int]:
+    """Random distinct frames of a sequence, or with repeats when it has fewer than asked (as upstream)."""
+    if available <= 0:
+        raise DataError("a scene with no frames cannot be sampled")
+    if available >= num_frames:
+        return sorted(rng.choice(available, num_frames, replace=False).tolist())
+    return sorted(rng.choice(available, num_frames, replace=True).tolist())
+
+
+@dataclass
+class FrameLoader:
+    """Loads frames through `read(frame_id)`, replacing bad ones by other frames when allowed."""
+
+    skip_bad_frames: bool
+    skipped: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    def load(self, read, frame_ids: list[int], available: int, rng: np.random.Generator) -> list[RawFrame]:
+        frames = []
+        for frame_id in frame_ids:
+            frames.append(self._load_one(read, frame_id, available, rng))
+        return frames
+
+    def _load_one(self, read, frame_id: int, available: int, rng: np.random.Generator) -> RawFrame:
+        tries = 0
+        while True:
+            try:
+                return read(frame_id)
+            except DataError as err:
+                if not self.skip_bad_frames:
+                    raise
+                self.skipped += 1
+                self.errors.append(str(err))
+                tries += 1
+                if tries >= min(available, 8):
+                    raise DataError(f"{tries} frames in a row failed to load (data.skip_bad_frames=true); "
+                                    f"last error: {err}") from err
+                frame_id = int(rng.integers(0, available))
+
+
+def build_sample(source: SceneSource, spec: SampleSpec, augment: AugmentConfig | None) -> dict[str, torch.Tensor]:
+    rng = np.random.default_rng(list(spec.seed))
+    scene = source.scene(spec, rng, augment)
+    scene = normalize_scene(scene)
+    scene.setdefault("skipped_frames", torch.tensor(0))
+    return scene

@@ -1,0 +1,329 @@
+"""The built-in synthetic world: procedural rooms ray-cast on the fly with exact ground truth.
+
+A scene is a room (floor, four walls and, half of the time, a ceiling; an open top leaves pixels with no
+surface, which exercises the masks) holding axis-aligned-on-the-floor boxes (rotated about the vertical)
+and spheres. Surfaces carry a solid 3-D checker texture with a per-surface colour pair and a
+sinusoidal tint, lit by a fixed directional light (Lambertian, so a point looks the same from every
+camera). Everything about scene i is a pure function of (seed, i); the cameras of one sample are drawn
+from the sample's own generator: an arc around the room's centre with varied heights, targets, rolls
+and focal lengths.
+
+The world is z-up with the floor at z = 0. Each ray is X = C + t * d with d = R^T K^-1 [u, v, 1], so
+the hit parameter t is the camera-frame depth itself: depth, camera points and world points are exact.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from vggt_fsdp.data.augment import crop_intrinsics, draw_crop, photometric
+from vggt_fsdp.data.base import SampleSpec
+from vggt_fsdp.data.config import AugmentConfig, DataConfig, SyntheticConfig
+from vggt_fsdp.geometry import (
+    depth_to_points, invert_extrinsics, look_at_extrinsics, make_intrinsics, pixel_grid, project_points,
+)
+
+_EPS = 1e-4
+_UP = torch.tensor([0.0, 0.0, 1.0])
+
+
+@dataclass
+class Scene:
+    room_lo: torch.Tensor  # (3,) inner corner of the room
+    room_hi: torch.Tensor
+    open_top: bool
+    box_centre: torch.Tensor  # (K, 3)
+    box_half: torch.Tensor  # (K, 3)
+    box_rot: torch.Tensor  # (K, 3, 3) world-from-local
+    sphere_centre: torch.Tensor  # (M, 3)
+    sphere_radius: torch.Tensor  # (M,)
+    # Per surface, in the order [6 room faces, K boxes, M spheres]:
+    colour_a: torch.Tensor  # (P, 3)
+    colour_b: torch.Tensor  # (P, 3)
+    checker: torch.Tensor  # (P,) checker cell size in metres
+    tint_freq: torch.Tensor  # (P, 3) spatial frequency of the sinusoidal tint
+    light: torch.Tensor  # (3,) unit direction towards the light
+    object_radius: float  # objects lie within this distance of the room's vertical axis
+
+
+def make_scene(seed: int, index: int, cfg: SyntheticConfig) -> Scene:
+    """Scene `index` of the world seeded by `seed` (numpy draws, so identical on every platform)."""
+    rng = np.random.default_rng([seed, index, 0x5CE7E])
+    half_x, half_y = rng.uniform(2.5, 5.0), rng.uniform(2.5, 5.0)
+    height = rng.uniform(2.6, 4.0)
+    object_radius = 0.45 * min(half_x, half_y)
+    n_obj = int(rng.integers(cfg.objects_range[0], cfg.objects_range[1] + 1))
+    n_box = int(rng.binomial(n_obj, 0.6))
+    boxes = [_draw_box(rng, object_radius) for _ in range(n_box)]
+    spheres = [_draw_sphere(rng, object_radius) for _ in range(n_obj - n_box)]
+    n_surf = 6 + n_obj
+    azimuth, elevation = rng.uniform(0, 2 * math.pi), rng.uniform(0.6, 1.3)
+    light = [math.cos(azimuth) * math.cos(elevation), math.sin(azimuth) * math.cos(elevation), math.sin(elevation)]
+    t = lambda x: torch.tensor(np.asarray(x), dtype=torch.float32)  # noqa: E731
+    return Scene(
+        room_lo=t([-half_x, -half_y, 0.0]),
+        room_hi=t([half_x, half_y, height]),
+        open_top=bool(rng.uniform() < 0.5),
+        box_centre=t([b[0] for b in boxes]).reshape(-1, 3),
+        box_half=t([b[1] for b in boxes]).reshape(-1, 3),
+        box_rot=t([_yaw(b[2]) for b in boxes]).reshape(-1, 3, 3),
+        sphere_centre=t([s[0] for s in spheres]).reshape(-1, 3),
+        sphere_radius=t([s[1] for s in spheres]).reshape(-1),
+        colour_a=t(rng.uniform(0.05, 1.0, (n_surf, 3))),
+        colour_b=t(rng.uniform(0.05, 1.0, (n_surf, 3))),
+        checker=t(rng.uniform(0.08, 0.6, n_surf)),
+        tint_freq=t(rng.uniform(-6.0, 6.0, (n_surf, 3))),
+        light=t(light),
+        object_radius=object_radius,
+    )
+
+
+def _draw_box(rng: np.random.Generator, radius: float):
+    half = rng.uniform(0.15, 0.6, 3)
+    r, a = radius * math.sqrt(rng.uniform()), rng.uniform(0, 2 * math.pi)
+    centre = [r * math.cos(a), r * math.sin(a), half[2] + (0.0 if rng.uniform() < 0.8 else rng.uniform(0, 1.0))]
+    return centre, half, rng.uniform(0, math.pi)
+
+
+def _draw_sphere(rng: np.random.Generator, radius: float):
+    rad = rng.uniform(0.15, 0.6)
+    r, a = radius * math.sqrt(rng.uniform()), rng.uniform(0, 2 * math.pi)
+    return [r * math.cos(a), r * math.sin(a), rad + rng.uniform(0, 1.2)], rad
+
+
+def _yaw(angle: float) -> list[list[float]]:
+    c, s = math.cos(angle), math.sin(angle)
+    return [[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Cameras
+
+
+def draw_cameras(scene: Scene, rng: np.random.Generator, num_frames: int, image_hw: tuple[int, int],
+                 fov_range_deg: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S, 3, 4) OpenCV extrinsics and (S, 3, 3) intrinsics for one sample of `scene`.
+
+    Cameras sit on an arc around the room's vertical axis between the objects and the walls, so
+    neighbouring frames overlap the way frames of a video do, and look at points near the objects.
+    """
+    lo, hi = scene.room_lo.numpy(), scene.room_hi.numpy()
+    wall = min(hi[0], hi[1])
+    radius = rng.uniform(scene.object_radius + 0.7, max(scene.object_radius + 0.8, wall - 0.35))
+    start, span = rng.uniform(0, 2 * math.pi), rng.uniform(math.radians(20), math.radians(200))
+    angles = start + span * np.sort(rng.uniform(0, 1, num_frames))
+    radii = radius + rng.uniform(-0.3, 0.3, num_frames)
+    eye = np.stack([radii * np.cos(angles), radii * np.sin(angles),
+                    rng.uniform(0.6, min(2.2, hi[2] - 0.3), num_frames)], -1)
+    target = np.concatenate([rng.uniform(-0.6, 0.6, (num_frames, 2)) * scene.object_radius,
+                             rng.uniform(0.2, 1.2, (num_frames, 1))], -1)
+    roll = rng.uniform(-0.2, 0.2, num_frames)
+    forward = target - eye
+    forward /= np.linalg.norm(forward, axis=-1, keepdims=True)
+    # Rolling the camera = tilting its "up" hint about the viewing direction.
+    side = np.cross(forward, [0.0, 0.0, 1.0])
+    side /= np.linalg.norm(side, axis=-1, keepdims=True)
+    up = np.cos(roll)[:, None] * np.array([0.0, 0.0, 1.0]) + np.sin(roll)[:, None] * side
+    extrinsics = look_at_extrinsics(torch.tensor(eye, dtype=torch.float32),
+                                    torch.tensor(target, dtype=torch.float32),
+                                    torch.tensor(up, dtype=torch.float32))
+    height, width = image_hw
+    fov = np.radians(rng.uniform(fov_range_deg[0], fov_range_deg[1], num_frames))
+    fx = torch.tensor((width / 2) / np.tan(fov / 2), dtype=torch.float32)
+    fy = fx * torch.tensor(rng.uniform(0.97, 1.03, num_frames), dtype=torch.float32)  # slight non-square pixels
+    intrinsics = make_intrinsics(fx, fy, torch.full_like(fx, width / 2), torch.full_like(fx, height / 2))
+    return extrinsics, intrinsics
+
+
+# ----------------------------------------------------------------------------------------------------
+# Ray casting
+
+
+def cast(scene: Scene, origin: torch.Tensor, dirs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """First hit of rays origin + t * dirs (origin (3,) inside the room, dirs (N, 3), not normalised).
+
+    Returns t (N,) with inf where nothing is hit, and the index (N,) of the surface hit.
+    """
+    t_room, face = _room_exit(scene, origin, dirs)
+    candidates, ids = [t_room], [face]
+    if len(scene.box_centre):
+        t_box = _box_entry(scene, origin, dirs)  # (K, N)
+        best, k = t_box.min(0)
+        candidates.append(best)
+        ids.append(6 + k)
+    if len(scene.sphere_radius):
+        t_sph = _sphere_entry(scene, origin, dirs)
+        best, k = t_sph.min(0)
+        candidates.append(best)
+        ids.append(6 + len(scene.box_centre) + k)
+    t_all = torch.stack(candidates)
+    t, which = t_all.min(0)
+    surface = torch.stack(ids).gather(0, which[None])[0]
+    return t, surface
+
+
+def _room_exit(scene: Scene, origin: torch.Tensor, dirs: torch.Tensor):
+    """Where a ray from inside leaves the room's box; face id = 2 * axis + (direction > 0)."""
+    with torch.no_grad():
+        t_lo = (scene.room_lo - origin) / dirs
+        t_hi = (scene.room_hi - origin) / dirs
+    t_exit = torch.where(dirs > 0, t_hi, t_lo)
+    t_exit = torch.where(dirs == 0, torch.full_like(t_exit, float("inf")), t_exit)
+    t, axis = t_exit.min(-1)
+    positive = dirs.gather(-1, axis[:, None])[:, 0] > 0
+    face = 2 * axis + positive.long()
+    if scene.open_top:
+        t = torch.where(face == 5, torch.full_like(t, float("inf")), t)
+    return t, face
+
+
+def _box_entry(scene: Scene, origin: torch.Tensor, dirs: torch.Tensor) -> torch.Tensor:
+    """Slab test in each box's frame; (K, N) entry distances, inf on a miss."""
+    rot_t = scene.box_rot.transpose(-1, -2)  # local-from-world
+    o = torch.einsum("kij,kj->ki", rot_t, origin - scene.box_centre)[:, None]  # (K, 1, 3)
+    d = torch.einsum("kij,nj->kni", rot_t, dirs)  # (K, N, 3)
+    inv = 1.0 / d
+    half = scene.box_half[:, None]
+    t1, t2 = (-half - o) * inv, (half - o) * inv
+    t_near = torch.minimum(t1, t2).amax(-1)
+    t_far = torch.maximum(t1, t2).amin(-1)
+    hit = (t_near <= t_far) & (t_near > _EPS)
+    return torch.where(hit, t_near, torch.full_like(t_near, float("inf")))
+
+
+def _sphere_entry(scene: Scene, origin: torch.Tensor, dirs: torch.Tensor) -> torch.Tensor:
+    oc = origin - scene.sphere_centre  # (M, 3)
+    a = (dirs * dirs).sum(-1)[None]  # (1, N)
+    b = dirs @ oc.T  # (N, M)
+    b = b.T
+    c = (oc * oc).sum(-1)[:, None] - scene.sphere_radius[:, None] ** 2
+    disc = b * b - a * c
+    t = (-b - disc.clamp_min(0).sqrt()) / a
+    hit = (disc >= 0) & (t > _EPS)
+    return torch.where(hit, t, torch.full_like(t, float("inf")))
+
+
+def _normals(scene: Scene, points: torch.Tensor, surface: torch.Tensor) -> torch.Tensor:
+    """Unit normals (N, 3) of the surfaces hit, facing the room's interior / out of objects."""
+    normals = torch.zeros_like(points)
+    face_axis = (surface // 2).clamp(max=2)
+    face_sign = torch.where(surface % 2 == 1, -1.0, 1.0)  # a face on the high side faces -axis
+    room_n = F.one_hot(face_axis, 3).to(points) * face_sign[:, None]
+    normals = torch.where((surface < 6)[:, None], room_n, normals)
+    k = len(scene.box_centre)
+    if k:
+        idx = (surface - 6).clamp(0, k - 1)
+        local = torch.einsum("nji,nj->ni", scene.box_rot[idx], points - scene.box_centre[idx])
+        rel = local / scene.box_half[idx]
+        axis = rel.abs().argmax(-1)
+        n_local = F.one_hot(axis, 3).to(points) * rel.gather(-1, axis[:, None]).sign()
+        box_n = torch.einsum("nij,nj->ni", scene.box_rot[idx], n_local)
+        normals = torch.where(((surface >= 6) & (surface < 6 + k))[:, None], box_n, normals)
+    if len(scene.sphere_radius):
+        idx = (surface - 6 - k).clamp(0, len(scene.sphere_radius) - 1)
+        sph_n = (points - scene.sphere_centre[idx]) / scene.sphere_radius[idx, None]
+        normals = torch.where((surface >= 6 + k)[:, None], sph_n, normals)
+    return normals
+
+
+def _shade(scene: Scene, points: torch.Tensor, surface: torch.Tensor, hit: torch.Tensor) -> torch.Tensor:
+    """Colour (N, 3): solid checker between two colours, a sinusoidal tint, Lambertian light."""
+    surf = surface.clamp(0, len(scene.checker) - 1)
+    cell = torch.floor(points / scene.checker[surf, None]).sum(-1)
+    odd = (cell.remainder(2) > 0.5)[:, None]
+    albedo = torch.where(odd, scene.colour_a[surf], scene.colour_b[surf])
+    tint = 0.8 + 0.2 * torch.sin((points * scene.tint_freq[surf]).sum(-1, keepdim=True) + surf[:, None])
+    lambert = (_normals(scene, points, surface) @ scene.light).clamp_min(0)[:, None]
+    colour = albedo * tint * (0.35 + 0.65 * lambert)
+    sky = torch.tensor([0.55, 0.7, 0.95])
+    return torch.where(hit[:, None], colour, sky).clamp(0, 1)
+
+
+def camera_rays(extrinsics: torch.Tensor, intrinsics: torch.Tensor, image_hw: tuple[int, int]):
+    """Camera centre (3,) and world ray directions (H*W, 3) scaled so the hit parameter is depth."""
+    height, width = image_hw
+    uv = pixel_grid(height, width).reshape(-1, 2)
+    k = intrinsics
+    d_cam = torch.stack([(uv[:, 0] - k[0, 2]) / k[0, 0], (uv[:, 1] - k[1, 2]) / k[1, 1],
+                         torch.ones(len(uv))], -1)
+    cam_to_world = invert_extrinsics(extrinsics)
+    return cam_to_world[:, 3], d_cam @ cam_to_world[:, :3].T
+
+
+def render(scene: Scene, extrinsics: torch.Tensor, intrinsics: torch.Tensor, image_hw: tuple[int, int]):
+    """One view: image (3, H, W) in [0, 1], depth (H, W) (0 where nothing is hit) and mask (H, W)."""
+    height, width = image_hw
+    centre, dirs = camera_rays(extrinsics, intrinsics, image_hw)
+    t, surface = cast(scene, centre, dirs)
+    hit = torch.isfinite(t)
+    depth = torch.where(hit, t, torch.zeros_like(t))
+    points = centre + depth[:, None] * dirs
+    image = _shade(scene, points, surface, hit)
+    return image.T.reshape(3, height, width).contiguous(), depth.reshape(height, width), hit.reshape(height, width)
+
+
+def track_queries(scene: Scene, extrinsics: torch.Tensor, intrinsics: torch.Tensor, world_points: torch.Tensor,
+                  mask: torch.Tensor, num: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+    """Ground-truth tracks of `num` surface points seen at random valid pixels of frame 0.
+
+    tracks (S, N, 2) are the points' projections in every frame; track_vis_mask (S, N) is true where a
+    point is in front of the camera, inside the image and not occluded (a ray cast towards it from that
+    camera reaches it first), which is exact rather than a depth-map comparison.
+    """
+    height, width = mask.shape[-2:]
+    valid = mask[0].flatten().nonzero()[:, 0]
+    if len(valid) == 0:  # a frame looking only at the sky: no queries can be defined
+        pick = torch.zeros(num, dtype=torch.long)
+    else:
+        pick = valid[torch.as_tensor(rng.integers(0, len(valid), num))]
+    points = world_points[0].reshape(-1, 3)[pick]  # (N, 3)
+    uv, z = project_points(points[None].expand(len(extrinsics), -1, -1), extrinsics, intrinsics)
+    inside = (z > _EPS) & (uv[..., 0] >= -0.5) & (uv[..., 0] < width - 0.5) & (uv[..., 1] >= -0.5) & (uv[..., 1] < height - 0.5)
+    centres = invert_extrinsics(extrinsics)[:, :, 3]
+    visible = torch.zeros_like(inside)
+    for s in range(len(extrinsics)):
+        t, _ = cast(scene, centres[s], points - centres[s])
+        visible[s] = t > 1 - 1e-3
+    vis = inside & visible & (len(valid) > 0)
+    uv = torch.where(torch.isfinite(uv), uv, torch.zeros_like(uv))
+    return {"tracks": uv, "track_vis_mask": vis}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The source
+
+
+class SyntheticSource:
+    """Scenes of the procedural world; val scenes are indices past the train ones, so never shared."""
+
+    def __init__(self, cfg: DataConfig, split: str):
+        self.cfg, self.seed = cfg.synthetic, cfg.seed
+        self.offset = 0 if split == "train" else cfg.synthetic.num_scenes
+        self.length = cfg.synthetic.num_scenes if split == "train" else cfg.synthetic.num_val_scenes
+
+    def __len__(self) -> int:
+        return self.length
+
+    def scene(self, spec: SampleSpec, rng: np.random.Generator, augment: AugmentConfig | None) -> dict[str, torch.Tensor]:
+        scene = make_scene(self.seed, self.offset + spec.index, self.cfg)
+        hw, count = spec.image_hw, spec.num_frames
+        extrinsics, intrinsics = draw_cameras(scene, rng, count, hw, self.cfg.fov_range_deg)
+        # Crop-scale augmentation without resampling: render the crop directly by zooming the camera.
+        intrinsics = torch.stack([crop_intrinsics(k, draw_crop(rng, hw, hw, augment), hw) for k in intrinsics])
+        images, depths, masks = zip(*(render(scene, e, k, hw) for e, k in zip(extrinsics, intrinsics)))
+        out = {
+            "images": torch.stack([photometric(image, rng, augment) for image in images]),
+            "depths": torch.stack(depths),
+            "point_masks": torch.stack(masks),
+            "extrinsics": extrinsics,
+            "intrinsics": intrinsics,
+        }
+        out["world_points"], out["cam_points"] = depth_to_points(out["depths"], extrinsics, intrinsics)
+        if self.cfg.num_track_queries:
+            out.update(track_queries(scene, extrinsics, intrinsics, out["world_points"], out["point_masks"],
+                                     self.cfg.num_track_queries, rng))
+        return out
