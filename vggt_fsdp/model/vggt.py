@@ -8,6 +8,7 @@ from .aggregator import Aggregator
 from .config import VGGTConfig
 from .heads.camera import CameraHead
 from .heads.dpt import DPTHead
+from .init import init_special_parameters
 
 
 def _build_track_head(cfg: VGGTConfig) -> nn.Module:
@@ -26,6 +27,7 @@ def _build_track_head(cfg: VGGTConfig) -> nn.Module:
         hidden_size=track.hidden_size,
         out_channels=dpt.out_channels,
         intermediate_layer_idx=dpt.intermediate_layer_idx,
+        frames_chunk_size=dpt.frames_chunk_size,
     )
 
 
@@ -45,6 +47,13 @@ def _build_dpt_head(cfg: VGGTConfig, output_dim: int, activation: str) -> DPTHea
     )
 
 
+def _at_least_fp32(t: torch.Tensor | None) -> torch.Tensor | None:
+    """Upcast bf16/fp16 to fp32; leave fp32 and fp64 (used by precision tests) alone."""
+    if t is not None and t.is_floating_point() and torch.finfo(t.dtype).bits < 32:
+        return t.float()
+    return t
+
+
 class VGGT(nn.Module):
     """forward(images (B, S, 3, H, W) or (S, 3, H, W) in [0, 1], query_points (B, N, 2) or (N, 2))."""
 
@@ -58,6 +67,8 @@ class VGGT(nn.Module):
         self.point_head = _build_dpt_head(config, 4, config.dpt_head.point_activation) if config.enable_point else None
         self.depth_head = _build_dpt_head(config, 2, config.dpt_head.depth_activation) if config.enable_depth else None
         self.track_head = _build_track_head(config) if config.enable_track else None
+        if not self.aggregator.camera_token.is_meta:
+            init_special_parameters(self)  # on meta, materialize() does all init later
 
     def set_keep_all_layers(self, keep_all: bool) -> None:
         """Keep every aggregator layer (upstream's memory behaviour) or only those the heads read."""
@@ -74,8 +85,8 @@ class VGGT(nn.Module):
 
         # Camera, depth and point heads run in fp32 whatever the surrounding autocast says.
         with torch.autocast(device_type=images.device.type, enabled=False):
-            fp32_tokens = [t if t is None else t.float() for t in tokens_list]
-            fp32_images = images.float()
+            fp32_tokens = [_at_least_fp32(t) for t in tokens_list]
+            fp32_images = _at_least_fp32(images)
             if self.camera_head is not None:
                 pose_enc_list = self.camera_head(fp32_tokens)
                 predictions["pose_enc"] = pose_enc_list[-1]
@@ -101,3 +112,9 @@ class VGGT(nn.Module):
         if not self.training:
             predictions["images"] = images  # as upstream: kept for visualisation at inference
         return predictions
+
+
+def build_model(config: VGGTConfig, device: str | torch.device = "cpu") -> VGGT:
+    """Build on `device`; "meta" builds the structure only (no memory, fast): shard, then materialize()."""
+    with torch.device(device):
+        return VGGT(config)
