@@ -1,0 +1,245 @@
+"""The trainer's machinery on a toy model under FSDP2 on 2 gloo processes: checkpoints (atomic,
+keep-last, exact resume), non-finite skipping, SIGTERM, export, schedule and parameter groups.
+
+The VGGT end-to-end runs are in test_train_e2e.py; these are fast and cover the same code paths.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from vggt_fsdp.train import checkpoint as ckpt
+from vggt_fsdp.train.config import OptimConfig, ScheduleConfig, TrainConfig
+from vggt_fsdp.train.faults import NonFiniteLossError, StepShape
+from vggt_fsdp.train.metrics import read_metrics
+from vggt_fsdp.train.optim import build_optimizer, build_scheduler, clip_groups, lr_at, param_groups
+
+
+# ------------------------------------------------------------------------------------- toy pieces
+class Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.aggregator = nn.Sequential(nn.Linear(6, 16), nn.LayerNorm(16), nn.Linear(16, 16))
+        self.depth_head = nn.Linear(16, 3)
+
+
+class ToySampler:
+    """Deterministic batches by position; its position is what a checkpoint saves."""
+
+    def __init__(self, rank: int, seed: int = 0):
+        self.rank, self.seed, self.position = rank, seed, 0
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = state["position"]
+
+
+class ToyTask:
+    def __init__(self, rank: int, nan_steps: tuple[int, ...] = ()):
+        self.sampler = ToySampler(rank)
+        self.nan_steps = nan_steps
+        gen = torch.Generator().manual_seed(123)
+        self.target = torch.randn(6, 3, generator=gen)
+
+    def batches(self):
+        while True:
+            gen = torch.Generator().manual_seed(1000 * self.sampler.position + self.sampler.rank)
+            x = torch.randn(8, 6, generator=gen)
+            self.sampler.position += 1
+            yield {"x": x, "y": x @ self.target, "nan": self.sampler.position in self.nan_steps}
+
+    def loss(self, model, batch):
+        pred = model.depth_head(model.aggregator(batch["x"]))
+        # Noise from the global RNG: resume is only exact if RNG state is restored too.
+        loss = (pred - batch["y"]).pow(2).mean() + 1e-3 * torch.rand(()).item()
+        if batch["nan"]:
+            loss = loss * float("nan")
+        return loss, {"mse": loss.detach()}
+
+    def shape(self, batch) -> StepShape:
+        return StepShape(scenes=8, frames_per_scene=1, height=1, width=6, tokens=8)
+
+    def to_device(self, batch, device):
+        return batch
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_toy(rank: int, world: int, port: int, cfg_dict: dict, out: str, nan_steps, sigterm_at) -> None:
+    from accelerate import Accelerator
+    from torch.distributed.fsdp import fully_shard
+
+    from vggt_fsdp.train.faults import StopSignal
+    from vggt_fsdp.train.loop import Trainer
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    accelerator = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    model = Toy()
+    for sub in model.aggregator:
+        fully_shard(sub)
+    fully_shard(model.depth_head)
+    fully_shard(model)
+    cfg = TrainConfig(**cfg_dict)
+    optim_cfg = OptimConfig(lr=1e-2)
+    optimizer = build_optimizer(model, optim_cfg, "cpu")
+    scheduler = build_scheduler(optimizer, ScheduleConfig(warmup_steps=2), optim_cfg.lr, cfg.max_steps)
+    optimizer = accelerator.prepare_optimizer(optimizer, device_placement=False)
+    task = ToyTask(rank, tuple(nan_steps))
+    trainer = Trainer(cfg, accelerator, model, optimizer, scheduler, task,
+                      clip_groups(model, optim_cfg.clip_groups), torch.device("cpu"), fused=True)
+    torch.manual_seed(1 + rank)  # the per-rank RNG stream a checkpoint must restore
+    stop = StopSignal()
+    if sigterm_at is not None:
+        original = task.loss
+
+        def loss_with_signal(model, batch):
+            if task.sampler.position == sigterm_at and rank == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return original(model, batch)
+        task.loss = loss_with_signal
+    trainer.resume()
+    error = None
+    try:
+        outcome = trainer.fit(stop)
+    except NonFiniteLossError as err:
+        error, outcome = str(err), None
+    full = {k: v.full_tensor() for k, v in model.state_dict().items()}
+    if rank == 0:
+        torch.save({"params": full, "error": error,
+                    "preempted": outcome.preempted if outcome else None,
+                    "step": outcome.step if outcome else None}, Path(out) / "result.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def run_toy(out: Path, nan_steps=(), sigterm_at=None, **cfg) -> dict:
+    base = dict(max_steps=6, output_dir=str(out), log_every=1, checkpoint_every=3, keep_last=2,
+                progress_bar=False, max_nonfinite_in_row=3)
+    base.update(cfg)
+    mp.start_processes(_run_toy, args=(2, _free_port(), base, str(out), list(nan_steps), sigterm_at),
+                       nprocs=2, start_method="fork")
+    return torch.load(out / "result.pt", weights_only=False)
+
+
+# ------------------------------------------------------------------------------------- tests
+def test_resume_is_exact(tmp_path):
+    straight = run_toy(tmp_path / "a", max_steps=6)
+    # Same recipe, stopped (SIGTERM on one rank) after step 3, then resumed: resume=auto -> step 3.
+    assert run_toy(tmp_path / "b", max_steps=6, sigterm_at=3, checkpoint_every=0)["step"] == 3
+    resumed = run_toy(tmp_path / "b", max_steps=6)
+    for name, value in straight["params"].items():
+        torch.testing.assert_close(resumed["params"][name], value, rtol=0, atol=1e-6)
+    a = [r["loss"] for r in read_metrics(tmp_path / "a" / "metrics.jsonl")]
+    b = [r["loss"] for r in read_metrics(tmp_path / "b" / "metrics.jsonl")]
+    assert len(a) == 6 and len(b) == 6
+    assert b == pytest.approx(a, rel=0, abs=1e-6)
+    # keep_last=2: steps 3 and 6 of run b; both complete.
+    kept = [step for step, _ in ckpt.complete_checkpoints(tmp_path / "b" / "checkpoints")]
+    assert kept == [3, 6]
+
+
+def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setenv("VGGT_FSDP_CRASH_IN_SAVE", "6")
+    with pytest.raises(Exception):
+        run_toy(tmp_path, max_steps=6)
+    root = tmp_path / "checkpoints"
+    assert [s for s, _ in ckpt.complete_checkpoints(root)] == [3]
+    assert (root / ".tmp-step-0000006").is_dir()  # the half-written one, never used
+    assert ckpt.resolve_resume("auto", root).name == "step-0000003"
+    monkeypatch.delenv("VGGT_FSDP_CRASH_IN_SAVE")
+    straight = run_toy(tmp_path / "ref", max_steps=6)
+    resumed = run_toy(tmp_path, max_steps=6)
+    for name, value in straight["params"].items():
+        torch.testing.assert_close(resumed["params"][name], value, rtol=0, atol=1e-6)
+    assert not (root / ".tmp-step-0000006").exists()
+
+
+def test_nonfinite_steps_are_skipped_then_abort(tmp_path):
+    # Step 2 is non-finite: its update is skipped (counted), training goes on with finite weights.
+    result = run_toy(tmp_path / "skip", nan_steps=(2,), max_steps=4, checkpoint_every=0)
+    assert result["error"] is None
+    records = read_metrics(tmp_path / "skip" / "metrics.jsonl")
+    assert [r["skipped_steps"] for r in records] == [0, 1, 1, 1]
+    assert all(torch.isfinite(v).all() for v in result["params"].values())
+    aborted = run_toy(tmp_path / "abort", nan_steps=(2, 3, 4), max_steps=6, checkpoint_every=0)
+    assert aborted["error"] is not None and "3 steps in a row" in aborted["error"]
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+    result = run_toy(tmp_path, sigterm_at=2, max_steps=6, checkpoint_every=0)
+    assert result["preempted"] is True and result["step"] == 2
+    assert [s for s, _ in ckpt.complete_checkpoints(tmp_path / "checkpoints")] == [2]
+
+
+def test_export_consolidates_full_model(tmp_path):
+    from safetensors.torch import load_file
+
+    result = run_toy(tmp_path, max_steps=3, checkpoint_every=0)
+    out = tmp_path / "model.safetensors"
+    ckpt.export_safetensors(tmp_path / "checkpoints" / "step-0000003", out)
+    exported = load_file(str(out))
+    assert set(exported) == set(result["params"])
+    for name, value in result["params"].items():
+        assert torch.equal(exported[name], value)
+    model = Toy()
+    model.load_state_dict(exported, strict=True)
+
+
+def test_schedule_warmup_then_cosine():
+    cfg = ScheduleConfig(warmup_steps=10, warmup_start_lr=0.0, min_lr=1e-5)
+    lrs = [lr_at(s, 1e-3, cfg, 100) for s in range(101)]
+    assert lrs[0] == 0.0 and lrs[10] == pytest.approx(1e-3)
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:11]))  # rising in warmup
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # then never rising
+    assert lrs[100] == pytest.approx(1e-5) and lrs[55] == pytest.approx((1e-3 + 1e-5) / 2)
+    assert ScheduleConfig(warmup_fraction=0.05).warmup_for(200) == 10
+
+
+def test_param_groups_exclude_norms_and_biases_from_decay():
+    model = Toy()
+    groups = {g["name"]: g for g in param_groups(model, OptimConfig(weight_decay=0.1))}
+    decay = {id(p) for p in groups["decay"]["params"]}
+    names = {name for name, p in model.named_parameters() if id(p) in decay}
+    assert names == {"aggregator.0.weight", "aggregator.2.weight", "depth_head.weight"}
+    assert groups["no_decay"]["weight_decay"] == 0.0
+    model.aggregator.requires_grad_(False)
+    groups = param_groups(model, OptimConfig())
+    assert sum(len(g["params"]) for g in groups) == 2  # frozen parameters get no optimizer state
+
+
+def test_clip_groups_match_upstream_names():
+    groups = {g.name: g for g in clip_groups(Toy(), OptimConfig().clip_groups)}
+    assert set(groups) == {"aggregator", "depth"}  # camera/point/track match nothing here
+    assert len(groups["aggregator"].params) == 6 and groups["depth"].max_norm == 1.0
+
+
+def test_resolve_resume_ignores_incomplete(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step, complete in ((5, True), (9, False)):
+        d = root / ckpt.step_dir_name(step)
+        d.mkdir(parents=True)
+        if complete:
+            (d / ckpt.MARKER).write_text(json.dumps({"step": step}))
+    assert ckpt.resolve_resume("auto", root) == root / "step-0000005"
+    assert ckpt.resolve_resume("none", root) is None
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        ckpt.resolve_resume(str(root / "step-0000009"), root)

@@ -1,0 +1,242 @@
+"""The training loop: steps, accumulation, clipping, skipping, logging, checkpoints, validation.
+
+`Trainer` is model-agnostic: it receives a prepared model, optimizer, scheduler and a `Task` (how to
+draw a batch, compute the loss and describe the batch's size); `vggt_fsdp.train.build` assembles these
+from a recipe. One optimizer step = `train.grad_accum_steps` micro-batches. The step keeps the host
+ahead of the device: losses, norms and the non-finite flag stay on the device until a log step.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from vggt_fsdp.train import checkpoint as ckpt
+from vggt_fsdp.train.config import TrainConfig
+from vggt_fsdp.train.faults import (PREEMPTED_EXIT_CODE, NonFiniteGuard, StepShape, StopSignal, is_oom,
+                                    oom_report)
+from vggt_fsdp.train.metrics import MetricsAccumulator, MetricsWriter, ProgressLine, memory_stats
+from vggt_fsdp.train.optim import ClipGroup, clip_grad_norms, total_norm
+
+
+class Task(Protocol):
+    """What the trainer needs to know about the data and the loss."""
+
+    sampler: Any  # has state_dict()/load_state_dict(); saved in checkpoints (None: stateless)
+
+    def batches(self) -> Iterator[Any]:
+        """Training batches from the sampler's current position (called again after a resume)."""
+
+    def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(scalar loss to minimise, its terms for logging); the batch is already on the device."""
+
+    def shape(self, batch: Any) -> StepShape:
+        """Scenes, frames, image size and tokens of a batch (host-side, from shapes only)."""
+
+    def to_device(self, batch: Any, device: torch.device) -> Any: ...
+
+
+@dataclass
+class RunOutcome:
+    step: int
+    preempted: bool = False
+    last_checkpoint: Path | None = None
+    notices: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return PREEMPTED_EXIT_CODE if self.preempted else 0
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, accelerator, model: nn.Module, optimizer, scheduler,
+                 task: Task, clip: list[ClipGroup], device: torch.device, fused: bool,
+                 static_metrics: dict[str, Any] | None = None, recipe=None,
+                 validate: Callable[[int], dict[str, float]] | None = None):
+        self.cfg = cfg
+        self.accelerator = accelerator
+        self.model = model
+        self.optimizer = optimizer  # as prepared by the Accelerator
+        self.scheduler = scheduler  # plain: stepped once per optimizer step by us
+        self.task = task
+        self.clip = clip
+        self.device = device
+        self.fused = fused
+        self.recipe = recipe
+        self.validate_fn = validate
+        self.output_dir = Path(cfg.output_dir)
+        self.ckpt_root = self.output_dir / "checkpoints"
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.state = ckpt.TrainState(step=0, scheduler=scheduler, sampler=getattr(task, "sampler", None))
+        self.guard = NonFiniteGuard(cfg.max_nonfinite_in_row, device)
+        self.acc = MetricsAccumulator(device)
+        self.static_metrics = {"world_size": self.world, **(static_metrics or {})}
+        self.writer: MetricsWriter | None = None
+        self.progress = ProgressLine(cfg.max_steps, cfg.progress_bar and self.rank == 0)
+        self.last_shape: StepShape | None = None
+
+    # ------------------------------------------------------------------------------------ public
+    def log(self, text: str) -> None:
+        if self.rank == 0:
+            print(f"[vggt-fsdp] {text}", file=sys.stderr, flush=True)
+
+    def resume(self) -> Path | None:
+        path = ckpt.resolve_resume(self.cfg.resume, self.ckpt_root)
+        if path is None:
+            return None
+        notice = ckpt.load_checkpoint(path, self.model, self.optimizer_inner, self.state, self.device)
+        self.log(f"resumed from {path} at step {self.state.step}")
+        if notice:
+            self.log(notice)
+        return path
+
+    @property
+    def optimizer_inner(self) -> torch.optim.Optimizer:
+        opt = self.optimizer
+        while hasattr(opt, "optimizer"):  # AcceleratedOptimizer wraps the torch optimizer
+            opt = opt.optimizer
+        return opt
+
+    def fit(self, stop: StopSignal | None = None) -> RunOutcome:
+        cfg = self.cfg
+        stop = stop or StopSignal()
+        outcome = RunOutcome(step=self.state.step)
+        if self.rank == 0:
+            self.writer = MetricsWriter(self.output_dir, cfg.tensorboard, self.static_metrics)
+        batches = self.task.batches()
+        self.model.train()
+        self.acc.reset()
+        try:
+            while self.state.step < cfg.max_steps:
+                self._step(batches)
+                step = self.state.step
+                if step % cfg.log_every == 0 or step == cfg.max_steps:
+                    self._log_step(step)
+                if self.validate_fn is not None and cfg.val_every and step % cfg.val_every == 0:
+                    with self.acc.excluded():
+                        self._validate(step)
+                if stop.should_stop():
+                    outcome.last_checkpoint = self.save()
+                    outcome.preempted = True
+                    self.log(f"stopped by signal at step {step}; checkpoint {outcome.last_checkpoint}")
+                    break
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
+                    with self.acc.excluded():
+                        outcome.last_checkpoint = self.save()
+            else:
+                outcome.last_checkpoint = self.save()
+        finally:
+            self.progress.close()
+            if self.writer is not None:
+                self.writer.close()
+        outcome.step = self.state.step
+        return outcome
+
+    def save(self) -> Path:
+        path = ckpt.save_checkpoint(self.ckpt_root, self.model, self.optimizer_inner, self.state,
+                                    self.device, self.cfg.keep_last)
+        self.log(f"checkpoint {path}")
+        return path
+
+    # ------------------------------------------------------------------------------------ one step
+    def _step(self, batches: Iterator[Any]) -> None:
+        try:
+            self._train_step(batches)
+        except RuntimeError as err:
+            if is_oom(err) and self.recipe is not None:
+                print(f"[vggt-fsdp rank {self.rank}] " + oom_report(self.state.step + 1, self.last_shape,
+                                                                    self.recipe),
+                      file=sys.stderr, flush=True)
+            raise
+
+    def _train_step(self, batches: Iterator[Any]) -> None:
+        accel, task = self.accelerator, self.task
+        loss_sum = torch.zeros((), device=self.device)
+        term_sums: dict[str, torch.Tensor] = {}
+        frames = tokens = 0
+        data_wait = 0.0
+        for _ in range(self.cfg.grad_accum_steps):
+            t0 = time.perf_counter()
+            batch = next(batches)
+            data_wait += time.perf_counter() - t0
+            self.last_shape = shape = task.shape(batch)
+            frames, tokens = frames + shape.frames, tokens + shape.tokens
+            batch = task.to_device(batch, self.device)
+            with accel.accumulate(self.model):
+                loss, terms = task.loss(self.model, batch)
+                accel.backward(loss)
+            loss_sum += loss.detach().float()
+            for key, value in terms.items():
+                term_sums[key] = term_sums.get(key, 0) + value.detach().float()
+
+        norms = clip_grad_norms(self.clip, accel.clip_grad_norm_)
+        grad_norm = total_norm(norms)
+        global_loss = loss_sum / self.cfg.grad_accum_steps
+        if self.world > 1:
+            # Every rank must take the same skip decision; the all-reduce runs on the device stream.
+            dist.all_reduce(global_loss)
+            global_loss /= self.world
+        skip = self.guard.flag(global_loss, grad_norm)
+        self._optimizer_step(skip)
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+
+        values = {"loss": global_loss}
+        values.update({f"loss_terms.{k}": v / self.cfg.grad_accum_steps for k, v in term_sums.items()})
+        if grad_norm is not None:
+            values["grad_norm"] = grad_norm
+            values.update({f"grad_norm.{k}": v for k, v in norms.items()})
+        self.acc.add_step(values, frames * self.world, tokens * self.world, data_wait)
+
+    def _optimizer_step(self, skip: torch.Tensor) -> None:
+        if self.fused:
+            # Fused AdamW leaves parameters, moments and step counts untouched where found_inf is 1,
+            # deciding on the device: no host sync.
+            self.optimizer_inner.found_inf = skip
+            self.optimizer.step()
+        elif not bool(skip.item()):  # the unfused path must ask the host (one sync per step)
+            self.optimizer.step()
+
+    # ------------------------------------------------------------------------------------ logging
+    def _log_step(self, step: int) -> None:
+        total_skipped = self.guard.check(step)  # raises after too many non-finite steps in a row
+        means = self.acc.means(reduce_keys=tuple(k for k in self.acc.sums if k.startswith("loss_terms.")))
+        elapsed = time.perf_counter() - self.acc.started
+        n = max(self.acc.steps, 1)
+        record: dict[str, Any] = {
+            "step": step,
+            "loss": means.get("loss"),
+            "loss_terms": {k.split(".", 1)[1]: v for k, v in means.items() if k.startswith("loss_terms.")},
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": means.get("grad_norm"),
+            "grad_norm_groups": {k.split(".", 1)[1]: v for k, v in means.items() if k.startswith("grad_norm.")},
+            "skipped_steps": total_skipped,
+            "step_time_s": elapsed / n,
+            "data_wait_s": self.acc.data_wait / n,
+            "frames_per_s": self.acc.frames / elapsed,
+            "tokens_per_s": self.acc.tokens / elapsed,
+            **memory_stats(self.device),
+        }
+        self.acc.reset()
+        if self.rank == 0:
+            self.writer.write(record)
+            self.progress.update(record)
+
+    def _validate(self, step: int) -> None:
+        self.model.eval()
+        try:
+            results = self.validate_fn(step)
+        finally:
+            self.model.train()
+        if self.rank == 0 and results:
+            self.writer.write({"step": step, "val": results})
+            self.log("validation at step {}: {}".format(
+                step, ", ".join(f"{k} {v:.4f}" for k, v in results.items())))
