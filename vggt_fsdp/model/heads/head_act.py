@@ -109,13 +109,14 @@ def create_uv_grid(width: int, height: int, aspect_ratio: float | None = None,
 
 
 def make_sincos_pos_embed(embed_dim: int, pos: Tensor, omega_0: float = 100) -> Tensor:
-    """(M, embed_dim) embedding [sin(pos * w), cos(pos * w)] with w_i = omega_0 ** (-2i / embed_dim)."""
+    """(M, embed_dim) fp32 embedding [sin(pos * w), cos(pos * w)] with w_i = omega_0 ** (-2i / embed_dim)."""
     if embed_dim % 2:
         raise ValueError(f"sin-cos embedding needs an even width, got {embed_dim}")
-    omega = torch.arange(embed_dim // 2, dtype=torch.float32, device=pos.device) / (embed_dim / 2.0)
+    # float64 as the reference implementation computes it (its published outputs depend on it bitwise).
+    omega = torch.arange(embed_dim // 2, dtype=torch.float64, device=pos.device) / (embed_dim / 2.0)
     omega = 1.0 / omega_0**omega
-    angles = torch.outer(pos.reshape(-1).float(), omega)
-    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    angles = torch.outer(pos.reshape(-1).double(), omega)
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1).float()
 
 
 def position_grid_to_embed(pos_grid: Tensor, embed_dim: int, omega_0: float = 100) -> Tensor:
