@@ -1,0 +1,482 @@
+"""Measure training steps of one recipe at one fixed shape on the current device.
+
+    python -m benchmarks.bench_step RECIPE --frames 24 --image 518x518 [--world-size 8] [--gpu-memory 40]
+        [--warmup 2] [--steps 5] [--json OUT.json] [key=value ...]
+
+What one run reports (as JSON, also on stdout):
+- step time after warm-up (median, min, max, standard deviation), frames/s and tokens/s per GPU;
+- model FLOPs per step (forward + backward, counted once on a meta-device copy without checkpointing,
+  so recompute is excluded: see `benchmarks.flops`), achieved TFLOP/s and MFU against the card's dense
+  BF16 peak;
+- memory. On CUDA: peak allocated and reserved device memory over the whole run (warm-up included: the
+  optimizer state appears at the first step). On the CPU there is no device allocator to read, so it
+  reports the bytes the autograd graph saves for backward in one forward (activations, exact) and the
+  process's peak resident memory; both are labelled CPU and are not GPU figures;
+- the FSDP units' communication volumes, for the communication model of the report.
+
+`--world-size N` runs the model sharded as rank 0 of N over a fake process group: every buffer has its
+true size and collectives cost nothing, so memory is one GPU's share of an N-GPU run and step time is
+its compute without communication. `--gpu-memory G` caps the process's CUDA allocator at G GiB to
+emulate a smaller card on a larger one. Running out of memory is a result (status "oom"), not a crash.
+
+The batch is fixed: `--frames` frames per GPU as `frames / frames-per-scene` scenes of
+`--frames-per-scene` frames (default: all frames in scenes of at most 24, upstream's largest scene),
+made once by the synthetic data source and reused, so the loader is not measured here.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import psutil
+import torch
+
+from benchmarks.comm_model import unit_volumes
+from benchmarks.flops import count_step_flops, mfu, peak_tflops
+
+GIB = 2**30
+MAX_FRAMES_PER_SCENE = 24  # upstream draws 2..24 frames per scene
+
+
+@dataclass
+class BenchSpec:
+    """One configuration to measure."""
+
+    recipe: str
+    frames_per_gpu: int
+    height: int
+    width: int
+    overrides: list[str] = field(default_factory=list)
+    frames_per_scene: int | None = None  # None: min(frames_per_gpu, 24)
+    world_size: int = 1
+    gpu_memory_gib: float | None = None
+    warmup: int = 2
+    steps: int = 5
+    device: str = "auto"  # auto: cuda when available, else cpu
+    peak_tflops: float | None = None  # None: from the device name (benchmarks.flops table)
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.frames_per_scene is None:
+            self.frames_per_scene = min(self.frames_per_gpu, MAX_FRAMES_PER_SCENE)
+        for key in ("frames_per_gpu", "frames_per_scene", "height", "width", "world_size", "steps"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        if self.frames_per_gpu % self.frames_per_scene:
+            raise ValueError(
+                f"frames_per_gpu={self.frames_per_gpu} is not a multiple of frames_per_scene="
+                f"{self.frames_per_scene}; the batch is frames_per_gpu / frames_per_scene whole scenes"
+            )
+        if self.gpu_memory_gib is not None and self.gpu_memory_gib <= 0:
+            raise ValueError(f"gpu_memory_gib must be > 0, got {self.gpu_memory_gib}")
+
+    @property
+    def scenes(self) -> int:
+        return self.frames_per_gpu // self.frames_per_scene
+
+
+# --------------------------------------------------------------------------------------- environment
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(f"device must be auto, cpu or cuda[:i], got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but torch {torch.__version__} sees no CUDA device")
+    return device
+
+
+def describe_device(device: torch.device) -> dict:
+    """Provenance of a result: which device, which software."""
+    info = {
+        "type": device.type,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "host": platform.node(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(name=props.name, total_memory_bytes=props.total_memory, cuda=torch.version.cuda,
+                    capability=f"{props.major}.{props.minor}")
+    else:
+        info.update(name=f"CPU ({platform.processor() or platform.machine()})", total_memory_bytes=None)
+    return info
+
+
+def device_slug(info: dict) -> str:
+    """A file-name-friendly device name: 'cpu', 'nvidia-h200', ..."""
+    if info["type"] == "cpu":
+        return "cpu"
+    return "-".join("".join(c if c.isalnum() else " " for c in info["name"].lower()).split())
+
+
+def cap_device_memory(device: torch.device, gib: float) -> int:
+    """Cap the CUDA caching allocator of this process at `gib` GiB; returns the cap in bytes."""
+    if device.type != "cuda":
+        raise ValueError(f"--gpu-memory caps a CUDA device's allocator; the device here is {device}")
+    total = torch.cuda.get_device_properties(device).total_memory
+    cap = int(gib * GIB)
+    if cap > total:
+        raise ValueError(f"--gpu-memory {gib} GiB exceeds this device's {total / GIB:.1f} GiB")
+    torch.cuda.set_per_process_memory_fraction(cap / total, device)
+    return cap
+
+
+# --------------------------------------------------------------------------------------- the run
+@dataclass
+class Workload:
+    """What the timed steps run: a sharded model, its optimizer and one fixed batch."""
+
+    model: torch.nn.Module
+    step: Callable[[], None]  # forward, loss, backward, clipping, optimizer step
+    forward: Callable[[], object]  # the step's forward alone
+    tokens_per_frame: int
+    params_total: int
+    params_trainable: int
+
+
+def _recipe(spec: BenchSpec):
+    from vggt_fsdp.recipe import load_recipe
+
+    return load_recipe(spec.recipe, spec.overrides)
+
+
+def tokens_per_frame(model_cfg, height: int, width: int) -> int:
+    """Tokens one frame is in the aggregator: its patches plus the camera and register tokens."""
+    patch = model_cfg.aggregator.patch_size
+    if height % patch or width % patch:
+        raise ValueError(f"image {height}x{width} is not a multiple of the patch size {patch}")
+    return (height // patch) * (width // patch) + 1 + model_cfg.aggregator.num_register_tokens
+
+
+def autocast_context(recipe, device: torch.device):
+    """bf16 autocast around forward when the recipe's Accelerate section asks for bf16 mixed precision,
+    as `accelerator.prepare` does in the trainer (FSDP2 casts the parameters; autocast the activations)."""
+    mixed = recipe.accelerate.get("mixed_precision", "no")
+    if mixed == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if mixed in ("no", None):
+        return contextlib.nullcontext()
+    raise ValueError(f"accelerate.mixed_precision={mixed!r} is not benchmarked; valid: bf16, no")
+
+
+def count_flops(spec: BenchSpec, recipe, device: torch.device) -> dict:
+    """Model FLOPs of one step at the spec's shape, on a plain un-checkpointed copy of the model.
+
+    Runs before the memory cap and before the measured model exists; everything it allocates is freed.
+    """
+    from vggt_fsdp.model import build_model
+    from vggt_fsdp.recipe import model_config
+
+    model = build_model(model_config(recipe.model), device)
+    _freeze(model, recipe.model.freeze)
+
+    def images(scenes: int, frames: int) -> torch.Tensor:
+        return torch.rand(scenes, frames, 3, spec.height, spec.width, device=device)
+
+    with autocast_context(recipe, device):
+        flops = count_step_flops(model, images, spec.scenes, spec.frames_per_scene)
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"forward": flops.forward, "backward": flops.backward, "total": flops.total}
+
+
+def fixed_batch(spec: BenchSpec, recipe) -> dict[str, torch.Tensor]:
+    """One batch of the recipe's data source at exactly the spec's shape, on the host.
+
+    The recipe's data settings with the frame count, aspect ratio and width pinned to the spec's, no
+    augmentation and no worker processes: its contents are realistic inputs for the losses, its cost
+    is not measured (benchmarks/bench_data.py measures the loader).
+    """
+    from vggt_fsdp.data import build_dataloader
+
+    data = recipe.data
+    if spec.height % data.patch_size:
+        raise ValueError(f"height {spec.height} is not a multiple of data.patch_size {data.patch_size}")
+    aspect = spec.height / spec.width
+    cfg = dataclasses.replace(
+        data, frames_range=[spec.frames_per_scene, spec.frames_per_scene], aspect_range=[aspect, aspect],
+        image_width=spec.width, num_workers=0, augment=dataclasses.replace(data.augment, enabled=False))
+    batch = next(iter(build_dataloader(cfg, frames_per_gpu=spec.frames_per_gpu, num_workers=0)))
+    got = tuple(batch["images"].shape)
+    want = (spec.scenes, spec.frames_per_scene, 3, spec.height, spec.width)
+    if got != want:
+        raise RuntimeError(f"the data source made a batch of shape {got}, expected {want}")
+    return batch
+
+
+def build_workload(spec: BenchSpec, recipe, device: torch.device) -> Workload:
+    """The trainer's pieces, assembled for a fixed batch: model, sharding, optimizer, loss, clipping.
+
+    Call inside the (fake) process group: sharding builds its device mesh from it.
+    """
+    from vggt_fsdp.data import move_batch
+    from vggt_fsdp.losses import compute_loss
+    from vggt_fsdp.model import build_model
+    from vggt_fsdp.parallel import apply_parallelism, build_mesh
+    from vggt_fsdp.recipe import model_config
+    from vggt_fsdp.train.optim import build_optimizer, clip_grad_norms, clip_groups
+
+    cfg = model_config(recipe.model)
+    model = build_model(cfg, device)
+    _freeze(model, recipe.model.freeze)
+    params_total = sum(p.numel() for p in model.parameters())
+    params_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    apply_parallelism(model, recipe.parallel, build_mesh(recipe.parallel.sharding, device.type))
+    optimizer = build_optimizer(model, recipe.optim, device.type)
+    groups = clip_groups(model, recipe.optim.clip_groups)
+    batch = move_batch(fixed_batch(spec, recipe), device)
+
+    def step() -> None:
+        with autocast_context(recipe, device):
+            loss, _ = compute_loss(model(batch["images"]), batch, recipe.loss)
+        loss.backward()
+        clip_grad_norms(groups, torch.nn.utils.clip_grad_norm_)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def forward() -> object:
+        with autocast_context(recipe, device):
+            return model(batch["images"])
+
+    return Workload(model, step, forward, tokens_per_frame(cfg, spec.height, spec.width),
+                    params_total, params_trainable)
+
+
+def _freeze(model: torch.nn.Module, patterns: list[str]) -> None:
+    """The recipe's frozen parameters (model.freeze name patterns, as the trainer applies them)."""
+    import fnmatch
+
+    for name, param in model.named_parameters():
+        if any(fnmatch.fnmatch(name, pattern) for pattern in patterns):
+            param.requires_grad_(False)
+
+
+def comm_units_of(recipe, world_size: int) -> list[dict]:
+    """The FSDP units' communication volumes of the recipe's model at `world_size`, without running it:
+    built on the meta device and sharded over a fake process group (no memory, seconds)."""
+    from vggt_fsdp.memory.fake_pg import fake_process_group
+    from vggt_fsdp.model import build_model
+    from vggt_fsdp.parallel import apply_parallelism, build_mesh
+    from vggt_fsdp.recipe import model_config
+
+    model = build_model(model_config(recipe.model), "meta")
+    _freeze(model, recipe.model.freeze)
+    with fake_process_group(world_size, "cpu"):
+        apply_parallelism(model, recipe.parallel, build_mesh(recipe.parallel.sharding, "cpu"))
+        return [asdict(v) for v in unit_volumes(model)]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(step: Callable[[], None], warmup: int, steps: int, device: torch.device) -> list[float]:
+    """Run `warmup` untimed steps, then time `steps` steps one by one (device synchronised)."""
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def summarise_times(times: list[float]) -> dict:
+    return {
+        "all": times,
+        "median": statistics.median(times),
+        "min": min(times),
+        "max": max(times),
+        "stdev": statistics.stdev(times) if len(times) > 1 else 0.0,
+    }
+
+
+def _peak_rss_bytes() -> int:
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
+
+
+def run_benchmark(spec: BenchSpec) -> dict:
+    """Measure one configuration. Out of memory gives status "oom"; any other failure status "error"."""
+    from vggt_fsdp.memory.accounting import count_saved_bytes
+    from vggt_fsdp.memory.fake_pg import fake_process_group
+
+    device = resolve_device(spec.device)
+    result: dict = {"name": spec.name, "spec": asdict(spec), "device": describe_device(device), "status": "ok"}
+    phase = "setup"
+    try:
+        recipe = _recipe(spec)
+        result["parallel"] = _parallel_summary(recipe, spec)
+        phase = "flop count"
+        result["flops"] = count_flops(spec, recipe, device)
+        if spec.gpu_memory_gib is not None:
+            result["memory_cap_bytes"] = cap_device_memory(device, spec.gpu_memory_gib)
+        with fake_process_group(spec.world_size, device):
+            phase = "build"
+            workload = build_workload(spec, recipe, device)
+            result["model"] = {"preset": recipe.model.preset, "params": workload.params_total,
+                               "trainable_params": workload.params_trainable}
+            result["comm_units"] = [asdict(v) for v in unit_volumes(workload.model)]
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            phase = "steps"
+            times = time_steps(workload.step, spec.warmup, spec.steps, device)
+            result["memory"] = _memory(device)
+            if device.type == "cpu":
+                # No device allocator to read: the activations one forward keeps for backward, exactly.
+                phase = "saved-tensor count"
+                report, _ = count_saved_bytes(workload.forward)
+                result["memory"]["saved_tensor_bytes"] = report.total_bytes
+        result.update(_throughput(spec, result, times, workload.tokens_per_frame, device))
+    except torch.OutOfMemoryError as err:
+        result.update(status="oom", phase=phase, error=str(err).splitlines()[0])
+        result["memory"] = _memory(device)
+    except Exception as err:  # recorded, so that one broken configuration does not hide the others
+        result.update(status="error", phase=phase, error=f"{type(err).__name__}: {err}",
+                      traceback=traceback.format_exc())
+    return result
+
+
+def _parallel_summary(recipe, spec: BenchSpec) -> dict:
+    from vggt_fsdp.recipe import model_config
+
+    par = recipe.parallel
+    return {
+        "world_size": spec.world_size,
+        "sharding": par.sharding.mode,
+        "reshard_after_forward": par.sharding.reshard_after_forward,
+        "cpu_offload": par.sharding.cpu_offload,
+        "param_dtype": par.precision.param_dtype,
+        "reduce_dtype": par.precision.reduce_dtype,
+        "checkpoint": par.checkpoint.policy,
+        "checkpoint_n": par.checkpoint.n,
+        "checkpoint_groups": {k: asdict(v) for k, v in par.checkpoint.groups.items()},
+        "checkpoint_heads": par.checkpoint.heads,
+        "keep_all_layers": model_config(recipe.model).keep_all_layers,
+    }
+
+
+def _memory(device: torch.device) -> dict:
+    memory = {"kind": device.type, "host_rss_bytes": psutil.Process().memory_info().rss,
+              "host_peak_rss_bytes": _peak_rss_bytes()}
+    if device.type == "cuda":
+        memory.update(peak_allocated_bytes=torch.cuda.max_memory_allocated(device),
+                      peak_reserved_bytes=torch.cuda.max_memory_reserved(device))
+    return memory
+
+
+def _throughput(spec: BenchSpec, result: dict, times: list[float], tokens_per_frame: int,
+                device: torch.device) -> dict:
+    timing = summarise_times(times)
+    median = timing["median"]
+    peak = spec.peak_tflops if spec.peak_tflops is not None else (
+        peak_tflops(result["device"]["name"]) if device.type == "cuda" else None)
+    flops = result["flops"]["total"]
+    return {
+        "timing": timing,
+        "shape": {"frames_per_gpu": spec.frames_per_gpu, "scenes": spec.scenes,
+                  "frames_per_scene": spec.frames_per_scene, "height": spec.height, "width": spec.width,
+                  "tokens_per_frame": tokens_per_frame},
+        "throughput": {
+            "frames_per_s": spec.frames_per_gpu / median,
+            "tokens_per_s": spec.frames_per_gpu * tokens_per_frame / median,
+            "achieved_tflops": flops / median / 1e12,
+            "peak_tflops": peak,
+            "mfu": mfu(flops, median, peak),
+        },
+    }
+
+
+# --------------------------------------------------------------------------------------- CLI
+def parse_image(text: str) -> tuple[int, int]:
+    """'518x518' or '518' -> (height, width)."""
+    parts = text.lower().split("x")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or min(values, default=0) < 1:
+        raise argparse.ArgumentTypeError(f"image size must be HxW or S (e.g. 518x518), got {text!r}")
+    return (values[0], values[-1])
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="python -m benchmarks.bench_step",
+                                               description=__doc__.splitlines()[0])
+    parser.add_argument("recipe", help="recipe YAML file")
+    parser.add_argument("overrides", nargs="*", help="recipe overrides, key=value")
+    parser.add_argument("--frames", type=int, required=True, help="frames per GPU per step")
+    parser.add_argument("--frames-per-scene", type=int, default=None,
+                        help=f"frames per scene (default: min(frames, {MAX_FRAMES_PER_SCENE}))")
+    parser.add_argument("--image", type=parse_image, default=(518, 518), help="HxW (default 518x518)")
+    parser.add_argument("--world-size", type=int, default=1,
+                        help="measure one GPU's share of an N-GPU run (fake process group)")
+    parser.add_argument("--gpu-memory", type=float, default=None, metavar="GIB",
+                        help="cap this process's CUDA memory at GIB GiB (emulate a smaller card)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="dense BF16 peak of the device for MFU (default: from the device name)")
+    parser.add_argument("--name", default="", help="label of this configuration in reports")
+    parser.add_argument("--json", type=Path, default=None, help="also write the result to this file")
+    return parser
+
+
+def spec_from_args(args: argparse.Namespace) -> BenchSpec:
+    return BenchSpec(recipe=args.recipe, overrides=list(args.overrides), frames_per_gpu=args.frames,
+                     frames_per_scene=args.frames_per_scene, height=args.image[0], width=args.image[1],
+                     world_size=args.world_size, gpu_memory_gib=args.gpu_memory, warmup=args.warmup,
+                     steps=args.steps, device=args.device, peak_tflops=args.peak_tflops, name=args.name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        spec = spec_from_args(args)
+    except ValueError as err:
+        print(f"bench_step: {err}", file=sys.stderr)
+        return 2
+    result = run_benchmark(spec)
+    result["command"] = " ".join([sys.executable, "-m", "benchmarks.bench_step", *(argv or sys.argv[1:])])
+    text = json.dumps(result, indent=1, default=str)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text)
+    print(text)
+    if result["status"] == "error":
+        print(result.get("traceback", ""), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""Compare the 40GB recipe, the 80GB recipe and an upstream-style baseline, and sweep the frontier.
+
+    python -m benchmarks.compare_recipes --out DIR [--profile gpu|cpu] [--budget-s 270] ...
+
+In one invocation: each configuration runs `benchmarks.bench_step` in a fresh subprocess (so an
+out-of-memory error, or a crash, cannot poison the next one) with a timeout; then the results go to
+`DIR/<date>-<device>.json`, a Markdown report `DIR/<date>-<device>.md` and PNG charts beside it
+(charts need the optional `plots` extra, matplotlib; without it the report says they were skipped).
+The JSON and the report are rewritten after every configuration, so a run cut short keeps what it
+measured.
+
+Configurations, in the order they run (the most important first, so a tight budget drops the sweep):
+1. the 40GB recipe at its target shape, capped at 40 GiB of device memory;
+2. the 80GB recipe at its target shape, capped at 80 GiB;
+3. the upstream-style baseline at the same two shapes and caps: no sharding (world size 1, every GPU
+   holds the full fp32 parameters, gradients and AdamW state, as DDP does), every transformer block
+   checkpointed, all 24 aggregator layer outputs kept, the DPT heads' chunks not checkpointed;
+4. the sweep: the 80GB recipe over frames per GPU and checkpoint policies (the memory/throughput
+   frontier), uncapped.
+The recipes themselves are not edited: a configuration is a recipe plus `key=value` overrides.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE_40G = "recipes/a100_40g.yaml"
+RECIPE_80G = "recipes/a100_80g.yaml"
+
+# Upstream's training choices, as overrides of a recipe (the model and data stay the recipe's).
+UPSTREAM_BASELINE = [
+    "parallel.checkpoint.policy=block",
+    "parallel.checkpoint.groups={}",
+    "parallel.checkpoint.heads=none",
+    "model.overrides.keep_all_layers=true",
+]
+
+
+@dataclass
+class Config:
+    name: str
+    role: str  # recipe_40g | recipe_80g | baseline | sweep
+    recipe: str
+    frames: int
+    world_size: int
+    overrides: list[str] = field(default_factory=list)
+    gpu_memory_gib: float | None = None
+    policy: str | None = None  # the swept checkpoint policy (sweep rows)
+
+
+@dataclass
+class Profile:
+    """Shapes and sizes of one comparison: the GPU one (VGGT-1B) or the CPU one (tiny model)."""
+
+    name: str
+    image: tuple[int, int]
+    world_size: int
+    frames_40g: int
+    frames_80g: int
+    cap_40g: float | None
+    cap_80g: float | None
+    sweep_frames: list[int]
+    sweep_policies: list[str]
+    overrides: list[str]  # applied to every configuration
+    warmup: int
+    steps: int
+    timeout_s: float
+
+
+PROFILES = {
+    # The targets of issue 7: VGGT-1B, 518 px, world size 8, 24 frames on 40 GB, 48 on 80 GB.
+    "gpu": Profile("gpu", (518, 518), 8, 24, 48, 40.0, 80.0, [16, 32, 64], ["attention", "block"],
+                   [], warmup=1, steps=3, timeout_s=150),
+    # The same scripts on the CPU with the tiny model: checks the machinery, measures nothing of a GPU.
+    "cpu": Profile("cpu", (112, 112), 2, 2, 4, None, None, [2, 6], ["none", "block"],
+                   ["model.preset=vggt-tiny"], warmup=1, steps=2, timeout_s=240),
+}
+
+
+def plan(profile: Profile, include_baseline: bool = True, include_sweep: bool = True) -> list[Config]:
+    common = profile.overrides
+    configs = [
+        Config("40GB recipe", "recipe_40g", RECIPE_40G, profile.frames_40g, profile.world_size,
+               list(common), profile.cap_40g),
+        Config("80GB recipe", "recipe_80g", RECIPE_80G, profile.frames_80g, profile.world_size,
+               list(common), profile.cap_80g),
+    ]
+    if include_baseline:
+        for frames, cap in ((profile.frames_40g, profile.cap_40g), (profile.frames_80g, profile.cap_80g)):
+            configs.append(Config(f"upstream-style baseline @{frames}", "baseline", RECIPE_80G, frames, 1,
+                                  [*common, *UPSTREAM_BASELINE], cap))
+    if include_sweep:
+        for policy in profile.sweep_policies:
+            for frames in profile.sweep_frames:
+                configs.append(Config(f"80GB recipe, {policy} @{frames}", "sweep", RECIPE_80G, frames,
+                                      profile.world_size,
+                                      [*common, f"parallel.checkpoint.policy={policy}",
+                                       "parallel.checkpoint.groups={}"], None, policy))
+    return configs
+
+
+def bench_command(config: Config, profile: Profile, json_path: Path) -> list[str]:
+    height, width = profile.image
+    cmd = [sys.executable, "-m", "benchmarks.bench_step", config.recipe, *config.overrides,
+           "--frames", str(config.frames), "--image", f"{height}x{width}",
+           "--world-size", str(config.world_size), "--warmup", str(profile.warmup),
+           "--steps", str(profile.steps), "--name", config.name, "--json", str(json_path)]
+    if config.gpu_memory_gib is not None:
+        cmd += ["--gpu-memory", str(config.gpu_memory_gib)]
+    return cmd
+
+
+def run_config(config: Config, profile: Profile, timeout_s: float) -> dict:
+    """One configuration in a fresh process; its JSON result, or a record of why there is none."""
+    env = dict(os.environ)
+    # Upstream trains with expandable segments; the same allocator setting for every configuration.
+    env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    with tempfile.TemporaryDirectory() as tmp:
+        json_path = Path(tmp) / "result.json"
+        cmd = bench_command(config, profile, json_path)
+        start = time.monotonic()
+        try:
+            proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired as err:
+            stderr = err.stderr.decode() if isinstance(err.stderr, bytes) else (err.stderr or "")
+            result = {"status": "timeout", "error": f"no result within {timeout_s:.0f} s",
+                      "stderr_tail": stderr[-2000:]}
+        else:
+            if json_path.is_file():
+                result = json.loads(json_path.read_text())
+            else:
+                result = {"status": "error", "error": f"bench_step exited {proc.returncode} without a result",
+                          "stderr_tail": proc.stderr[-2000:]}
+        result["wall_s"] = time.monotonic() - start
+    result["config"] = asdict(config)
+    result["command"] = " ".join(cmd[:1] + cmd[1:-2])  # without the temporary --json path
+    return result
+
+
+def volumes_command(recipe: str, overrides: list[str], world_size: int, image: tuple[int, int]) -> list[str]:
+    return [sys.executable, "-m", "benchmarks.bench_step", recipe, *overrides, "--volumes-only",
+            "--frames", "1", "--image", f"{image[0]}x{image[1]}", "--world-size", str(world_size),
+            "--device", "cpu"]
+
+
+def _write(doc: dict, out: Path, stem: str, charts: bool) -> None:
+    from benchmarks.report import write_report
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(doc, indent=1, default=str))
+    write_report(doc, out, stem, charts=charts)
+
+
+def _stem(results: list[dict], profile: Profile) -> str:
+    from benchmarks.bench_step import device_slug
+
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    measured = next((r["device"] for r in results if "device" in r), None)
+    slug = device_slug(measured) if measured else ("cpu" if profile.name == "cpu" else "unknown-device")
+    return f"{date}-{slug}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.compare_recipes", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results",
+                        help="directory for the JSON, report and charts (default benchmarks/results)")
+    parser.add_argument("--profile", choices=sorted(PROFILES), default=None,
+                        help="gpu: VGGT-1B at 518 px, world size 8; cpu: tiny model (default: gpu when CUDA is present)")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="stop starting configurations when less than one timeout of this budget is left")
+    parser.add_argument("--timeout-s", type=float, default=None, help="per-configuration timeout")
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--sweep-frames", default=None, help="comma-separated frames per GPU for the sweep")
+    parser.add_argument("--sweep-policies", default=None, help="comma-separated checkpoint policies")
+    parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--no-sweep", action="store_true")
+    parser.add_argument("--no-charts", action="store_true")
+    return parser
+
+
+def _profile_from_args(args: argparse.Namespace) -> Profile:
+    import torch
+
+    name = args.profile or ("gpu" if torch.cuda.device_count() > 0 else "cpu")
+    profile = PROFILES[name]
+    changes = {key: getattr(args, key) for key in ("warmup", "steps") if getattr(args, key) is not None}
+    if args.timeout_s is not None:
+        changes["timeout_s"] = args.timeout_s
+    if args.sweep_frames:
+        changes["sweep_frames"] = [int(x) for x in args.sweep_frames.split(",")]
+    if args.sweep_policies:
+        changes["sweep_policies"] = args.sweep_policies.split(",")
+    return Profile(**{**asdict(profile), **changes, "image": profile.image})
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    profile = _profile_from_args(args)
+    configs = plan(profile, include_baseline=not args.no_baseline, include_sweep=not args.no_sweep)
+    started = time.monotonic()
+    doc = {
+        "command": " ".join(["python", "-m", "benchmarks.compare_recipes", *(sys.argv[1:] if argv is None else argv)]),
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "profile": asdict(profile),
+        "results": [],
+    }
+    stem = None
+    for config in configs:
+        left = None if args.budget_s is None else args.budget_s - (time.monotonic() - started)
+        if left is not None and left < min(profile.timeout_s, 60):
+            doc["results"].append({"status": "skipped", "error": f"budget of {args.budget_s:.0f} s spent",
+                                   "config": asdict(config)})
+            continue
+        timeout = profile.timeout_s if left is None else min(profile.timeout_s, left)
+        print(f"[compare] {config.name}: frames {config.frames}, world size {config.world_size}", flush=True)
+        result = run_config(config, profile, timeout)
+        print(f"[compare]   -> {result['status']} in {result['wall_s']:.0f} s", flush=True)
+        doc["results"].append(result)
+        stem = stem or _stem(doc["results"], profile)
+        _write(doc, args.out, _stem(doc["results"], profile), charts=False)
+    doc["wall_s"] = time.monotonic() - started
+    final = _stem(doc["results"], profile)
+    _write(doc, args.out, final, charts=not args.no_charts)
+    print(f"[compare] wrote {args.out / final}.json and .md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,373 @@
+"""The Markdown report and PNG charts of a recipe comparison (`benchmarks.compare_recipes`).
+
+Every figure in the report comes from the comparison's JSON; the targets are judged from measured
+numbers only, and only when the measurement is the one the target names (device, model, image size,
+world size): anything else is "not measured". CPU results are labelled as such throughout. The
+communication section is a model and says so.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks import comm_model
+
+GIB = 2**30
+TARGET_IMAGE = (518, 518)
+TARGET_WORLD = 8
+TARGET_PRESET = "vggt-1b"
+
+
+# --------------------------------------------------------------------------------------- reading results
+def ok(result: dict) -> bool:
+    return result.get("status") == "ok"
+
+
+def role(result: dict) -> str:
+    return result.get("config", {}).get("role", "")
+
+
+def peak_bytes(result: dict) -> int | None:
+    """The memory figure a result is judged by: peak allocated device memory (CUDA only)."""
+    memory = result.get("memory") or {}
+    return memory.get("peak_allocated_bytes") if memory.get("kind") == "cuda" else None
+
+
+def is_target_shape(result: dict) -> bool:
+    """Measured where the targets are set: a GPU, VGGT-1B, 518x518, world size 8."""
+    spec = result.get("spec") or {}
+    return (
+        ok(result)
+        and result.get("device", {}).get("type") == "cuda"
+        and (result.get("model") or {}).get("preset") == TARGET_PRESET
+        and (spec.get("height"), spec.get("width")) == TARGET_IMAGE
+        and spec.get("world_size") == TARGET_WORLD
+    )
+
+
+def gib(value: float | None) -> str:
+    return "-" if value is None else f"{value / GIB:.2f}"
+
+
+def num(value: float | None, fmt: str = "{:.2f}") -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def device_line(results: list[dict]) -> tuple[str, bool]:
+    """(a description of the device the results were measured on, whether it was a CPU)."""
+    dev = next((r["device"] for r in results if "device" in r), None)
+    if dev is None:
+        return "unknown (no configuration produced a result)", False
+    if dev["type"] == "cpu":
+        return f"{dev['name']}, {dev['torch_threads']} torch threads, torch {dev['torch']}", True
+    return (f"{dev['name']} ({gib(dev.get('total_memory_bytes'))} GiB), torch {dev['torch']}, "
+            f"CUDA {dev.get('cuda')}", False)
+
+
+# --------------------------------------------------------------------------------------- targets
+@dataclass
+class Verdict:
+    target: str
+    status: str  # met | not met | not measured
+    evidence: str
+
+
+def _best_fitting(results: list[dict], roles: tuple[str, ...], limit_gib: float) -> dict | None:
+    """The largest frames per GPU of these roles measured at the target shape under `limit_gib`."""
+    fitting = [r for r in results if role(r) in roles and is_target_shape(r)
+               and peak_bytes(r) is not None and peak_bytes(r) < limit_gib * GIB]
+    return max(fitting, key=lambda r: r["spec"]["frames_per_gpu"], default=None)
+
+
+def _fits_target(results: list[dict], name: str, role_name: str, frames: int, limit: float) -> Verdict:
+    target = f"{name}: >= {frames} frames/GPU with peak < {limit:g} GiB"
+    measured = [r for r in results if role(r) == role_name and is_target_shape(r)]
+    if not measured:
+        return Verdict(target, "not measured", "no successful GPU run at VGGT-1B, 518 px, world size 8")
+    best = _best_fitting(results, (role_name,), limit)
+    if best is None:
+        worst = min(measured, key=lambda r: peak_bytes(r) or 0)
+        return Verdict(target, "not met", f"smallest peak measured {gib(peak_bytes(worst))} GiB at "
+                                          f"{worst['spec']['frames_per_gpu']} frames")
+    frames_fit = best["spec"]["frames_per_gpu"]
+    return Verdict(target, "met" if frames_fit >= frames else "not met",
+                   f"{frames_fit} frames/GPU at peak {gib(peak_bytes(best))} GiB")
+
+
+def _recipe_result(results: list[dict], role_name: str) -> dict | None:
+    return next((r for r in results if role(r) == role_name and is_target_shape(r)), None)
+
+
+def judge_targets(results: list[dict]) -> list[Verdict]:
+    verdicts = [
+        _fits_target(results, "40GB recipe", "recipe_40g", 24, 38),
+        _fits_target(results, "80GB recipe", "recipe_80g", 48, 76),
+    ]
+    r80, r40 = _recipe_result(results, "recipe_80g"), _recipe_result(results, "recipe_40g")
+    target = "80GB recipe: MFU >= 45% on an H100"
+    if r80 is None or r80["throughput"]["mfu"] is None:
+        verdicts.append(Verdict(target, "not measured", "no GPU run of the 80GB recipe with a known peak"))
+    else:
+        value = r80["throughput"]["mfu"]
+        name = r80["device"]["name"]
+        if "H100" in name:
+            verdicts.append(Verdict(target, "met" if value >= 0.45 else "not met", f"MFU {value:.1%} on {name}"))
+        else:
+            verdicts.append(Verdict(target, "not measured",
+                                    f"no H100 run; on {name}: MFU {value:.1%} (met there: "
+                                    f"{'yes' if value >= 0.45 else 'no'})"))
+    target = "40GB recipe: >= 0.8 of the 80GB recipe's frames/s per GPU"
+    if r80 is None or r40 is None:
+        verdicts.append(Verdict(target, "not measured", "needs both recipes measured at the target shape"))
+    else:
+        ratio = r40["throughput"]["frames_per_s"] / r80["throughput"]["frames_per_s"]
+        verdicts.append(Verdict(target, "met" if ratio >= 0.8 else "not met",
+                                f"{r40['throughput']['frames_per_s']:.2f} / "
+                                f"{r80['throughput']['frames_per_s']:.2f} frames/s = {ratio:.2f}"))
+    return verdicts
+
+
+def baseline_findings(results: list[dict]) -> list[str]:
+    lines = []
+    for r in results:
+        if role(r) != "baseline":
+            continue
+        cfg = r["config"]
+        cap = cfg.get("gpu_memory_gib")
+        where = f"{cfg['frames']} frames/GPU" + (f" under a {cap:g} GiB cap" if cap else "")
+        if r.get("status") == "oom":
+            lines.append(f"- {where}: **out of memory** (during {r.get('phase', '?')})")
+        elif ok(r):
+            mem = peak_bytes(r)
+            lines.append(f"- {where}: ran, peak {gib(mem)} GiB" if mem is not None
+                         else f"- {where}: ran (CPU: no device peak)")
+        else:
+            lines.append(f"- {where}: {r.get('status')}: {r.get('error', '')}")
+    return lines
+
+
+# --------------------------------------------------------------------------------------- tables
+def _cell_status(r: dict) -> str:
+    status = r.get("status", "?")
+    return "ok" if status == "ok" else f"**{status}**"
+
+
+def results_table(results: list[dict], cpu: bool) -> list[str]:
+    mem_header = ("saved for backward (GiB, CPU)", "host peak RSS (GiB, CPU)") if cpu else (
+        "peak allocated (GiB)", "peak reserved (GiB)")
+    header = ["configuration", "frames/GPU", "world size", "cap (GiB)", "status", "step (s) median [min-max]",
+              "frames/s/GPU", "tokens/s/GPU", "TFLOP/s", "MFU", *mem_header]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in results:
+        cfg = r.get("config", {})
+        t, thr, mem = r.get("timing"), r.get("throughput") or {}, r.get("memory") or {}
+        step = "-" if not t else f"{t['median']:.3f} [{t['min']:.3f}-{t['max']:.3f}]"
+        if cpu:
+            mem_cells = (gib(mem.get("saved_tensor_bytes")), gib(mem.get("host_peak_rss_bytes")))
+        else:
+            mem_cells = (gib(mem.get("peak_allocated_bytes")), gib(mem.get("peak_reserved_bytes")))
+        cells = [cfg.get("name", r.get("name", "?")), str(cfg.get("frames", "-")), str(cfg.get("world_size", "-")),
+                 num(cfg.get("gpu_memory_gib"), "{:g}"), _cell_status(r), step,
+                 num(thr.get("frames_per_s")), num(thr.get("tokens_per_s"), "{:.0f}"),
+                 num(thr.get("achieved_tflops"), "{:.3f}" if cpu else "{:.1f}"),
+                 num(thr.get("mfu"), "{:.1%}"), *mem_cells]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def frontier_rows(results: list[dict], cpu: bool) -> list[dict]:
+    """Successful runs of the 80GB recipe's sweep (and its own point), with Pareto-optimal flags:
+    no other run has both more frames/s and less memory."""
+    def memory(r: dict) -> float | None:
+        mem = r.get("memory") or {}
+        return mem.get("saved_tensor_bytes") if cpu else mem.get("peak_allocated_bytes")
+
+    rows = [{"policy": r["config"].get("policy") or r["parallel"]["checkpoint"],
+             "frames": r["spec"]["frames_per_gpu"], "memory": memory(r),
+             "fps": r["throughput"]["frames_per_s"], "name": r["config"]["name"]}
+            for r in results if ok(r) and role(r) in ("sweep", "recipe_80g") and memory(r) is not None]
+    for row in rows:
+        row["pareto"] = not any(o["fps"] >= row["fps"] and o["memory"] <= row["memory"]
+                                and (o["fps"] > row["fps"] or o["memory"] < row["memory"]) for o in rows)
+    return sorted(rows, key=lambda row: (row["policy"], row["frames"]))
+
+
+def comm_section(results: list[dict], cpu: bool) -> list[str]:
+    lines = ["## Communication at scale (a model, not a measurement)", ""]
+    base = next((r for r in results if role(r) == "recipe_80g" and ok(r) and r.get("comm_units")), None)
+    base = base or next((r for r in results if ok(r) and r.get("comm_units")), None)
+    if base is None:
+        return lines + ["No FSDP unit volumes were recorded (no configuration succeeded).", ""]
+    volumes = [comm_model.UnitVolume(**u) for u in base["comm_units"]]
+    cluster = comm_model.cluster_for(base["device"]["name"])
+    compute = None if cpu else base["timing"]["median"]
+    frames = base["spec"]["frames_per_gpu"]
+    ag = sum(v.all_gather_bytes for v in volumes) / 1e9
+    rs = sum(v.reduce_bytes_total for v in volumes) / 1e9
+    lines += [
+        f"From the FSDP units of **{base['config']['name']}** ({base['model']['preset']}, "
+        f"{len(volumes)} units, {sum(v.numel for v in volumes):,} parameters): per step each unit's parameters "
+        f"are all-gathered ({ag:.2f} GB unsharded in all, forward plus backward re-gather) and its gradients "
+        f"reduce-scattered ({rs:.2f} GB); each GPU moves (n-1)/n of that over the ring.",
+        f"Cluster assumed: {cluster.name}; NVLink {cluster.nvlink_gbs:g} GB/s and InfiniBand "
+        f"{cluster.nic_gbs:g} GB/s per GPU per direction, at {cluster.efficiency:.0%} efficiency; "
+        f"{cluster.latency_intra_s * 1e6:g}/{cluster.latency_inter_s * 1e6:g} us per collective inside/across nodes. "
+        "Step time = compute + communication that cannot overlap with it (see benchmarks/comm_model.py).",
+        "",
+    ]
+    if compute is None:
+        lines += ["These are CPU results: there is no GPU compute time to overlap with, so only the "
+                  "communication time per step is predicted.", ""]
+    else:
+        lines += [f"Compute time per step: {compute:.3f} s, measured at world size "
+                  f"{base['spec']['world_size']} over a fake process group (no communication), "
+                  f"{frames} frames/GPU.", ""]
+    header = ["GPUs", "sharding", "all-gather GB/GPU", "reduce GB/GPU", "comm (s)", "exposed (s)",
+              "step (s)", "scaling efficiency", "frames/s (all GPUs)"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in comm_model.scaling_table(volumes, cluster, compute, frames):
+        lines.append("| " + " | ".join([
+            str(row["gpus"]), row["sharding"], f"{row['all_gather_gb']:.2f}", f"{row['reduce_gb']:.2f}",
+            f"{row['comm_s']:.3f}", f"{row['exposed_s']:.3f}", num(row["step_s"], "{:.3f}"),
+            num(row["efficiency"], "{:.0%}"), num(row["frames_per_s_total"], "{:.1f}")]) + " |")
+    return lines + [""]
+
+
+# --------------------------------------------------------------------------------------- charts
+def write_charts(doc: dict, out: Path, stem: str, cpu: bool) -> list[str]:
+    """PNG charts beside the report; returns their file names. Needs matplotlib (the `plots` extra)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = doc["results"]
+    mem_key = "saved_tensor_bytes" if cpu else "peak_allocated_bytes"
+    mem_label = "saved for backward, GiB (CPU)" if cpu else "peak allocated, GiB"
+    label = " (CPU, tiny model)" if cpu else ""
+    files = []
+
+    main = [r for r in results if role(r) in ("recipe_40g", "recipe_80g", "baseline")]
+    if main:
+        names = [r["config"]["name"] for r in main]
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+        fps = [r["throughput"]["frames_per_s"] if ok(r) else 0.0 for r in main]
+        axes[0].barh(names, fps, color=["tab:blue" if ok(r) else "tab:red" for r in main])
+        axes[0].set_xlabel("frames/s per GPU" + label)
+        mem = [((r.get("memory") or {}).get(mem_key) or 0) / GIB for r in main]
+        axes[1].barh(names, mem, color=["tab:green" if ok(r) else "tab:red" for r in main])
+        axes[1].set_xlabel(mem_label)
+        for ax, values in ((axes[0], fps), (axes[1], mem)):
+            for i, r in enumerate(main):
+                if not ok(r):
+                    ax.text(values[i], i, f" {r.get('status')}", va="center", color="tab:red")
+        if not cpu:
+            for limit in (38, 76):
+                axes[1].axvline(limit, color="grey", linestyle="--", linewidth=1)
+        fig.suptitle(f"Recipes side by side{label}")
+        fig.tight_layout()
+        files.append(_save(fig, out, f"{stem}-recipes.png"))
+        plt.close(fig)
+
+    rows = frontier_rows(results, cpu)
+    if rows:
+        fig, ax = plt.subplots(figsize=(6.5, 4.5))
+        for policy in sorted({row["policy"] for row in rows}):
+            pts = sorted((row["frames"], row["memory"] / GIB) for row in rows if row["policy"] == policy)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"checkpoint: {policy}")
+        ax.set_xlabel("frames per GPU")
+        ax.set_ylabel(mem_label)
+        ax.set_title(f"Memory against frames (80GB recipe){label}")
+        ax.legend()
+        fig.tight_layout()
+        files.append(_save(fig, out, f"{stem}-memory-vs-frames.png"))
+        plt.close(fig)
+    return files
+
+
+def _save(fig, out: Path, name: str) -> str:
+    fig.savefig(out / name, dpi=110)
+    return name
+
+
+# --------------------------------------------------------------------------------------- the report
+def render(doc: dict, charts: list[str] | None, charts_note: str) -> str:
+    results = doc["results"]
+    device, cpu = device_line(results)
+    first = next((r for r in results if "device" in r), {})
+    lines = [f"# Recipe benchmark: {device}", ""]
+    if cpu:
+        lines += ["> **CPU results.** These runs check that the benchmark machinery works, with the tiny model; "
+                  "none of their figures is a GPU result, and no GPU target is judged from them.", ""]
+    lines += [
+        f"- Date (UTC): {doc['date_utc']}",
+        f"- Device: {device}",
+        f"- torch: {first.get('device', {}).get('torch', '?')}; allocator: "
+        f"`PYTORCH_CUDA_ALLOC_CONF={first.get('device', {}).get('alloc_conf')}`",
+        f"- Command: `{doc['command']}`",
+        f"- Profile: image {doc['profile']['image'][0]}x{doc['profile']['image'][1]}, "
+        f"{doc['profile']['warmup']} warm-up and {doc['profile']['steps']} measured steps per configuration, "
+        "each configuration in a fresh process",
+        "",
+        "Method: `benchmarks/bench_step.py`. One GPU's share of an N-GPU run is measured over a fake "
+        "process group (true buffer sizes, free collectives): memory is what one GPU holds; step time is "
+        "compute without communication (see the model below). FLOPs are counted once, without "
+        "checkpoint recompute; MFU is against the dense BF16 peak (A100 312, H100 SXM/H200 989 TFLOP/s). "
+        "A memory cap emulates a smaller card on a larger one. The baseline runs upstream's choices at "
+        "world size 1 (each GPU holds all model states, as under DDP; DDP's own gradient buckets are not "
+        "included, which flatters the baseline).",
+        "",
+        "## Recipes side by side",
+        "",
+        *results_table(results, cpu),
+        "",
+    ]
+    if not cpu:
+        lines += ["## Targets (VGGT-1B, trainable aggregator, camera + depth + point heads, 518 px, world size 8)",
+                  "", "| target | status | measured |", "|---|---|---|"]
+        lines += [f"| {v.target} | {v.status} | {v.evidence} |" for v in judge_targets(results)]
+        lines += [""]
+    else:
+        lines += ["## Targets", "", "Not judged: the targets are for VGGT-1B on GPUs, and these are CPU runs.", ""]
+    findings = baseline_findings(results)
+    if findings:
+        lines += ["## Upstream-style baseline at the same shapes", "", *findings, ""]
+    rows = frontier_rows(results, cpu)
+    if rows:
+        mem_name = "saved for backward (GiB, CPU)" if cpu else "peak allocated (GiB)"
+        lines += ["## Memory/throughput frontier (80GB recipe, swept frames and checkpoint policy)", "",
+                  f"| checkpoint | frames/GPU | {mem_name} | frames/s/GPU | on the frontier |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {r['policy']} | {r['frames']} | {gib(r['memory'])} | {r['fps']:.2f} | "
+                  f"{'yes' if r['pareto'] else ''} |" for r in rows]
+        lines += [""]
+    failed = [r for r in results if r.get("status") not in ("ok", "oom")]
+    if failed:
+        lines += ["## Configurations without a result", ""]
+        lines += [f"- {r.get('config', {}).get('name', '?')}: {r.get('status')}: {r.get('error', '')}"
+                  for r in failed] + [""]
+    lines += comm_section(results, cpu)
+    lines += ["## Charts", ""]
+    if charts:
+        lines += [f"![{name}]({name})" for name in charts] + [""]
+    else:
+        lines += [charts_note, ""]
+    lines += ["## Reproduce", "", "```bash", doc["command"], "```", "", "Each configuration alone:", "", "```bash"]
+    lines += [r["command"] for r in results if r.get("command")] + ["```", ""]
+    return "\n".join(lines)
+
+
+def write_report(doc: dict, out: Path, stem: str, charts: bool = True) -> Path:
+    """Write `out/<stem>.md` (and `out/<stem>-*.png` when charts are wanted and matplotlib is present)."""
+    _, cpu = device_line(doc["results"])
+    files: list[str] | None = None
+    note = "Charts were not drawn for this intermediate report."
+    if charts:
+        try:
+            files = write_charts(doc, out, stem, cpu)
+        except ImportError:
+            note = ("Charts skipped: matplotlib is not installed (install the `plots` extra: "
+                    "`pip install -e .[plots]`).")
+    path = out / f"{stem}.md"
+    path.write_text(render(doc, files, note))
+    return path
