@@ -198,7 +198,11 @@ def dense_loss(
     mask = mask & torch.isfinite(gt).all(-1)
     enough = mask.sum() >= cfg.min_valid_points
     mask = mask & enough  # too few valid pixels: every term becomes an empty (zero) mean
+    # Outside the mask every input is replaced by a harmless constant: a NaN there (invalid GT, or a
+    # prediction nobody supervises) would otherwise leak into the gradient through 0 * NaN.
     gt = torch.where(mask[..., None], gt, torch.zeros_like(gt))
+    pred = torch.where(mask[..., None], pred, torch.zeros_like(pred))
+    conf = torch.where(mask, conf, torch.ones_like(conf))
     err = (pred - gt).norm(dim=-1)
     conf_term = cfg.conf_gamma * err * conf - cfg.conf_alpha * torch.log(conf)
     loss_conf = _quantile_filtered_mean(conf_term, mask, cfg)

@@ -243,10 +243,9 @@ def _shade(scene: Scene, points: torch.Tensor, surface: torch.Tensor, hit: torch
     return torch.where(hit[:, None], colour, sky).clamp(0, 1)
 
 
-def camera_rays(extrinsics: torch.Tensor, intrinsics: torch.Tensor, image_hw: tuple[int, int]):
-    """Camera centre (3,) and world ray directions (H*W, 3) scaled so the hit parameter is depth."""
-    height, width = image_hw
-    uv = pixel_grid(height, width).reshape(-1, 2)
+def camera_rays(extrinsics: torch.Tensor, intrinsics: torch.Tensor, uv: torch.Tensor):
+    """Camera centre (3,) and world ray directions (N, 3) through pixel positions uv (N, 2), scaled so
+    the hit parameter is the camera-frame depth."""
     k = intrinsics
     d_cam = torch.stack([(uv[:, 0] - k[0, 2]) / k[0, 0], (uv[:, 1] - k[1, 2]) / k[1, 1],
                          torch.ones(len(uv))], -1)
@@ -254,10 +253,16 @@ def camera_rays(extrinsics: torch.Tensor, intrinsics: torch.Tensor, image_hw: tu
     return cam_to_world[:, 3], d_cam @ cam_to_world[:, :3].T
 
 
+def depth_at(scene: Scene, extrinsics: torch.Tensor, intrinsics: torch.Tensor, uv: torch.Tensor) -> torch.Tensor:
+    """Exact depth (N,) seen at arbitrary (sub-)pixel positions uv (N, 2); inf where nothing is hit."""
+    centre, dirs = camera_rays(extrinsics, intrinsics, uv)
+    return cast(scene, centre, dirs)[0]
+
+
 def render(scene: Scene, extrinsics: torch.Tensor, intrinsics: torch.Tensor, image_hw: tuple[int, int]):
     """One view: image (3, H, W) in [0, 1], depth (H, W) (0 where nothing is hit) and mask (H, W)."""
     height, width = image_hw
-    centre, dirs = camera_rays(extrinsics, intrinsics, image_hw)
+    centre, dirs = camera_rays(extrinsics, intrinsics, pixel_grid(height, width).reshape(-1, 2))
     t, surface = cast(scene, centre, dirs)
     hit = torch.isfinite(t)
     depth = torch.where(hit, t, torch.zeros_like(t))
@@ -290,6 +295,8 @@ def track_queries(scene: Scene, extrinsics: torch.Tensor, intrinsics: torch.Tens
         visible[s] = t > 1 - 1e-3
     vis = inside & visible & (len(valid) > 0)
     uv = torch.where(torch.isfinite(uv), uv, torch.zeros_like(uv))
+    # Frame 0's track is the query pixel by definition; reprojection would only add float noise.
+    uv[0] = torch.stack([pick % width, pick // width], -1).to(uv)
     return {"tracks": uv, "track_vis_mask": vis}
 
 
