@@ -64,10 +64,10 @@ class ShardingConfig:
         for name in ("replicate_degree", "shard_degree"):
             value = getattr(self, name)
             if value != "auto" and value < 1:
-                raise ValueError(f"{name} must be >= 1 or 'auto', got {value}")
+                raise ValueError(f"parallel.sharding.{name} must be >= 1 or 'auto', got {value}")
         if self.mode == "full" and (self.replicate_degree != "auto" or self.shard_degree != "auto"):
             raise ValueError(
-                "replicate_degree/shard_degree apply only to mode: hybrid; "
+                "parallel.sharding.replicate_degree/shard_degree apply only to mode: hybrid; "
                 f"got mode: full with replicate_degree={self.replicate_degree!r}, "
                 f"shard_degree={self.shard_degree!r}"
             )
@@ -104,10 +104,10 @@ class CheckpointConfig:
 
     def validate(self) -> None:
         if self.n < 1:
-            raise ValueError(f"n must be >= 1, got {self.n}")
+            raise ValueError(f"parallel.checkpoint.n must be >= 1, got {self.n}")
         for name, group in self.groups.items():
             if group.n is not None and group.n < 1:
-                raise ValueError(f"groups.{name}.n must be >= 1, got {group.n}")
+                raise ValueError(f"parallel.checkpoint.groups.{name}.n must be >= 1, got {group.n}")
 
 
 @dataclass
@@ -118,11 +118,14 @@ class ParallelConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def validate(self) -> None:
+        self.sharding.validate()
+        self.checkpoint.validate()
         unknown = sorted(set(self.checkpoint.groups) - set(self.layout.groups))
         if unknown:
             raise ValueError(
-                f"checkpoint.groups has unknown group(s) {unknown}; "
-                f"groups defined in layout.groups: {sorted(self.layout.groups)}"
+                f"parallel.checkpoint.groups has unknown group(s) {unknown}; "
+                f"groups defined in parallel.layout.groups: {sorted(self.layout.groups)}"
             )
         if not self.layout.block_types and not self.layout.block_paths:
-            raise ValueError("layout.block_types and layout.block_paths are both empty: no FSDP units")
+            raise ValueError("parallel.layout.block_types and block_paths are both empty: no block would "
+                             "become an FSDP unit")

@@ -1,0 +1,173 @@
+"""The one bridge between a recipe and Hugging Face Accelerate.
+
+The trainer creates its `Accelerator` here and shards the model here:
+
+    accelerator = build_accelerator(recipe)
+    plan = prepare_model(accelerator, model, recipe.parallel)     # checkpoint wrappers + fully_shard
+    optimizer = AdamW(model.parameters(), ...)                      # over the sharded (DTensor) params
+    model, optimizer, ... = accelerator.prepare(model, optimizer, ...)
+
+Accelerate then treats the model as FSDP2 (`accelerator.is_fsdp2`): its prepare leaves an already
+sharded model alone, and save/load_state, clip_grad_norm_ and no_sync/accumulate take the FSDP path.
+Sharding, precision and checkpointing come from the recipe's `parallel:` section only; the Accelerate
+FSDP plugin is built from it with Accelerate's own wrapping and checkpointing switched off, so nothing
+is decided twice.
+
+The CPU bridge (`_enable_fsdp_on_cpu`): Accelerate 1.15 switches a process to FSDP only when it drives
+an accelerator device (`AcceleratorState.__init__` sets `DistributedType.FSDP` inside its MULTI_GPU /
+MULTI_XPU / ... branch); CPU processes stay MULTI_CPU, and prepare would wrap the model in DDP. FSDP2
+itself runs on CPU over gloo, so after construction we make the assignment that branch makes on a GPU.
+That is the only difference between the CPU and the GPU path.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from vggt_fsdp.parallel.config import ParallelConfig
+from vggt_fsdp.parallel.sharding import ParallelPlan, apply_parallelism, build_mesh, mesh_shape
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from vggt_fsdp.recipe import Recipe
+
+# Accelerate's mixed_precision for each parallel.precision.param_dtype.
+MIXED_PRECISION = {"bf16": "bf16", "fp32": "no"}
+# fsdp_config keys a recipe may set: everything else about FSDP is decided by `parallel:`.
+ALLOWED_FSDP_CONFIG = {"fsdp_version": 2}
+
+
+# --------------------------------------------------------------------------------------- the recipe section
+def check_accelerate_section(section: dict[str, Any], parallel: ParallelConfig) -> None:
+    """Reject an `accelerate:` section that Accelerate's config loader would refuse, or that disagrees
+    with `parallel:`. Messages name the dotted key."""
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    data = ClusterConfig.process_config(copy.deepcopy(section)) if "distributed_type" in section else None
+    if data is None:
+        raise ValueError("accelerate.distributed_type is required (FSDP)")
+    valid = set(ClusterConfig.__dataclass_fields__)
+    for key in data:
+        if key not in valid:
+            close = difflib.get_close_matches(key, sorted(valid), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"accelerate.{key}: unknown Accelerate config key{hint}; valid keys: "
+                             f"{', '.join(sorted(valid))}")
+    if data.get("compute_environment") not in ("LOCAL_MACHINE",):
+        raise ValueError(f"accelerate.compute_environment={data.get('compute_environment')!r}: only "
+                         "'LOCAL_MACHINE' is supported")
+    try:
+        ClusterConfig(**data)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"accelerate: Accelerate rejects this section: {err}") from None
+    if data["distributed_type"] != "FSDP":
+        raise ValueError(f"accelerate.distributed_type={data['distributed_type']!r}: recipes shard with FSDP2; "
+                         "set it to 'FSDP' (the CPU path runs FSDP2 over gloo too)")
+    for key, value in (data.get("fsdp_config") or {}).items():
+        if key not in ALLOWED_FSDP_CONFIG:
+            raise ValueError(f"accelerate.fsdp_config.{key}: sharding, precision and checkpointing are set in "
+                             "parallel:, not here; allowed keys: fsdp_version")
+        if value != ALLOWED_FSDP_CONFIG[key]:
+            raise ValueError(f"accelerate.fsdp_config.{key}={value!r}: must be {ALLOWED_FSDP_CONFIG[key]!r}")
+    expected = MIXED_PRECISION[parallel.precision.param_dtype]
+    if data.get("mixed_precision") != expected:
+        raise ValueError(f"accelerate.mixed_precision={data.get('mixed_precision')!r} disagrees with "
+                         f"parallel.precision.param_dtype={parallel.precision.param_dtype!r}; set it to "
+                         f"{expected!r}")
+    _check_topology(data, parallel)
+
+
+def _check_topology(data: dict[str, Any], parallel: ParallelConfig) -> None:
+    processes, machines = data.get("num_processes", -1), data.get("num_machines", 1)
+    if not isinstance(processes, int) or processes < 1:
+        raise ValueError(f"accelerate.num_processes={processes!r} must be a positive int (all processes of "
+                         "all machines)")
+    if not isinstance(machines, int) or machines < 1 or processes % machines:
+        raise ValueError(f"accelerate.num_processes={processes} must be a multiple of "
+                         f"accelerate.num_machines={machines}")
+    if parallel.sharding.mode == "hybrid":
+        try:
+            mesh_shape(parallel.sharding, processes, processes // machines)
+        except ValueError as err:
+            raise ValueError(f"parallel.sharding: {err} (accelerate.num_processes={processes}, "
+                             f"num_machines={machines})") from None
+
+
+def accelerate_config(recipe: Recipe) -> dict[str, Any]:
+    """The recipe's `accelerate:` section as the Accelerate config file `accelerate launch` reads."""
+    return copy.deepcopy(recipe.accelerate)
+
+
+# --------------------------------------------------------------------------------------- the Accelerator
+def fsdp_plugin(parallel: ParallelConfig):
+    """An FSDP2 plugin that tells Accelerate the model is FSDP, but leaves wrapping, mixed precision and
+    checkpointing to `apply_parallelism` (NO_WRAP, no activation checkpointing)."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    from vggt_fsdp.parallel.precision import DTYPES
+
+    return FullyShardedDataParallelPlugin(
+        fsdp_version=2,
+        reshard_after_forward=parallel.sharding.reshard_after_forward,
+        cpu_offload=parallel.sharding.cpu_offload,
+        auto_wrap_policy="NO_WRAP",
+        activation_checkpointing=False,
+        state_dict_type="SHARDED_STATE_DICT",
+        cpu_ram_efficient_loading=False,
+        mixed_precision_policy=MixedPrecisionPolicy(
+            param_dtype=DTYPES[parallel.precision.param_dtype],
+            reduce_dtype=DTYPES[parallel.precision.reduce_dtype],
+        ),
+    )
+
+
+def build_accelerator(recipe: Recipe, **kwargs: Any) -> Accelerator:
+    """The Accelerator for a recipe: FSDP2 on GPUs and (bridged) on CPU processes; `kwargs` go to
+    `Accelerator` (e.g. gradient_accumulation_steps, log_with, project_dir)."""
+    from accelerate import Accelerator
+
+    use_cpu = bool(recipe.accelerate.get("use_cpu", False))
+    if not use_cpu and not torch.cuda.is_available():
+        raise RuntimeError("the recipe's accelerate.use_cpu is false but this machine has no CUDA device; "
+                           "use a CPU recipe or override accelerate.use_cpu=true")
+    plugin = fsdp_plugin(recipe.parallel)
+    accelerator = Accelerator(
+        cpu=use_cpu,
+        mixed_precision=recipe.accelerate.get("mixed_precision", "no"),
+        fsdp_plugin=plugin,
+        **kwargs,
+    )
+    _enable_fsdp_on_cpu(accelerator, plugin)
+    return accelerator
+
+
+def _enable_fsdp_on_cpu(accelerator: Accelerator, plugin) -> None:
+    """Make a CPU process FSDP as Accelerate makes a GPU process (see the module docstring)."""
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    state = AcceleratorState()
+    if state.distributed_type == DistributedType.FSDP:
+        return
+    if accelerator.device.type != "cpu" or state.distributed_type not in (DistributedType.MULTI_CPU,
+                                                                          DistributedType.NO):
+        raise RuntimeError(f"Accelerate chose {state.distributed_type} on {accelerator.device}; expected FSDP "
+                           "(launch with the recipe's accelerate config)")
+    state.fsdp_plugin = plugin
+    state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+
+def prepare_model(accelerator: Accelerator, model: nn.Module, parallel: ParallelConfig) -> ParallelPlan:
+    """Shard `model` in place on the accelerator's device as `parallel` says; returns the applied plan.
+    Create the optimizer afterwards, then call `accelerator.prepare(model, optimizer, ...)`."""
+    if not accelerator.is_fsdp2:
+        raise RuntimeError("prepare_model needs an Accelerator from build_accelerator (FSDP2)")
+    mesh = build_mesh(parallel.sharding, accelerator.device.type)
+    return apply_parallelism(model, parallel, mesh)

@@ -1,0 +1,322 @@
+"""Recipes: one YAML file that says what to train, on what, and how.
+
+A recipe is a tree of typed dataclasses, one section per part of the toolkit; each part owns its
+section's dataclass and this module owns the loading:
+
+    model:      ModelSpec (here)                  accelerate: a raw Accelerate config (dict)
+    parallel:   ParallelConfig (parallel/config)  data:       DataConfig (data/config)
+    loss:       LossConfig (losses)               optim/schedule/train: train/config
+
+Loading is generic and strict: YAML -> plain data -> `key=value` overrides -> dataclasses by their type
+hints. An unknown key, a wrong type or a value outside a Literal fails with the dotted path of the key,
+what was expected and the closest valid name; then each section's `validate()` runs, then the
+cross-section checks of `Recipe.validate()`.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence, Union
+
+import yaml
+
+from vggt_fsdp.data.config import DataConfig
+from vggt_fsdp.losses import LossConfig
+from vggt_fsdp.parallel.config import ParallelConfig
+from vggt_fsdp.train.config import OptimConfig, ScheduleConfig, TrainConfig
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be loaded; the message names the file, the dotted key and the valid choices."""
+
+
+# --------------------------------------------------------------------------------------- the model
+@dataclass
+class HeadsSpec:
+    camera: bool = True
+    depth: bool = True
+    point: bool = True
+    track: bool = False
+
+
+@dataclass
+class ModelSpec:
+    preset: str = "vggt-1b"  # a name of vggt_fsdp.model.config.PRESETS
+    heads: HeadsSpec = field(default_factory=HeadsSpec)
+    # Parameter-name patterns (fnmatch, e.g. "aggregator.patch_embed.*") the trainer freezes.
+    freeze: list[str] = field(default_factory=list)
+    init_weights: Union[str, None] = None  # upstream .pt / .safetensors to start from
+    # Dotted VGGTConfig fields to change on top of the preset, e.g. {"aggregator.depth": 2}.
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if not any(dataclasses.asdict(self.heads).values()):
+            raise ValueError("model.heads: every head is disabled; enable at least one")
+        model_config(self)  # an unknown preset or override key fails here, at load time
+
+
+def model_config(spec: ModelSpec):
+    """The VGGTConfig a ModelSpec describes: preset, then enabled heads, then dotted overrides."""
+    from vggt_fsdp.model.config import VGGTConfig, get_preset
+
+    data = get_preset(spec.preset).to_dict()
+    for head in ("camera", "depth", "point", "track"):
+        data[f"enable_{head}"] = getattr(spec.heads, head)
+    for dotted, value in spec.overrides.items():
+        try:
+            _set_dotted(data, dotted.split("."), value, create=False)
+        except KeyError as err:
+            raise ValueError(f"model.overrides.{dotted}: {err.args[0]}") from None
+    try:
+        return VGGTConfig.from_dict(data)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"model.overrides: {err}") from None
+
+
+# --------------------------------------------------------------------------------------- the recipe
+@dataclass
+class Recipe:
+    model: ModelSpec = field(default_factory=ModelSpec)
+    # Written out verbatim as the Accelerate config file `accelerate launch` reads.
+    accelerate: dict[str, Any] = field(default_factory=dict)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        from vggt_fsdp.parallel.accelerate import check_accelerate_section
+
+        check_accelerate_section(self.accelerate, self.parallel)
+
+
+# --------------------------------------------------------------------------------------- public API
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    """Load, override (`train.max_steps=5`), type-check and validate a recipe file."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}")
+    try:
+        raw = yaml.load(path.read_text(), Loader=_RecipeLoader)
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: not valid YAML: {err}") from None
+    return recipe_from_dict(raw, overrides, source=str(path))
+
+
+def recipe_from_dict(raw: Any, overrides: Sequence[str] = (), source: str = "<recipe>") -> Recipe:
+    raw = {} if raw is None else copy.deepcopy(raw)
+    try:
+        if not isinstance(raw, dict):
+            raise ValueError(f"a recipe is a mapping of sections, got {type(raw).__name__}")
+        for keys, value in parse_overrides(overrides):
+            _set_dotted(raw, keys, value, create=True)
+        recipe = from_data(Recipe, raw, "")
+        for section in dataclasses.fields(recipe):
+            validate = getattr(getattr(recipe, section.name), "validate", None)
+            if validate is not None:
+                validate()
+        recipe.validate()
+    except (TypeError, ValueError, KeyError) as err:
+        raise RecipeError(f"{source}: {err.args[0] if err.args else err}") from None
+    return recipe
+
+
+def parse_overrides(items: Sequence[str]) -> list[tuple[list[str], Any]]:
+    """`a.b.c=value` -> (["a", "b", "c"], value); the value is a YAML scalar or flow collection."""
+    parsed = []
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ValueError(f"override {item!r} must look like dotted.key=value (e.g. train.max_steps=5)")
+        try:
+            value = yaml.load(text, Loader=_RecipeLoader)
+        except yaml.YAMLError as err:
+            raise ValueError(f"override {item!r}: value is not valid YAML: {err}") from None
+        parsed.append((key.split("."), value))
+    return parsed
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    return dataclasses.asdict(recipe)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The resolved recipe as YAML; loading it again gives an equal Recipe."""
+    return yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False, default_flow_style=None)
+
+
+# --------------------------------------------------------------------------------------- YAML
+class _RecipeLoader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 scalars where 1.1 surprises: `1e-4` is a float (1.1 wants `1.0e-4`), only
+    true/false are booleans (`mixed_precision: no` stays the string "no"); duplicate keys are errors."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, regex) for tag, regex in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _set_dotted(data: dict, keys: list[str], value: Any, create: bool) -> None:
+    node = data
+    for depth, key in enumerate(keys[:-1]):
+        if key not in node:
+            if not create:
+                raise KeyError(f"unknown key {key!r}; valid keys: {sorted(node)}")
+            node[key] = {}
+        node = node[key]
+        if not isinstance(node, dict):
+            where = ".".join(keys[: depth + 1])
+            raise ValueError(f"cannot set {'.'.join(keys)}: {where} is a {type(node).__name__}, not a mapping")
+    if not create and keys[-1] not in node:
+        raise KeyError(f"unknown key {keys[-1]!r}; valid keys: {sorted(node)}")
+    node[keys[-1]] = value
+
+
+# --------------------------------------------------------------------------------------- typed conversion
+def from_data(tp: Any, value: Any, path: str) -> Any:
+    """Convert plain YAML data to `tp` (dataclass, Literal, Union, list, tuple, dict, scalar) or raise
+    a ValueError naming the dotted `path`."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _to_dataclass(tp, value, path)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices or type(value) is not type(_match(choices, value)):
+            raise ValueError(f"{_where(path)}{value!r} is not one of {_choices(choices)}{_suggest(value, choices)}")
+        return value
+    if origin in (Union, types.UnionType):
+        return _to_union(typing.get_args(tp), value, path)
+    if origin in (list, tuple):
+        args = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ValueError(f"{_where(path)}expected a list, got {_describe(value)}")
+        item_tp = args[0] if args else Any
+        items = [from_data(item_tp, item, f"{path}[{i}]") for i, item in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        key_tp, value_tp = typing.get_args(tp) or (Any, Any)
+        if not isinstance(value, dict):
+            raise ValueError(f"{_where(path)}expected a mapping, got {_describe(value)}")
+        return {from_data(key_tp, k, f"{path}.{k}"): from_data(value_tp, v, _join(path, str(k)))
+                for k, v in value.items()}
+    return _to_scalar(tp, value, path)
+
+
+def _to_dataclass(cls: type, value: Any, path: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        raise ValueError(f"{_where(path)}expected a mapping with keys {sorted(fields)}, got {_describe(value)}")
+    unknown = [key for key in value if key not in fields]
+    if unknown:
+        key = unknown[0]
+        raise ValueError(f"{_join(path, str(key))}: unknown key{_suggest(key, fields)}; "
+                         f"valid keys here: {', '.join(sorted(fields))}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in value:
+            kwargs[name] = from_data(hints[name], value[name], _join(path, name))
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ValueError(f"{_join(path, name)}: required key is missing")
+    return cls(**kwargs)
+
+
+def _to_union(options: tuple, value: Any, path: str) -> Any:
+    if value is None and type(None) in options:
+        return None
+    candidates = [option for option in options if option is not type(None)]
+    if len(candidates) == 1:  # Optional[X]: X's own message is the precise one
+        return from_data(candidates[0], value, path)
+    for option in candidates:
+        try:
+            return from_data(option, value, path)
+        except ValueError:
+            pass
+    expected = " or ".join(_type_name(option) for option in options)
+    literal_values = [c for o in options if typing.get_origin(o) is Literal for c in typing.get_args(o)]
+    raise ValueError(f"{_where(path)}expected {expected}, got {_describe(value)}{_suggest(value, literal_values)}")
+
+
+def _to_scalar(tp: Any, value: Any, path: str) -> Any:
+    if tp is type(None):
+        if value is not None:
+            raise ValueError(f"{_where(path)}expected null, got {_describe(value)}")
+        return None
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    # bool is an int in Python; a recipe's `true` is never a number.
+    if tp in (int, float, str, bool) and (type(value) is not tp):
+        raise ValueError(f"{_where(path)}expected {tp.__name__}, got {_describe(value)}")
+    if tp not in (int, float, str, bool):
+        raise TypeError(f"{_where(path)}unsupported field type {tp!r} in a recipe dataclass")
+    return value
+
+
+# --------------------------------------------------------------------------------------- messages
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _where(path: str) -> str:
+    return f"{path}: " if path else ""
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, (dict, list)):
+        return type(value).__name__
+    return f"{type(value).__name__} {value!r}"
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " or ".join(repr(c) for c in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if typing.get_origin(tp) is not None:
+        return str(tp).replace("typing.", "")
+    return getattr(tp, "__name__", str(tp))
+
+
+def _choices(choices: Sequence[Any]) -> str:
+    return "[" + ", ".join(repr(c) for c in choices) + "]"
+
+
+def _match(choices: Sequence[Any], value: Any) -> Any:
+    return next(c for c in choices if c == value)
+
+
+def _suggest(value: Any, candidates: Any) -> str:
+    names = [str(c) for c in candidates]
+    close = difflib.get_close_matches(str(value), names, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
