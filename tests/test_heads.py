@@ -8,7 +8,7 @@ from torch.autograd.graph import saved_tensors_hooks
 
 from vggt_fsdp.model.heads.dpt import DPTHead, ResidualConvUnit
 from vggt_fsdp.model.heads.head_act import activate_head, activate_pose, create_uv_grid, inverse_log_transform, \
-    position_grid_to_embed
+    make_sincos_pos_embed, position_grid_to_embed
 
 TINY = dict(features=16, out_channels=(8, 16, 32, 32), intermediate_layer_idx=(0, 1, 2, 3))
 DIM, PATCH, SPECIAL = 32, 14, 5
@@ -173,3 +173,12 @@ def test_uv_grid_and_embedding():
     expected = torch.stack([u.sin(), (u / 10).sin(), u.cos(), (u / 10).cos(),
                             v.sin(), (v / 10).sin(), v.cos(), (v / 10).cos()])
     torch.testing.assert_close(embed[1, 2], expected)
+
+
+def test_sincos_embedding_is_computed_in_float64():
+    # The reference computes these angles in float64; the fixture's outputs match bitwise only then.
+    pos = torch.linspace(-0.8, 0.8, 37)
+    omega = 1.0 / 100.0 ** (torch.arange(16, dtype=torch.float64) / 16)
+    angles = pos.double()[:, None] * omega
+    expected = torch.cat([angles.sin(), angles.cos()], dim=1).float()
+    assert torch.equal(make_sincos_pos_embed(32, pos), expected)

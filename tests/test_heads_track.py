@@ -1,0 +1,144 @@
+"""Track head: names/shapes as upstream, output contract, correlation/sampling conventions, precision."""
+import json
+import math
+
+import pytest
+import torch
+
+from vggt_fsdp.model.heads.track import TrackHead
+from vggt_fsdp.model.heads.track_blocks import AttnBlock
+from vggt_fsdp.model.heads.track_corr import CorrBlock, sample_features4d
+from vggt_fsdp.model.heads.track_embed import displacement_embedding, grid_sincos_embedding
+
+DIM, PATCH, SPECIAL = 32, 14, 5
+TINY = dict(features=16, iters=2, corr_levels=2, corr_radius=1, hidden_size=32,
+            out_channels=(8, 16, 32, 32), intermediate_layer_idx=(0, 1, 2, 3))
+
+
+def tiny_inputs(batch=1, frames=3, height=42, width=56, num_points=4, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    patches = (height // PATCH) * (width // PATCH)
+    tokens = [torch.randn(batch, frames, SPECIAL + patches, DIM, generator=gen) for _ in range(4)]
+    images = torch.rand(batch, frames, 3, height, width, generator=gen)
+    queries = torch.rand(batch, num_points, 2, generator=gen) * torch.tensor([width - 1.0, height - 1.0])
+    return tokens, images, queries
+
+
+def tiny_head(**kwargs):
+    torch.manual_seed(0)
+    return TrackHead(DIM, **{**TINY, **kwargs})
+
+
+def test_vggt_1b_names_shapes_and_count_match_manifest(fixtures_dir):
+    manifest = json.loads((fixtures_dir / "vggt_1b_state_dict.json").read_text())["tensors"]
+    expected = {k[len("track_head."):]: v for k, v in manifest.items() if k.startswith("track_head.")}
+    with torch.device("meta"):
+        head = TrackHead(2048)
+    assert {k: list(v.shape) for k, v in head.state_dict().items()} == expected
+    assert "tracker.updateformer.virual_tracks" in expected  # upstream's spelling, kept
+    assert sum(p.numel() for p in head.parameters()) == sum(math.prod(s) for s in expected.values())
+
+
+def test_output_contract():
+    head = tiny_head()
+    tokens, images, queries = tiny_inputs(batch=2, frames=3, num_points=4)
+    tracks, vis, conf = head(tokens, images, SPECIAL, query_points=queries)
+    assert len(tracks) == TINY["iters"]
+    assert all(t.shape == (2, 3, 4, 2) for t in tracks)
+    assert vis.shape == conf.shape == (2, 3, 4)
+    assert torch.all((vis > 0) & (vis < 1)) and torch.all((conf > 0) & (conf < 1))
+    # The query frame's positions are the query points themselves, in image pixels.
+    for t in tracks:
+        torch.testing.assert_close(t[:, 0], queries)
+    assert len(head(tokens, images, SPECIAL, query_points=queries, iters=3)[0]) == 3
+
+
+def test_without_confidence():
+    head = tiny_head(predict_conf=False)
+    assert not any(name.startswith("tracker.conf_predictor") for name in head.state_dict())
+    tokens, images, queries = tiny_inputs()
+    _, _, conf = head(tokens, images, SPECIAL, query_points=queries)
+    assert conf is None
+
+
+def test_query_points_are_required():
+    tokens, images, _ = tiny_inputs()
+    with pytest.raises(ValueError, match="query_points"):
+        tiny_head()(tokens, images, SPECIAL)
+
+
+def test_gradients_reach_tracker_and_feature_extractor():
+    head = tiny_head()
+    tokens, images, queries = tiny_inputs()
+    tracks, vis, conf = head(tokens, images, SPECIAL, query_points=queries)
+    (tracks[-1].square().mean() + vis.mean() + conf.mean()).backward()
+    for name in ("tracker.corr_mlp.fc1.weight", "tracker.updateformer.virual_tracks",
+                 "feature_extractor.projects.0.weight", "feature_extractor.scratch.output_conv1.weight"):
+        grad = dict(head.named_parameters())[name].grad
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_follows_surrounding_autocast():
+    head = tiny_head()
+    tokens, images, queries = tiny_inputs()
+    dtypes = []
+    head.tracker.updateformer.input_transform.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        tracks, vis, _ = head(tokens, images, SPECIAL, query_points=queries)
+    assert dtypes and all(d == torch.bfloat16 for d in dtypes)
+    assert torch.isfinite(tracks[-1]).all() and torch.isfinite(vis).all()
+
+
+def test_sample_features_at_pixels_and_detached_coords():
+    fmap = torch.randn(2, 3, 5, 7)
+    coords = torch.tensor([[[0.0, 0.0], [6.0, 4.0]], [[3.0, 2.0], [2.5, 1.0]]], requires_grad=True)
+    feats = sample_features4d(fmap, coords)
+    assert feats.shape == (2, 2, 3)
+    torch.testing.assert_close(feats[0, 1], fmap[0, :, 4, 6])  # (x=6, y=4) -> row 4, column 6
+    torch.testing.assert_close(feats[1, 1], (fmap[1, :, 1, 2] + fmap[1, :, 1, 3]) / 2)
+    assert not feats.requires_grad  # lookups never differentiate through positions, as upstream
+
+
+def test_correlation_window_convention():
+    radius, channels = 1, 4
+    fmaps = torch.randn(1, 1, channels, 6, 8)
+    target = torch.randn(1, 1, 1, channels)
+    x0, y0 = 3.0, 2.0
+    window = CorrBlock(fmaps, num_levels=2, radius=radius).corr_sample(target, torch.tensor([[[[x0, y0]]]]))
+    assert window.shape == (1, 1, 1, 2 * (2 * radius + 1) ** 2)
+    corr = torch.einsum("c,chw->hw", target.flatten(), fmaps[0, 0]) / math.sqrt(channels)
+    level0 = window[0, 0, 0, :9].view(3, 3)
+    # Upstream's offset grid puts the x offset on the window's first axis, the y offset on its second.
+    for a in range(3):
+        for b in range(3):
+            torch.testing.assert_close(level0[a, b], corr[int(y0) + b - radius, int(x0) + a - radius])
+    # Level 1 is the 2x average-pooled map, looked up at coords / 2.
+    pooled = torch.nn.functional.avg_pool2d(fmaps[0], 2)[0]
+    corr1 = torch.einsum("c,chw->hw", target.flatten(), pooled) / math.sqrt(channels)
+    torch.testing.assert_close(window[0, 0, 0, 9:].view(3, 3)[1, 1], (corr1[1, 1] + corr1[1, 2]) / 2)
+
+
+def test_embeddings():
+    xy = torch.tensor([[[0.7, -1.3]]])
+    emb = displacement_embedding(xy, 4)
+    freqs = torch.tensor([0.0, 2.0]) * (1000.0 / 4)
+    expected = torch.stack([torch.sin(0.7 * freqs[0]), torch.cos(0.7 * freqs[0]),
+                            torch.sin(0.7 * freqs[1]), torch.cos(0.7 * freqs[1]),
+                            torch.sin(-1.3 * freqs[0]), torch.cos(-1.3 * freqs[0]),
+                            torch.sin(-1.3 * freqs[1]), torch.cos(-1.3 * freqs[1])])
+    torch.testing.assert_close(emb.flatten(), expected)
+    grid = grid_sincos_embedding(8, height=3, width=5)
+    assert grid.shape == (1, 8, 3, 5)
+    # First half: x (column) as [sin(x), sin(x/100), cos(x), cos(x/100)]; second half: y (row).
+    torch.testing.assert_close(grid[0, :4, 2, 4], torch.tensor([math.sin(4), math.sin(0.04), math.cos(4), math.cos(0.04)]))
+    torch.testing.assert_close(grid[0, 4:, 2, 4], torch.tensor([math.sin(2), math.sin(0.02), math.cos(2), math.cos(0.02)]))
+
+
+def test_attn_block_residual_is_on_the_normalised_input():
+    # Upstream's blocks normalise first and add the residual to the normalised tokens.
+    block = AttnBlock(8, num_heads=2)
+    torch.nn.init.zeros_(block.attn.out_proj.weight)
+    torch.nn.init.zeros_(block.mlp.fc2.weight)
+    torch.nn.init.zeros_(block.mlp.fc2.bias)
+    x = torch.randn(3, 4, 8) * 5 + 2
+    torch.testing.assert_close(block(x), block.norm1(x))
