@@ -272,19 +272,26 @@ def _freeze(model: torch.nn.Module, patterns: list[str]) -> None:
             param.requires_grad_(False)
 
 
-def comm_units_of(recipe, world_size: int) -> list[dict]:
-    """The FSDP units' communication volumes of the recipe's model at `world_size`, without running it:
-    built on the meta device and sharded over a fake process group (no memory, seconds)."""
+def volumes_only(spec: BenchSpec) -> dict:
+    """The FSDP units' communication volumes of the recipe's model at the spec's world size, without
+    running it: built on the meta device and sharded over a fake process group (no memory, seconds)."""
     from vggt_fsdp.memory.fake_pg import fake_process_group
     from vggt_fsdp.model import build_model
     from vggt_fsdp.parallel import apply_parallelism, build_mesh
     from vggt_fsdp.recipe import model_config
 
-    model = build_model(model_config(recipe.model), "meta")
-    _freeze(model, recipe.model.freeze)
-    with fake_process_group(world_size, "cpu"):
-        apply_parallelism(model, recipe.parallel, build_mesh(recipe.parallel.sharding, "cpu"))
-        return [asdict(v) for v in unit_volumes(model)]
+    result: dict = {"name": spec.name, "spec": asdict(spec), "status": "ok", "kind": "volumes"}
+    try:
+        recipe = _recipe(spec)
+        model = build_model(model_config(recipe.model), "meta")
+        _freeze(model, recipe.model.freeze)
+        result["model"] = {"preset": recipe.model.preset, "params": sum(p.numel() for p in model.parameters())}
+        with fake_process_group(spec.world_size, "cpu"):
+            apply_parallelism(model, recipe.parallel, build_mesh(recipe.parallel.sharding, "cpu"))
+            result["comm_units"] = [asdict(v) for v in unit_volumes(model)]
+    except Exception as err:
+        result.update(status="error", error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc())
+    return result
 
 
 def _sync(device: torch.device) -> None:
@@ -448,6 +455,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                         help="dense BF16 peak of the device for MFU (default: from the device name)")
     parser.add_argument("--name", default="", help="label of this configuration in reports")
     parser.add_argument("--json", type=Path, default=None, help="also write the result to this file")
+    parser.add_argument("--volumes-only", action="store_true",
+                        help="only the FSDP units' communication volumes at --world-size (meta device, no steps)")
     return parser
 
 
@@ -465,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"bench_step: {err}", file=sys.stderr)
         return 2
-    result = run_benchmark(spec)
+    result = volumes_only(spec) if args.volumes_only else run_benchmark(spec)
     result["command"] = " ".join([sys.executable, "-m", "benchmarks.bench_step", *(argv or sys.argv[1:])])
     text = json.dumps(result, indent=1, default=str)
     if args.json is not None:

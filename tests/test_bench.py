@@ -1,0 +1,213 @@
+"""The benchmark machinery: FLOP counting, peak table and MFU, the communication model, one measured
+configuration on the CPU, the comparison's subprocess runner and the report's verdicts."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from benchmarks import bench_step, comm_model, compare_recipes, flops, report
+
+REPO = Path(__file__).resolve().parents[1]
+CPU_RECIPE = str(REPO / "recipes" / "cpu_tiny.yaml")
+
+
+# --------------------------------------------------------------------------------------- FLOPs
+def test_quadratic_extrapolation_is_exact_for_quadratics():
+    poly = lambda s: 7 + 11 * s + 13 * s * s  # noqa: E731
+    counts = {s: poly(s) for s in flops.SAMPLE_FRAMES}
+    for frames in (1, 4, 24, 48):
+        assert flops.quadratic_in_frames(counts, frames) == poly(frames)
+
+
+def test_flop_count_extrapolated_from_small_scenes_equals_direct_count():
+    """FLOPs(B, S) = B (a + b S + c S^2) for VGGT: the count from 1, 2, 3 frames equals a direct one."""
+    from vggt_fsdp.model import build_model, get_preset
+
+    cfg = get_preset("vggt-tiny").replace(enable_track=False)
+    model = build_model(cfg, "cpu")
+    images = lambda b, s: torch.rand(b, s, 3, 56, 56)  # noqa: E731
+    counted = flops.count_step_flops(model, images, scenes=2, frames_per_scene=5)
+    with flops._countable_attention(torch.device("cpu")):
+        direct = flops._count(model, (images(2, 5),), flops.surrogate_loss)
+    assert (counted.forward, counted.backward) == direct
+    # Attention is counted on the CPU too (math backend): more than the linear layers alone.
+    assert counted.backward > counted.forward > 0
+
+
+def test_peak_table_and_mfu():
+    assert flops.peak_tflops("NVIDIA A100-SXM4-40GB") == 312.0
+    assert flops.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert flops.peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert flops.peak_tflops("NVIDIA H200") == 989.0
+    assert flops.peak_tflops("Tesla T4") is None
+    assert flops.mfu(989e12 * 0.5, 1.0, 989.0) == pytest.approx(0.5)
+    assert flops.mfu(1e12, 1.0, None) is None
+
+
+# --------------------------------------------------------------------------------------- comm model
+def _unit(numel, trainable=None, pbytes=2, rbytes=4, reshard=True, name="u"):
+    return comm_model.UnitVolume(name, numel, numel if trainable is None else trainable, pbytes, rbytes, reshard)
+
+
+def test_comm_volumes_and_ring_bytes():
+    units = [_unit(1_000_000), _unit(500_000, trainable=0, pbytes=4, reshard=False)]
+    assert units[0].all_gather_bytes == 2 * 1_000_000 * 2  # forward + backward re-gather, bf16
+    assert units[1].all_gather_bytes == 500_000 * 4  # fp32 unit, gathered once
+    assert units[1].reduce_bytes_total == 0  # frozen: nothing to reduce
+    one = comm_model.predict(units, 1, comm_model.A100_CLUSTER)
+    assert one.comm_s == 0 and one.all_gather_gb == 0
+    eight = comm_model.predict(units, 8, comm_model.A100_CLUSTER)
+    assert eight.all_gather_gb * 1e9 == pytest.approx(7 / 8 * (4_000_000 + 2_000_000))
+    assert eight.reduce_gb * 1e9 == pytest.approx(7 / 8 * 4_000_000)
+    # Across nodes the ring is slower than inside one: more time for (almost) the same bytes.
+    sixty_four = comm_model.predict(units, 64, comm_model.A100_CLUSTER)
+    assert sixty_four.comm_s > eight.comm_s
+    # Hybrid: in-node all-gathers as on 8 GPUs, plus an all-reduce of each GPU's gradient shard.
+    hybrid = comm_model.predict(units, 64, comm_model.A100_CLUSTER, "hybrid")
+    assert hybrid.all_gather_gb == pytest.approx(eight.all_gather_gb)
+    assert hybrid.reduce_gb > eight.reduce_gb
+    with pytest.raises(ValueError, match="sharding must be"):
+        comm_model.predict(units, 8, comm_model.A100_CLUSTER, "ddp")
+
+
+def test_overlap_hides_communication_behind_longer_compute():
+    units = [_unit(50_000_000, name=f"b{i}") for i in range(10)]
+    fast = comm_model.predict(units, 64, comm_model.A100_CLUSTER, compute_s=100.0, frames_per_gpu=24)
+    assert fast.step_s == pytest.approx(100.0 + fast.exposed_s)
+    assert fast.exposed_s < fast.comm_s  # only the ends are exposed
+    assert fast.frames_per_s_total == pytest.approx(64 * 24 / fast.step_s)
+    slow = comm_model.predict(units, 64, comm_model.A100_CLUSTER, compute_s=1e-4)
+    assert slow.step_s >= slow.comm_s  # communication-bound: the step waits for all of it
+    assert 0 < slow.efficiency < fast.efficiency <= 1
+
+
+def test_unit_volumes_read_from_fully_sharded_model():
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from vggt_fsdp.memory.fake_pg import fake_process_group
+
+    model = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 4))
+    model[1].bias.requires_grad_(False)
+    with fake_process_group(4, "cpu"):
+        fully_shard(model[0], mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
+        fully_shard(model, reshard_after_forward=False)
+        volumes = {v.name: v for v in comm_model.unit_volumes(model)}
+    assert volumes["0"] == comm_model.UnitVolume("0", 8 * 16 + 16, 8 * 16 + 16, 2, 4, True)
+    assert volumes["<root>"] == comm_model.UnitVolume("<root>", 16 * 4 + 4, 16 * 4, 4, 4, False)
+
+
+# --------------------------------------------------------------------------------------- one configuration
+def test_bench_step_measures_a_sharded_tiny_step_on_cpu():
+    spec = bench_step.BenchSpec(recipe=CPU_RECIPE, frames_per_gpu=2, height=56, width=56, world_size=2,
+                                warmup=0, steps=2, device="cpu", name="tiny")
+    result = bench_step.run_benchmark(spec)
+    assert result["status"] == "ok", result.get("traceback")
+    timing, thr = result["timing"], result["throughput"]
+    assert len(timing["all"]) == 2 and timing["min"] <= timing["median"] <= timing["max"]
+    assert thr["frames_per_s"] == pytest.approx(2 / timing["median"])
+    assert thr["tokens_per_s"] == pytest.approx(thr["frames_per_s"] * (4 * 4 + 5))
+    assert thr["achieved_tflops"] == pytest.approx(result["flops"]["total"] / timing["median"] / 1e12)
+    assert thr["mfu"] is None  # no peak for a CPU: never an MFU
+    assert result["memory"]["kind"] == "cpu" and result["memory"]["saved_tensor_bytes"] > 0
+    units = result["comm_units"]
+    assert sum(u["numel"] for u in units) == result["model"]["params"]
+    assert result["parallel"]["world_size"] == 2
+
+
+def test_out_of_memory_is_a_result_not_a_crash(monkeypatch):
+    def boom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(bench_step, "build_workload", boom)
+    spec = bench_step.BenchSpec(recipe=CPU_RECIPE, frames_per_gpu=2, height=56, width=56, device="cpu",
+                                warmup=0, steps=1)
+    result = bench_step.run_benchmark(spec)
+    assert (result["status"], result["phase"]) == ("oom", "build")
+    assert "out of memory" in result["error"]
+
+
+def test_spec_rejects_partial_scenes_and_cpu_memory_cap():
+    with pytest.raises(ValueError, match="multiple of frames_per_scene"):
+        bench_step.BenchSpec(recipe=CPU_RECIPE, frames_per_gpu=30, height=56, width=56)
+    with pytest.raises(ValueError, match="caps a CUDA device"):
+        bench_step.cap_device_memory(torch.device("cpu"), 40)
+    assert bench_step.BenchSpec(recipe=CPU_RECIPE, frames_per_gpu=48, height=56, width=56).scenes == 2
+
+
+# --------------------------------------------------------------------------------------- comparison
+def test_plan_orders_recipes_first_and_baseline_uses_upstream_choices():
+    configs = compare_recipes.plan(compare_recipes.PROFILES["gpu"])
+    roles = [c.role for c in configs]
+    assert roles[:2] == ["recipe_40g", "recipe_80g"] and roles.index("sweep") > roles.index("baseline")
+    base = [c for c in configs if c.role == "baseline"]
+    assert {c.frames for c in base} == {24, 48} and all(c.world_size == 1 for c in base)
+    assert all(set(compare_recipes.UPSTREAM_BASELINE) <= set(c.overrides) for c in base)
+    by_role = {c.role: c for c in configs}
+    assert (by_role["recipe_40g"].gpu_memory_gib, by_role["recipe_80g"].gpu_memory_gib) == (40.0, 80.0)
+
+
+def test_run_config_records_a_failing_subprocess():
+    profile = compare_recipes.PROFILES["cpu"]
+    config = compare_recipes.Config("missing", "recipe_40g", "recipes/does_not_exist.yaml", 2, 1)
+    result = compare_recipes.run_config(config, profile, timeout_s=120)
+    assert result["status"] == "error" and "recipe file not found" in result["error"]
+    assert result["config"]["name"] == "missing" and "bench_step" in result["command"]
+
+
+# --------------------------------------------------------------------------------------- report
+def _gpu_result(role, frames, peak_gib, fps, mfu=None, device="NVIDIA H100 80GB HBM3", status="ok", ws=8):
+    return {
+        "status": status, "config": {"role": role, "name": role, "frames": frames, "world_size": ws},
+        "spec": {"frames_per_gpu": frames, "height": 518, "width": 518, "world_size": ws},
+        "device": {"type": "cuda", "name": device, "torch": "2.11"}, "model": {"preset": "vggt-1b"},
+        "memory": {"kind": "cuda", "peak_allocated_bytes": int(peak_gib * report.GIB)},
+        "throughput": {"frames_per_s": fps, "mfu": mfu}, "parallel": {"checkpoint": "attention"},
+    }
+
+
+def test_targets_are_judged_from_matching_measurements_only():
+    results = [_gpu_result("recipe_40g", 24, 37.0, 9.0), _gpu_result("recipe_80g", 48, 77.0, 10.0, mfu=0.5)]
+    verdicts = {v.target.split(":")[0] + v.target[-12:]: v.status for v in report.judge_targets(results)}
+    statuses = [v.status for v in report.judge_targets(results)]
+    assert statuses == ["met", "not met", "met", "met"], verdicts  # 80GB peak 77 GiB >= 76: not met
+    # The same numbers from an H200 do not judge the H100 MFU target; from a CPU, nothing is judged.
+    h200 = [_gpu_result("recipe_80g", 48, 70.0, 10.0, mfu=0.5, device="NVIDIA H200")]
+    assert report.judge_targets(h200)[2].status == "not measured"
+    wrong_world = [_gpu_result("recipe_40g", 24, 30.0, 9.0, ws=1)]
+    assert report.judge_targets(wrong_world)[0].status == "not measured"
+    slow = [_gpu_result("recipe_40g", 24, 30.0, 7.0), _gpu_result("recipe_80g", 48, 70.0, 10.0)]
+    assert report.judge_targets(slow)[3].status == "not met"  # 0.7 < 0.8
+
+
+def test_report_labels_cpu_results_and_notes_missing_charts(tmp_path, monkeypatch):
+    spec = bench_step.BenchSpec(recipe=CPU_RECIPE, frames_per_gpu=2, height=56, width=56, world_size=2,
+                                warmup=0, steps=1, device="cpu")
+    result = bench_step.run_benchmark(spec)
+    result["config"] = {"role": "recipe_80g", "name": "80GB recipe", "frames": 2, "world_size": 2}
+    result["command"] = "python -m benchmarks.bench_step ..."
+    doc = {"command": "python -m benchmarks.compare_recipes --profile cpu", "date_utc": "2026-01-01T00:00:00+00:00",
+           "profile": {"image": [56, 56], "warmup": 0, "steps": 1}, "results": [result]}
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as without the `plots` extra
+    path = report.write_report(doc, tmp_path, "cpu-run", charts=True)
+    text = path.read_text()
+    assert "**CPU results.**" in text and "Charts skipped: matplotlib is not installed" in text
+    assert "a model, not a measurement" in text
+    assert "| met |" not in text  # no target is judged from CPU runs
+    json.dumps(doc, default=str)  # the document the comparison writes is JSON-serialisable
+
+
+def test_bench_step_cli_writes_json(tmp_path):
+    out = tmp_path / "r.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_step", CPU_RECIPE, "--frames", "2", "--image", "56x56",
+         "--world-size", "4", "--volumes-only", "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert result["status"] == "ok" and result["comm_units"] and "bench_step" in result["command"]
