@@ -185,6 +185,7 @@ class Trainer:
             global_loss /= self.world
         skip = self.guard.flag(global_loss, grad_norm)
         self._optimizer_step(skip)
+        self.last_lr = self.scheduler.get_last_lr()[0]  # the lr this step used
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
@@ -215,7 +216,7 @@ class Trainer:
             "step": step,
             "loss": means.get("loss"),
             "loss_terms": {k.split(".", 1)[1]: v for k, v in means.items() if k.startswith("loss_terms.")},
-            "lr": self.scheduler.get_last_lr()[0],
+            "lr": self.last_lr,
             "grad_norm": means.get("grad_norm"),
             "grad_norm_groups": {k.split(".", 1)[1]: v for k, v in means.items() if k.startswith("grad_norm.")},
             "skipped_steps": total_skipped,

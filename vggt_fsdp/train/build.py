@@ -1,0 +1,263 @@
+"""From a recipe to a ready `Trainer`: accelerator, sharded model, weights, optimizer, data.
+
+Order matters and is the point of this module:
+1. the Accelerator (it creates the process group) and the seed;
+2. the model built on the meta device (no memory), frozen parameters marked;
+3. `prepare_model`: checkpoint wrappers and FSDP2 sharding, still on meta;
+4. materialise only each rank's shards on the device and initialise them;
+5. initial weights, if any: rank 0 reads the file and streams it to the other ranks' shards
+   (`set_model_state_dict(broadcast_from_rank0=True)`), so no other rank ever holds the full model;
+6. optimizer over the sharded parameters, then `accelerator.prepare(model, optimizer)`.
+"""
+from __future__ import annotations
+
+import fnmatch
+import os
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from vggt_fsdp.train.faults import StepShape
+from vggt_fsdp.train.loop import Trainer
+from vggt_fsdp.train.optim import build_optimizer, build_scheduler, clip_groups, resolve_fused
+
+
+def log(text: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"[vggt-fsdp] {text}", file=sys.stderr, flush=True)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+        np.random.seed(seed % 2**32)
+    except ImportError:
+        pass
+
+
+def freeze(model: nn.Module, patterns: list[str]) -> int:
+    """requires_grad=False for parameters whose name matches any fnmatch pattern; returns how many.
+    A pattern that matches nothing is an error (a typo would otherwise train what it meant to freeze)."""
+    names = [name for name, _ in model.named_parameters()]
+    frozen = 0
+    for pattern in patterns:
+        hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            prefixes = sorted({n.split(".")[0] for n in names})
+            raise ValueError(f"model.freeze: pattern {pattern!r} matches no parameter; parameter names "
+                             f"start with {prefixes} (e.g. 'aggregator.patch_embed.*')")
+        for name, param in model.named_parameters():
+            if name in hits and param.requires_grad:
+                param.requires_grad_(False)
+                frozen += param.numel()
+    return frozen
+
+
+class InitWeightsError(RuntimeError):
+    pass
+
+
+def load_initial_weights(model: nn.Module, path: str) -> None:
+    """Load an upstream .pt/.safetensors into the already sharded model.
+
+    Only rank 0 reads the file; `set_model_state_dict(full_state_dict, broadcast_from_rank0)` sends
+    each tensor to the other ranks, which keep just their shard. Names are checked strictly on rank 0
+    first (a disabled head's tensors in the file are dropped and reported), and every rank raises the
+    same error when they do not match.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    from vggt_fsdp.model.weights import compare_state_dict, read_state_dict
+
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    state, message, ignored = {}, None, 0
+    if rank0:
+        report, state = compare_state_dict(model, read_state_dict(path), ignore_disabled_heads=True)
+        message = None if report.ok else f"weights {path} do not match the model: {report.describe()}"
+        ignored = len(report.ignored)
+    if dist.is_initialized():
+        box = [message, ignored]
+        dist.broadcast_object_list(box, src=0)
+        message, ignored = box
+    if message is not None:  # raised on every rank, so none waits in the broadcast below
+        raise InitWeightsError(message)
+    set_model_state_dict(model, state, options=StateDictOptions(
+        full_state_dict=True, broadcast_from_rank0=dist.is_initialized(), strict=True))
+    log(f"initial weights from {path}" + (f" ({ignored} tensors of disabled heads ignored)" if ignored else ""))
+
+
+class VGGTTask:
+    """Batches from helper D's loader, VGGT forward and `compute_loss`."""
+
+    def __init__(self, loader, loss_cfg, patch_size: int, special_tokens: int, tracks: bool, autocast):
+        self.sampler = loader  # SceneLoader: state_dict() is the position after the last batch consumed
+        self.loader, self.loss_cfg = loader, loss_cfg
+        # The Accelerator's autocast (bf16 when the recipe computes in bf16, as upstream trains): FSDP2
+        # casts parameters, autocast casts activations where the model mixes them with fp32 buffers.
+        # The loss runs outside it, in fp32.
+        self.autocast = autocast
+        self.patch_size, self.special_tokens, self.tracks = patch_size, special_tokens, tracks
+
+    def batches(self):
+        return iter(self.loader)
+
+    def predict(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict:
+        query = batch.get("query_points") if self.tracks else None
+        with self.autocast():
+            return model(batch["images"], query_points=query)
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]):
+        from vggt_fsdp.losses import compute_loss
+
+        return compute_loss(self.predict(model, batch), batch, self.loss_cfg)
+
+    def shape(self, batch: dict[str, torch.Tensor]) -> StepShape:
+        b, s, _, h, w = batch["images"].shape
+        per_frame = (h // self.patch_size) * (w // self.patch_size) + self.special_tokens
+        return StepShape(scenes=b, frames_per_scene=s, height=h, width=w, tokens=b * s * per_frame)
+
+    def to_device(self, batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+        from vggt_fsdp.data import move_batch
+
+        return move_batch(batch, device)
+
+
+def prepare_with_accelerator(accelerator, model: nn.Module, optimizer: torch.optim.Optimizer):
+    """`accelerator.prepare(model, optimizer)` for a model that is already FSDP2-sharded.
+
+    Accelerate 1.15 re-maps the optimizer's parameters to the sharded ones by the `data_ptr()` of their
+    local shards. A parameter whose shard on this rank is empty (dim 0 smaller than the world size,
+    e.g. VGGT's (1, 2, 1, C) camera token on rank 1) has data_ptr 0, several of them collide, and the
+    optimizer ends up holding the wrong tensors. The model is already sharded, so the correct mapping
+    is the identity: we put the original parameter lists back.
+    """
+    params = [list(group["params"]) for group in optimizer.param_groups]
+    model, prepared = accelerator.prepare(model, optimizer)
+    inner = prepared
+    while hasattr(inner, "optimizer"):
+        inner = inner.optimizer
+    for group, original in zip(inner.param_groups, params):
+        group["params"] = original
+    return model, prepared
+
+
+def frames_per_gpu(recipe) -> int:
+    value = recipe.data.frames_per_gpu
+    if value != "auto":
+        return value
+    raise ValueError("data.frames_per_gpu=auto: run `vggt-fsdp plan RECIPE` and set the number it fits "
+                     "(data.frames_per_gpu=N)")
+
+
+def topology_notice(recipe, world: int) -> str | None:
+    asked = recipe.accelerate.get("num_processes")
+    if asked is not None and asked != world:
+        return (f"launched with {world} process(es) but the recipe's accelerate.num_processes is {asked}: "
+                f"training with {world}; `vggt-fsdp train RECIPE` starts what the recipe asks for")
+    return None
+
+
+@dataclass
+class Built:
+    trainer: Trainer
+    accelerator: Any
+    model: nn.Module
+    notices: list[str]
+
+
+def build_trainer(recipe) -> Built:
+    from vggt_fsdp.data import build_dataloader
+    from vggt_fsdp.model import build_model, materialize
+    from vggt_fsdp.parallel import build_accelerator, prepare_model
+    from vggt_fsdp.recipe import model_config
+
+    cfg = recipe.train
+    accelerator = build_accelerator(recipe, gradient_accumulation_steps=cfg.grad_accum_steps)
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    notices = [n for n in (topology_notice(recipe, world),) if n]
+    for notice in notices:
+        log(notice)
+    seed_everything(cfg.seed)  # identical on every rank: the same initial model everywhere
+
+    model_cfg = model_config(recipe.model)
+    model = build_model(model_cfg, device="meta")
+    frozen = freeze(model, recipe.model.freeze)
+    plan = prepare_model(accelerator, model, recipe.parallel)
+    materialize(model, device)
+    if recipe.model.init_weights:
+        load_initial_weights(model, recipe.model.init_weights)
+
+    optimizer = build_optimizer(model, recipe.optim, device.type)
+    fused = resolve_fused(recipe.optim, device.type)
+    scheduler = build_scheduler(optimizer, recipe.schedule, recipe.optim.lr, cfg.max_steps)
+    model, optimizer = prepare_with_accelerator(accelerator, model, optimizer)
+    seed_everything(cfg.seed + rank)  # per-rank streams from here on (saved in checkpoints)
+
+    budget = frames_per_gpu(recipe)
+    loader = build_dataloader(recipe.data, rank=rank, world_size=world, split="train",
+                              frames_per_gpu=budget, pin_memory=device.type == "cuda")
+    agg = model_cfg.aggregator
+    task = VGGTTask(loader, recipe.loss, agg.patch_size, 1 + agg.num_register_tokens,
+                    tracks=bool(recipe.model.heads.track), autocast=accelerator.autocast)
+
+    validate = None
+    if cfg.val_every:
+        from vggt_fsdp.train.validation import Validator
+
+        validate = Validator(recipe, model, task, device, rank, world, budget)
+
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    static = {
+        "sharding": recipe.parallel.sharding.mode,
+        "reshard_after_forward": recipe.parallel.sharding.reshard_after_forward,
+        "param_dtype": recipe.parallel.precision.param_dtype,
+        "checkpoint_policy": recipe.parallel.checkpoint.policy,
+        "checkpoint_groups": {k: v.policy for k, v in recipe.parallel.checkpoint.groups.items()},
+        "checkpoint_heads": recipe.parallel.checkpoint.heads,
+        "fsdp_units": len(plan.units),
+        "frames_per_gpu": budget,
+        "grad_accum_steps": cfg.grad_accum_steps,
+    }
+    log(f"{model_cfg_name(recipe)}: {trainable:,} trainable parameters ({frozen:,} frozen), "
+        f"{len(plan.units)} FSDP units over {world} {device.type} process(es), "
+        f"{'fused' if fused else 'foreach'} AdamW, output {cfg.output_dir}")
+    trainer = Trainer(cfg, accelerator, model, optimizer, scheduler, task,
+                      clip_groups(model, recipe.optim.clip_groups), device, fused,
+                      static_metrics=static, recipe=recipe, validate=validate)
+    return Built(trainer, accelerator, model, notices)
+
+
+def model_cfg_name(recipe) -> str:
+    return recipe.model.preset + (" (+overrides)" if recipe.model.overrides else "")
+
+
+def run(recipe) -> int:
+    """Train a recipe in this process (one rank of whatever the launcher started); returns the exit
+    code."""
+    from vggt_fsdp.train import checkpoint as ckpt
+
+    built = build_trainer(recipe)
+    trainer = built.trainer
+    out = Path(recipe.train.output_dir)
+    if trainer.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        from vggt_fsdp.recipe import dump_recipe
+        (out / "recipe.yaml").write_text(dump_recipe(recipe))
+    trainer.resume()
+    outcome = trainer.fit()
+    if not outcome.preempted and recipe.train.export_final and outcome.last_checkpoint is not None:
+        if trainer.rank == 0:
+            count = ckpt.export_safetensors(outcome.last_checkpoint, out / "model.safetensors")
+            log(f"exported {count} tensors to {out / 'model.safetensors'}")
+    if dist.is_initialized():
+        dist.barrier()
+    built.accelerator.end_training()
+    return outcome.exit_code
