@@ -33,7 +33,7 @@ def test_depth_reprojects_exactly_between_views(seed):
             if i == j:
                 continue
             uv, z = project_points(points, extr[j], intr[j])
-            inside = (z > 1e-3) & (uv[:, 0] > -0.5) & (uv[:, 0] < HW[1] - 0.5) & (uv[:, 1] > -0.5) & (uv[:, 1] < HW[0] - 0.5)
+            inside = (z > 1e-3) & (uv[:, 0] > 0) & (uv[:, 0] < HW[1]) & (uv[:, 1] > 0) & (uv[:, 1] < HW[0])
             seen = depth_at(scene, extr[j], intr[j], uv[inside])
             rel = (seen - z[inside]) / z[inside]
             # Seeing *beyond* a surface point would mean wrong geometry; only a ray grazing an object's
@@ -48,7 +48,7 @@ def test_depth_reprojects_exactly_between_views(seed):
 
 def test_rendered_depth_matches_exact_depth_on_pixel_centres():
     scene, extr, intr, renders = _views(3, frames=2)
-    v, u = torch.meshgrid(torch.arange(HW[0]).float(), torch.arange(HW[1]).float(), indexing="ij")
+    v, u = torch.meshgrid(torch.arange(HW[0]) + 0.5, torch.arange(HW[1]) + 0.5, indexing="ij")  # centres
     exact = depth_at(scene, extr[1], intr[1], torch.stack([u, v], -1).reshape(-1, 2)).reshape(HW)
     depth, mask = renders[1][1], renders[1][2]
     assert torch.equal(mask, torch.isfinite(exact))
@@ -102,7 +102,7 @@ def test_tracks_start_at_queries_and_visible_tracks_land_on_the_surface():
     assert vis[1:].any() and not vis[1:].all()
     world0 = sample["world_points"][0][tracks[0, :, 1].long(), tracks[0, :, 0].long()]  # (N, 3)
     uv, z = project_points(world0[None].expand(4, -1, -1), sample["extrinsics"], sample["intrinsics"])
-    assert torch.allclose(uv[vis], tracks[vis], atol=1e-3)
+    assert torch.allclose(uv[vis] - 0.5, tracks[vis], atol=1e-3)  # tracks are pixel-index coordinates
 
 
 def test_photometric_augmentation_changes_colours_not_geometry():

@@ -106,3 +106,10 @@ def test_look_at_centres_the_target_with_up_upward():
     uv, z = project_points(torch.cat([target, target + torch.tensor([[0.0, 0.0, 0.5]])]).view(1, 2, 3), extr, intr)
     assert torch.allclose(uv[0, 0], torch.tensor([50.0, 40.0]), atol=1e-4) and z[0, 0] == pytest.approx(3.0)
     assert uv[0, 1, 1] < 40.0  # a point above the target appears higher in the image (smaller v)
+
+
+def test_pixel_centres_are_at_half_integers_as_upstream_unprojects():
+    # upstream: x_cam = (u - cx + 0.5) * depth / fx for column u
+    intr = make_intrinsics(*(torch.tensor(v) for v in (10.0, 20.0, 2.0, 1.0)))
+    _, cam = depth_to_points(torch.full((2, 4), 3.0), torch.cat([torch.eye(3), torch.zeros(3, 1)], -1), intr)
+    assert cam[0, 0].tolist() == pytest.approx([(0 - 2.0 + 0.5) * 3 / 10, (0 - 1.0 + 0.5) * 3 / 20, 3.0])

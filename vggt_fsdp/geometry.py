@@ -3,8 +3,10 @@
 Conventions (the same as upstream VGGT):
 - extrinsics (..., 3, 4) are OpenCV camera-from-world [R | t]: x_cam = R @ x_world + t, with the camera
   looking down +z, x to the right and y down.
-- intrinsics (..., 3, 3) are in pixels; pixel (u, v) is the centre of column u, row v (integer
-  coordinates), so a camera with its principal point at (W / 2, H / 2) is what upstream builds.
+- intrinsics (..., 3, 3) are in pixels of continuous image coordinates: the image spans [0, W] x [0, H]
+  and pixel (column u, row v) is centred at (u + 0.5, v + 0.5), as upstream's training data code
+  unprojects depth; a principal point at (W / 2, H / 2), which upstream's pose decoding builds, is then
+  exactly the image centre, and cropping/resizing maps coordinates by a plain shift and scale.
 - depth is the camera-frame z of the surface point, not the distance along the ray.
 - Quaternions are XYZW (scalar last) and standardised to w >= 0.
 - The pose encoding "absT_quaR_FoV" is [t (3), quaternion (4), fov_h, fov_w] with
@@ -117,9 +119,9 @@ def transform_points(transform: torch.Tensor, points: torch.Tensor) -> torch.Ten
 
 
 def pixel_grid(height: int, width: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """(H, W, 2) pixel coordinates (u, v) of pixel centres, integer convention."""
-    v, u = torch.meshgrid(torch.arange(height, device=device, dtype=dtype),
-                          torch.arange(width, device=device, dtype=dtype), indexing="ij")
+    """(H, W, 2) image coordinates (x, y) of the pixel centres: (column + 0.5, row + 0.5)."""
+    v, u = torch.meshgrid(torch.arange(height, device=device, dtype=dtype) + 0.5,
+                          torch.arange(width, device=device, dtype=dtype) + 0.5, indexing="ij")
     return torch.stack([u, v], -1)
 
 
@@ -147,7 +149,7 @@ def depth_to_points(
 def project_points(
     points: torch.Tensor, extrinsics: torch.Tensor, intrinsics: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """World points (..., *, 3) to pixel coordinates (..., *, 2) and camera-frame depth (..., *).
+    """World points (..., *, 3) to image coordinates (..., *, 2) and camera-frame depth (..., *).
 
     Points at or behind the camera get non-finite pixel coordinates; callers mask with depth > 0.
     """

@@ -44,17 +44,15 @@ def draw_crop(rng: np.random.Generator, src_hw: tuple[int, int], out_hw: tuple[i
 
 
 def crop_intrinsics(intrinsics: torch.Tensor, box: CropBox, out_hw: tuple[int, int]) -> torch.Tensor:
-    """Intrinsics of the image made by cropping `box` and resizing it to out_hw.
-
-    Pixel centres are integer coordinates, so a source column u lands at (u - x0 + 0.5) * s - 0.5.
-    """
+    """Intrinsics of the image made by cropping `box` and resizing it to out_hw: image coordinates
+    (continuous, see vggt_fsdp.geometry) map as x' = (x - x0) * s."""
     sx, sy = out_hw[1] / box.width, out_hw[0] / box.height
     k = intrinsics.clone()
     k[..., 0, 0] = intrinsics[..., 0, 0] * sx
     k[..., 1, 1] = intrinsics[..., 1, 1] * sy
     k[..., 0, 1] = intrinsics[..., 0, 1] * sx
-    k[..., 0, 2] = (intrinsics[..., 0, 2] - box.x0 + 0.5) * sx - 0.5
-    k[..., 1, 2] = (intrinsics[..., 1, 2] - box.y0 + 0.5) * sy - 0.5
+    k[..., 0, 2] = (intrinsics[..., 0, 2] - box.x0) * sx
+    k[..., 1, 2] = (intrinsics[..., 1, 2] - box.y0) * sy
     return k
 
 

@@ -275,7 +275,9 @@ def track_queries(scene: Scene, extrinsics: torch.Tensor, intrinsics: torch.Tens
                   mask: torch.Tensor, num: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
     """Ground-truth tracks of `num` surface points seen at random valid pixels of frame 0.
 
-    tracks (S, N, 2) are the points' projections in every frame; track_vis_mask (S, N) is true where a
+    tracks (S, N, 2) are the points' projections in every frame in pixel-index coordinates (column,
+    row: the centre of pixel (u, v) is (u, v), the convention of query points and of the track head's
+    feature sampling), i.e. image coordinates minus 0.5; track_vis_mask (S, N) is true where a
     point is in front of the camera, inside the image and not occluded (a ray cast towards it from that
     camera reaches it first), which is exact rather than a depth-map comparison.
     """
@@ -287,14 +289,14 @@ def track_queries(scene: Scene, extrinsics: torch.Tensor, intrinsics: torch.Tens
         pick = valid[torch.as_tensor(rng.integers(0, len(valid), num))]
     points = world_points[0].reshape(-1, 3)[pick]  # (N, 3)
     uv, z = project_points(points[None].expand(len(extrinsics), -1, -1), extrinsics, intrinsics)
-    inside = (z > _EPS) & (uv[..., 0] >= -0.5) & (uv[..., 0] < width - 0.5) & (uv[..., 1] >= -0.5) & (uv[..., 1] < height - 0.5)
+    inside = (z > _EPS) & (uv[..., 0] >= 0) & (uv[..., 0] < width) & (uv[..., 1] >= 0) & (uv[..., 1] < height)
     centres = invert_extrinsics(extrinsics)[:, :, 3]
     visible = torch.zeros_like(inside)
     for s in range(len(extrinsics)):
         t, _ = cast(scene, centres[s], points - centres[s])
         visible[s] = t > 1 - 1e-3
     vis = inside & visible & (len(valid) > 0)
-    uv = torch.where(torch.isfinite(uv), uv, torch.zeros_like(uv))
+    uv = torch.where(torch.isfinite(uv), uv - 0.5, torch.zeros_like(uv))
     # Frame 0's track is the query pixel by definition; reprojection would only add float noise.
     uv[0] = torch.stack([pick % width, pick // width], -1).to(uv)
     return {"tracks": uv, "track_vis_mask": vis}
