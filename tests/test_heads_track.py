@@ -39,9 +39,10 @@ def test_vggt_1b_names_shapes_and_count_match_manifest(fixtures_dir):
     assert sum(p.numel() for p in head.parameters()) == sum(math.prod(s) for s in expected.values())
 
 
-def test_output_contract():
+@pytest.mark.parametrize("height,width", [(42, 56), (70, 42)])
+def test_output_contract(height, width):
     head = tiny_head()
-    tokens, images, queries = tiny_inputs(batch=2, frames=3, num_points=4)
+    tokens, images, queries = tiny_inputs(batch=2, frames=3, height=height, width=width, num_points=4)
     tracks, vis, conf = head(tokens, images, SPECIAL, query_points=queries)
     assert len(tracks) == TINY["iters"]
     assert all(t.shape == (2, 3, 4, 2) for t in tracks)

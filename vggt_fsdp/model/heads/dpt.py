@@ -100,11 +100,13 @@ class DPTScratch(nn.Module):
 
     def forward(self, stages: list[Tensor]) -> Tensor:
         """Fuse the four resized stages (finest first) into one map at twice the finest resolution."""
-        l1, l2, l3, l4 = (getattr(self, f"layer{i}_rn")(x) for i, x in enumerate(stages, start=1))
-        out = self.refinenet4(l4, size=l3.shape[2:])
-        out = self.refinenet3(out, l3, size=l2.shape[2:])
-        out = self.refinenet2(out, l2, size=l1.shape[2:])
-        out = self.refinenet1(out, l1)
+        s1, s2, s3, s4 = stages
+        # Each layer*_rn conv keeps the spatial size; applying it just before its fusion step keeps
+        # fewer full-size maps alive at once (upstream `del`s them for the same reason).
+        out = self.refinenet4(self.layer4_rn(s4), size=s3.shape[2:])
+        out = self.refinenet3(out, self.layer3_rn(s3), size=s2.shape[2:])
+        out = self.refinenet2(out, self.layer2_rn(s2), size=s1.shape[2:])
+        out = self.refinenet1(out, self.layer1_rn(s1))
         return self.output_conv1(out)
 
 
