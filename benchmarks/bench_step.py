@@ -160,14 +160,6 @@ def _recipe(spec: BenchSpec):
     return load_recipe(spec.recipe, spec.overrides)
 
 
-def tokens_per_frame(model_cfg, height: int, width: int) -> int:
-    """Tokens one frame is in the aggregator: its patches plus the camera and register tokens."""
-    patch = model_cfg.aggregator.patch_size
-    if height % patch or width % patch:
-        raise ValueError(f"image {height}x{width} is not a multiple of the patch size {patch}")
-    return (height // patch) * (width // patch) + 1 + model_cfg.aggregator.num_register_tokens
-
-
 def autocast_context(recipe, device: torch.device):
     """bf16 autocast around forward when the recipe's Accelerate section asks for bf16 mixed precision,
     as `accelerator.prepare` does in the trainer (FSDP2 casts the parameters; autocast the activations)."""
@@ -186,9 +178,10 @@ def count_flops(spec: BenchSpec, recipe, device: torch.device) -> dict:
     """
     from vggt_fsdp.model import build_model
     from vggt_fsdp.recipe import model_config
+    from vggt_fsdp.train.build import freeze
 
     model = build_model(model_config(recipe.model), device)
-    _freeze(model, recipe.model.freeze)
+    freeze(model, recipe.model.freeze)
 
     def images(scenes: int, frames: int) -> torch.Tensor:
         return torch.rand(scenes, frames, 3, spec.height, spec.width, device=device)
@@ -226,50 +219,41 @@ def fixed_batch(spec: BenchSpec, recipe) -> dict[str, torch.Tensor]:
 
 
 def build_workload(spec: BenchSpec, recipe, device: torch.device) -> Workload:
-    """The trainer's pieces, assembled for a fixed batch: model, sharding, optimizer, loss, clipping.
+    """The trainer's pieces in the trainer's order, for one fixed batch: meta build, freeze, shard,
+    materialise, AdamW, the trainer's forward and loss (`VGGTTask`), per-group clipping.
 
     Call inside the (fake) process group: sharding builds its device mesh from it.
     """
     from vggt_fsdp.data import move_batch
-    from vggt_fsdp.losses import compute_loss
-    from vggt_fsdp.model import build_model
+    from vggt_fsdp.model import build_model, materialize
     from vggt_fsdp.parallel import apply_parallelism, build_mesh
     from vggt_fsdp.recipe import model_config
+    from vggt_fsdp.train.build import VGGTTask, freeze
     from vggt_fsdp.train.optim import build_optimizer, clip_grad_norms, clip_groups
 
     cfg = model_config(recipe.model)
-    model = build_model(cfg, device)
-    _freeze(model, recipe.model.freeze)
+    model = build_model(cfg, "meta")
+    freeze(model, recipe.model.freeze)
     params_total = sum(p.numel() for p in model.parameters())
     params_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     apply_parallelism(model, recipe.parallel, build_mesh(recipe.parallel.sharding, device.type))
+    materialize(model, device)
     optimizer = build_optimizer(model, recipe.optim, device.type)
     groups = clip_groups(model, recipe.optim.clip_groups)
+    task = VGGTTask(None, recipe.loss, cfg.aggregator.patch_size, 1 + cfg.aggregator.num_register_tokens,
+                    tracks=bool(recipe.model.heads.track), autocast=lambda: autocast_context(recipe, device))
     batch = move_batch(fixed_batch(spec, recipe), device)
 
     def step() -> None:
-        with autocast_context(recipe, device):
-            loss, _ = compute_loss(model(batch["images"]), batch, recipe.loss)
+        loss, _ = task.loss(model, batch)
         loss.backward()
         clip_grad_norms(groups, torch.nn.utils.clip_grad_norm_)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    def forward() -> object:
-        with autocast_context(recipe, device):
-            return model(batch["images"])
-
-    return Workload(model, step, forward, tokens_per_frame(cfg, spec.height, spec.width),
+    tokens_per_frame = task.shape(batch).tokens // spec.frames_per_gpu
+    return Workload(model, step, lambda: task.predict(model, batch), tokens_per_frame,
                     params_total, params_trainable)
-
-
-def _freeze(model: torch.nn.Module, patterns: list[str]) -> None:
-    """The recipe's frozen parameters (model.freeze name patterns, as the trainer applies them)."""
-    import fnmatch
-
-    for name, param in model.named_parameters():
-        if any(fnmatch.fnmatch(name, pattern) for pattern in patterns):
-            param.requires_grad_(False)
 
 
 def volumes_only(spec: BenchSpec) -> dict:
@@ -279,12 +263,13 @@ def volumes_only(spec: BenchSpec) -> dict:
     from vggt_fsdp.model import build_model
     from vggt_fsdp.parallel import apply_parallelism, build_mesh
     from vggt_fsdp.recipe import model_config
+    from vggt_fsdp.train.build import freeze
 
     result: dict = {"name": spec.name, "spec": asdict(spec), "status": "ok", "kind": "volumes"}
     try:
         recipe = _recipe(spec)
         model = build_model(model_config(recipe.model), "meta")
-        _freeze(model, recipe.model.freeze)
+        freeze(model, recipe.model.freeze)
         result["model"] = {"preset": recipe.model.preset, "params": sum(p.numel() for p in model.parameters())}
         with fake_process_group(spec.world_size, "cpu"):
             apply_parallelism(model, recipe.parallel, build_mesh(recipe.parallel.sharding, "cpu"))

@@ -10,6 +10,7 @@ The JSON and the report are rewritten after every configuration, so a run cut sh
 measured.
 
 Configurations, in the order they run (the most important first, so a tight budget drops the sweep):
+0. the communication volumes of the 80GB recipe's model at world size 8 (meta device, seconds);
 1. the 40GB recipe at its target shape, capped at 40 GiB of device memory;
 2. the 80GB recipe at its target shape, capped at 80 GiB;
 3. the upstream-style baseline at the same two shapes and caps: no sharding (world size 1, every GPU
@@ -45,10 +46,13 @@ UPSTREAM_BASELINE = [
 ]
 
 
+VOLUMES_WORLD_SIZE = 8
+
+
 @dataclass
 class Config:
     name: str
-    role: str  # recipe_40g | recipe_80g | baseline | sweep
+    role: str  # volumes | recipe_40g | recipe_80g | baseline | sweep
     recipe: str
     frames: int
     world_size: int
@@ -89,6 +93,9 @@ PROFILES = {
 def plan(profile: Profile, include_baseline: bool = True, include_sweep: bool = True) -> list[Config]:
     common = profile.overrides
     configs = [
+        # The 80GB recipe's own model (VGGT-1B whatever the profile) sharded on the meta device at the
+        # target world size: the communication volumes of the scaling model (seconds, no memory).
+        Config("communication volumes (80GB recipe, VGGT-1B)", "volumes", RECIPE_80G, 1, VOLUMES_WORLD_SIZE),
         Config("40GB recipe", "recipe_40g", RECIPE_40G, profile.frames_40g, profile.world_size,
                list(common), profile.cap_40g),
         Config("80GB recipe", "recipe_80g", RECIPE_80G, profile.frames_80g, profile.world_size,
@@ -116,6 +123,8 @@ def bench_command(config: Config, profile: Profile, json_path: Path) -> list[str
            "--steps", str(profile.steps), "--name", config.name, "--json", str(json_path)]
     if config.gpu_memory_gib is not None:
         cmd += ["--gpu-memory", str(config.gpu_memory_gib)]
+    if config.role == "volumes":
+        cmd += ["--volumes-only", "--device", "cpu"]
     return cmd
 
 
@@ -144,12 +153,6 @@ def run_config(config: Config, profile: Profile, timeout_s: float) -> dict:
     result["config"] = asdict(config)
     result["command"] = " ".join(cmd[:1] + cmd[1:-2])  # without the temporary --json path
     return result
-
-
-def volumes_command(recipe: str, overrides: list[str], world_size: int, image: tuple[int, int]) -> list[str]:
-    return [sys.executable, "-m", "benchmarks.bench_step", recipe, *overrides, "--volumes-only",
-            "--frames", "1", "--image", f"{image[0]}x{image[1]}", "--world-size", str(world_size),
-            "--device", "cpu"]
 
 
 def _write(doc: dict, out: Path, stem: str, charts: bool) -> None:
@@ -214,7 +217,6 @@ def main(argv: list[str] | None = None) -> int:
         "profile": asdict(profile),
         "results": [],
     }
-    stem = None
     for config in configs:
         left = None if args.budget_s is None else args.budget_s - (time.monotonic() - started)
         if left is not None and left < min(profile.timeout_s, 60):
@@ -226,7 +228,6 @@ def main(argv: list[str] | None = None) -> int:
         result = run_config(config, profile, timeout)
         print(f"[compare]   -> {result['status']} in {result['wall_s']:.0f} s", flush=True)
         doc["results"].append(result)
-        stem = stem or _stem(doc["results"], profile)
         _write(doc, args.out, _stem(doc["results"], profile), charts=False)
     doc["wall_s"] = time.monotonic() - started
     final = _stem(doc["results"], profile)

@@ -159,6 +159,8 @@ def results_table(results: list[dict], cpu: bool) -> list[str]:
               "frames/s/GPU", "tokens/s/GPU", "TFLOP/s", "MFU", *mem_header]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
+        if role(r) == "volumes":
+            continue  # not a measurement: it feeds the communication model
         cfg = r.get("config", {})
         t, thr, mem = r.get("timing"), r.get("throughput") or {}, r.get("memory") or {}
         step = "-" if not t else f"{t['median']:.3f} [{t['min']:.3f}-{t['max']:.3f}]"
@@ -194,18 +196,23 @@ def frontier_rows(results: list[dict], cpu: bool) -> list[dict]:
 
 def comm_section(results: list[dict], cpu: bool) -> list[str]:
     lines = ["## Communication at scale (a model, not a measurement)", ""]
-    base = next((r for r in results if role(r) == "recipe_80g" and ok(r) and r.get("comm_units")), None)
-    base = base or next((r for r in results if ok(r) and r.get("comm_units")), None)
-    if base is None:
+    source = next((r for r in results if role(r) == "volumes" and ok(r)), None)
+    source = source or next((r for r in results if ok(r) and r.get("comm_units")), None)
+    if source is None:
         return lines + ["No FSDP unit volumes were recorded (no configuration succeeded).", ""]
-    volumes = [comm_model.UnitVolume(**u) for u in base["comm_units"]]
-    cluster = comm_model.cluster_for(base["device"]["name"])
-    compute = None if cpu else base["timing"]["median"]
-    frames = base["spec"]["frames_per_gpu"]
+    volumes = [comm_model.UnitVolume(**u) for u in source["comm_units"]]
+    # Compute time: the 80GB recipe measured on a GPU with the same model; otherwise none (CPU runs).
+    measured = next((r for r in results if role(r) == "recipe_80g" and ok(r)
+                     and r["device"]["type"] == "cuda" and r["model"]["preset"] == source["model"]["preset"]), None)
+    device_name = measured["device"]["name"] if measured else ""
+    cluster = comm_model.cluster_for(device_name)
+    compute = measured["timing"]["median"] if measured else None
+    frames = measured["spec"]["frames_per_gpu"] if measured else None
     ag = sum(v.all_gather_bytes for v in volumes) / 1e9
     rs = sum(v.reduce_bytes_total for v in volumes) / 1e9
     lines += [
-        f"From the FSDP units of **{base['config']['name']}** ({base['model']['preset']}, "
+        f"From the FSDP units of the **{source['config']['name'] if 'config' in source else source['name']}** "
+        f"({source['model']['preset']}, "
         f"{len(volumes)} units, {sum(v.numel for v in volumes):,} parameters): per step each unit's parameters "
         f"are all-gathered ({ag:.2f} GB unsharded in all, forward plus backward re-gather) and its gradients "
         f"reduce-scattered ({rs:.2f} GB); each GPU moves (n-1)/n of that over the ring.",
@@ -216,11 +223,11 @@ def comm_section(results: list[dict], cpu: bool) -> list[str]:
         "",
     ]
     if compute is None:
-        lines += ["These are CPU results: there is no GPU compute time to overlap with, so only the "
-                  "communication time per step is predicted.", ""]
+        lines += ["No GPU measurement of the 80GB recipe with this model: there is no compute time to overlap "
+                  "with, so only the communication time per step is predicted.", ""]
     else:
-        lines += [f"Compute time per step: {compute:.3f} s, measured at world size "
-                  f"{base['spec']['world_size']} over a fake process group (no communication), "
+        lines += [f"Compute time per step: {compute:.3f} s, the 80GB recipe measured at world size "
+                  f"{measured['spec']['world_size']} over a fake process group (no communication), "
                   f"{frames} frames/GPU.", ""]
     header = ["GPUs", "sharding", "all-gather GB/GPU", "reduce GB/GPU", "comm (s)", "exposed (s)",
               "step (s)", "scaling efficiency", "frames/s (all GPUs)"]
