@@ -13,10 +13,6 @@ from vggt_fsdp import cli
 from vggt_fsdp.commands.parity import run_parity
 from vggt_fsdp.model import (VGGT, VGGTConfig, WeightsMismatchError, build_model, get_preset, init_weights,
                              load_weights, materialize, save_weights)
-from vggt_fsdp.model.config import AggregatorConfig, DPTHeadConfig, PatchEmbedConfig
-from vggt_fsdp.model.layers import Attention, RotaryPositionEmbedding2D, patch_positions
-
-OUTPUT_KEYS = {"pose_enc", "pose_enc_list", "depth", "depth_conf", "world_points", "world_points_conf"}
 
 
 @pytest.fixture(scope="module")
@@ -29,19 +25,6 @@ def _fixture_model(root, config: VGGTConfig, **load_kw) -> VGGT:
     model = VGGT(config)
     load_weights(model, root / "weights.safetensors", **load_kw)
     return model.eval()
-
-
-def _small_config(**aggregator) -> VGGTConfig:
-    """A fast config whose DPT layers leave some aggregator layers unread (1 and 4 of 6)."""
-    agg = dict(img_size=56, embed_dim=32, depth=6, num_heads=2)
-    agg.update(aggregator)
-    return VGGTConfig(
-        patch_embed=PatchEmbedConfig(depth=1, num_heads=2),
-        aggregator=AggregatorConfig(**agg),
-        camera_head=get_preset("vggt-tiny").camera_head,
-        dpt_head=DPTHeadConfig(features=8, out_channels=(8, 8, 16, 16), intermediate_layer_idx=(0, 2, 3, 5)),
-        track_head=get_preset("vggt-tiny").track_head,
-    )
 
 
 # ---------------------------------------------------------------------------------- parity

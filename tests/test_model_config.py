@@ -294,3 +294,12 @@ def test_conv_patch_embed_and_no_rope_variants_run():
     with torch.no_grad():
         out = model(torch.rand(1, 2, 3, 28, 28))
     assert out["depth"].shape == (1, 2, 28, 28, 1) and torch.isfinite(out["depth"]).all()
+
+
+def test_portrait_images_through_all_heads():
+    model = make_model(small_config())
+    with torch.no_grad():
+        out = model(torch.rand(1, 2, 3, 70, 42), query_points=torch.tensor([[[10.0, 60.0], [30.0, 5.0]]]))
+    assert out["depth"].shape == (1, 2, 70, 42, 1) and out["world_points"].shape == (1, 2, 70, 42, 3)
+    assert out["track"].shape == (1, 2, 2, 2) and out["vis"].shape == (1, 2, 2)
+    assert all(torch.isfinite(v).all() for v in out.values() if torch.is_tensor(v))
