@@ -150,7 +150,7 @@ def recipe_to_dict(recipe: Recipe) -> dict:
 
 def dump_recipe(recipe: Recipe) -> str:
     """The resolved recipe as YAML; loading it again gives an equal Recipe."""
-    return yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False, default_flow_style=None)
+    return yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False, default_flow_style=False)
 
 
 # --------------------------------------------------------------------------------------- YAML

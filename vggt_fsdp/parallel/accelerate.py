@@ -98,9 +98,12 @@ def _check_topology(data: dict[str, Any], parallel: ParallelConfig) -> None:
                              f"num_machines={machines})") from None
 
 
-def accelerate_config(recipe: Recipe) -> dict[str, Any]:
-    """The recipe's `accelerate:` section as the Accelerate config file `accelerate launch` reads."""
-    return copy.deepcopy(recipe.accelerate)
+def accelerate_config_yaml(recipe: Recipe) -> str:
+    """The recipe's `accelerate:` section as the text of an Accelerate config file (for
+    `accelerate launch --config_file`); strings such as 'no' stay quoted so YAML reads them back."""
+    import yaml
+
+    return yaml.safe_dump(copy.deepcopy(recipe.accelerate), sort_keys=False)
 
 
 # --------------------------------------------------------------------------------------- the Accelerator

@@ -68,6 +68,12 @@ def set_chunk_checkpointing(model: nn.Module, paths: list[str]) -> None:
         model.get_submodule(path).checkpoint_chunks = True
 
 
+def apply_checkpointing(model: nn.Module, wrap: list[str], chunked: list[str]) -> None:
+    """Wrap the modules at `wrap` and switch on per-chunk recompute in the modules at `chunked`."""
+    wrap_modules(model, wrap)
+    set_chunk_checkpointing(model, chunked)
+
+
 def wrapped_paths(model: nn.Module) -> list[str]:
     """Paths (without wrapper prefixes) of the modules inside a checkpoint wrapper: for tests and show."""
     return [canonical_name(path) for path, module in model.named_modules() if isinstance(module, CheckpointWrapper)]

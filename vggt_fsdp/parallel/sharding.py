@@ -20,7 +20,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 
-from vggt_fsdp.parallel.checkpointing import block_policies, set_chunk_checkpointing, wrap_modules
+from vggt_fsdp.parallel.checkpointing import apply_checkpointing, block_policies
 from vggt_fsdp.parallel.config import ParallelConfig, ShardingConfig
 from vggt_fsdp.parallel.precision import autocast_forward, mp_policy, unit_dtypes
 
@@ -154,8 +154,7 @@ def apply_parallelism(model: nn.Module, cfg: ParallelConfig, mesh: DeviceMesh | 
     `model.to_empty(...)`), on the CPU, or on the mesh's device.
     """
     plan = plan_parallelism(model, cfg)
-    wrap_modules(model, plan.checkpoint_wrapped)
-    set_chunk_checkpointing(model, plan.chunk_checkpointed)
+    apply_checkpointing(model, plan.checkpoint_wrapped, plan.chunk_checkpointed)
     mesh = mesh if mesh is not None else build_mesh(cfg.sharding, default_device_type())
     offload = CPUOffloadPolicy(pin_memory=mesh.device_type == "cuda") if cfg.sharding.cpu_offload else None
     for unit in plan.units:

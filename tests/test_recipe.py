@@ -1,0 +1,183 @@
+"""Recipes: strict typed loading, overrides, the shipped recipes, and the accelerate-config command."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vggt_fsdp.recipe import Recipe, RecipeError, dump_recipe, load_recipe, model_config, recipe_from_dict
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+
+BASE = {
+    "model": {"preset": "vggt-tiny", "heads": {"track": False}},
+    "accelerate": {"distributed_type": "FSDP", "num_processes": 2, "num_machines": 1, "mixed_precision": "bf16",
+                   "use_cpu": True, "fsdp_config": {"fsdp_version": 2}},
+    "data": {"frames_range": [2, 4], "frames_per_gpu": 4, "image_width": 112},
+}
+
+
+def load(overrides=(), base=BASE) -> Recipe:
+    return recipe_from_dict(copy.deepcopy(base), overrides)
+
+
+def test_shipped_recipes_are_found():
+    assert {p.name for p in RECIPES} >= {"a100_40g.yaml", "a100_80g.yaml", "cpu_tiny.yaml"}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_shipped_recipe_loads_and_round_trips(path):
+    recipe = load_recipe(path)
+    again = recipe_from_dict(yaml.safe_load(dump_recipe(recipe)))
+    assert again == recipe
+    assert path.read_text().startswith("# "), "every recipe starts with its comment header"
+
+
+def test_a100_recipes_are_vggt_1b_with_trainable_aggregator_on_8_gpus():
+    for name in ("a100_40g.yaml", "a100_80g.yaml"):
+        recipe = load_recipe(REPO / "recipes" / name)
+        assert recipe.model.preset == "vggt-1b" and not recipe.model.freeze
+        assert (recipe.model.heads.camera, recipe.model.heads.depth, recipe.model.heads.point) == (True, True, True)
+        assert recipe.accelerate["num_processes"] == 8 and recipe.accelerate["num_machines"] == 1
+        assert recipe.parallel.precision.param_dtype == "bf16" and recipe.parallel.precision.reduce_dtype == "fp32"
+        assert recipe.parallel.checkpoint.heads == "chunks"
+
+
+def test_defaults_and_types():
+    recipe = load(["optim.lr=1e-4", "train.max_steps=7", "data.frames_per_gpu=auto"])
+    assert recipe.optim.lr == pytest.approx(1e-4) and isinstance(recipe.optim.lr, float)
+    assert recipe.train.max_steps == 7
+    assert recipe.data.frames_per_gpu == "auto"
+    assert recipe.parallel.checkpoint.policy == "attention"  # a default no file set
+
+
+def test_int_is_accepted_for_a_float_field():
+    assert load(["optim.lr=1"]).optim.lr == 1.0
+
+
+def test_overrides_reach_nested_dicts_and_lists():
+    recipe = load(["parallel.checkpoint.groups.global.policy=block", "parallel.checkpoint.groups.global.n=3",
+                   "data.frames_range=[2, 3]", "accelerate.main_process_port=29555"])
+    assert recipe.parallel.checkpoint.groups["global"].policy == "block"
+    assert recipe.parallel.checkpoint.groups["global"].n == 3
+    assert recipe.data.frames_range == [2, 3]
+    assert recipe.accelerate["main_process_port"] == 29555
+
+
+def test_yaml_1_2_scalars():
+    # `no` is a string (Accelerate's mixed_precision value), 1e-4 is a float.
+    recipe = load(["parallel.precision.param_dtype=fp32", "accelerate.mixed_precision=no", "optim.eps=1e-6"])
+    assert recipe.accelerate["mixed_precision"] == "no"
+    assert recipe.optim.eps == pytest.approx(1e-6)
+
+
+def test_model_config_applies_heads_and_overrides():
+    recipe = load(["model.overrides={aggregator.depth: 2, dpt_head.intermediate_layer_idx: [0, 1, 1, 1]}"])
+    cfg = model_config(recipe.model)
+    assert cfg.aggregator.depth == 2 and cfg.enable_track is False and cfg.enable_depth is True
+
+
+INVALID = [
+    # (kind, overrides, fragments the message must contain)
+    ("misspelt key", ["parallel.checkpoint.polcy=block"],
+     ["parallel.checkpoint.polcy", "did you mean 'policy'", "valid keys"]),
+    ("unknown section", ["trian.max_steps=3"], ["trian", "did you mean 'train'"]),
+    ("wrong type", ["train.max_steps=many"], ["train.max_steps", "expected int", "'many'"]),
+    ("bool for int", ["train.max_steps=true"], ["train.max_steps", "expected int", "bool"]),
+    ("literal choice", ["parallel.checkpoint.policy=atention"],
+     ["parallel.checkpoint.policy", "'atention'", "'every_n'", "did you mean 'attention'"]),
+    ("int or auto", ["data.frames_per_gpu=auot"], ["data.frames_per_gpu", "int or 'auto'", "did you mean 'auto'"]),
+    ("section not a mapping", ["parallel.sharding=full"], ["parallel.sharding", "expected a mapping"]),
+    ("list expected", ["parallel.layout.units=camera_head"], ["parallel.layout.units", "expected a list"]),
+    ("unknown checkpoint group", ["parallel.checkpoint.groups.frames.policy=block"],
+     ["parallel.checkpoint.groups", "'frames'", "dino", "global"]),
+    ("every_n with n < 1", ["parallel.checkpoint.policy=every_n", "parallel.checkpoint.n=0"],
+     ["parallel.checkpoint.n", ">= 1"]),
+    ("hybrid degrees on full sharding", ["parallel.sharding.shard_degree=2"], ["mode: hybrid"]),
+    ("hybrid degree not dividing", ["parallel.sharding.mode=hybrid", "parallel.sharding.shard_degree=3"],
+     ["shard_degree=3", "world size 2"]),
+    ("unknown Accelerate key", ["accelerate.num_procesess=2"],
+     ["accelerate.num_procesess", "did you mean 'num_processes'"]),
+    ("not FSDP", ["accelerate.distributed_type=MULTI_GPU"], ["accelerate.distributed_type", "'FSDP'"]),
+    ("FSDP decided twice", ["accelerate.fsdp_config.fsdp_activation_checkpointing=true"],
+     ["accelerate.fsdp_config.fsdp_activation_checkpointing", "parallel:"]),
+    ("precision disagreement", ["accelerate.mixed_precision=no"],
+     ["accelerate.mixed_precision='no'", "parallel.precision.param_dtype='bf16'"]),
+    ("unknown preset", ["model.preset=vggt-2b"], ["'vggt-2b'", "vggt-tiny"]),
+    ("unknown model override", ["model.overrides={aggregator.dept: 3}"], ["model.overrides.aggregator.dept", "depth"]),
+    ("no head", ["model.heads={camera: false, depth: false, point: false, track: false}"], ["model.heads"]),
+    ("bad override syntax", ["train.max_steps"], ["dotted.key=value"]),
+]
+
+
+@pytest.mark.parametrize("kind,overrides,fragments", INVALID, ids=[row[0] for row in INVALID])
+def test_invalid_recipe_message(kind, overrides, fragments):
+    with pytest.raises(RecipeError) as info:
+        load(overrides)
+    for fragment in fragments:
+        assert fragment in str(info.value), f"{kind}: {fragment!r} not in {info.value}"
+
+
+def test_yaml_errors_name_the_file(tmp_path):
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("train:\n  max_steps: 1\n  max_steps: 2\n")
+    with pytest.raises(RecipeError, match=r"dup\.yaml.*duplicate key 'max_steps'"):
+        load_recipe(dup)
+    with pytest.raises(RecipeError, match="not found"):
+        load_recipe(tmp_path / "missing.yaml")
+
+
+def _cli(capsys, *args: str):
+    from vggt_fsdp.cli import main
+
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_accelerate_config_is_accepted_by_accelerates_loader(tmp_path, capsys):
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType
+
+    out = tmp_path / "accelerate.yaml"
+    code, _, err = _cli(capsys, "accelerate-config", str(REPO / "recipes" / "a100_40g.yaml"),
+                        "accelerate.num_machines=2", "accelerate.num_processes=16", "accelerate.machine_rank=1",
+                        "--output", str(out))
+    assert code == 0, err
+    config = load_config_from_file(str(out))
+    assert config.distributed_type == DistributedType.FSDP
+    assert (config.num_machines, config.num_processes, config.machine_rank) == (2, 16, 1)
+    assert config.mixed_precision == "bf16" and config.fsdp_config == {"fsdp_version": 2}
+
+
+def test_fp32_recipe_keeps_no_as_a_string_in_accelerate_config(tmp_path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from vggt_fsdp.parallel.accelerate import accelerate_config_yaml
+
+    out = tmp_path / "accelerate.yaml"
+    out.write_text(accelerate_config_yaml(load(["parallel.precision.param_dtype=fp32",
+                                                 "accelerate.mixed_precision=no"])))
+    assert load_config_from_file(str(out)).mixed_precision == "no"
+
+
+def test_recipe_show_prints_resolved_recipe_and_plan(capsys):
+    code, out, err = _cli(capsys, "recipe", "show", str(REPO / "recipes" / "cpu_tiny.yaml"),
+                          "parallel.checkpoint.policy=block", "parallel.checkpoint.groups.dino.policy=none")
+    assert code == 0, err
+    resolved, _, plan = out.partition("# parallel plan")
+    assert yaml.safe_load(resolved)["parallel"]["checkpoint"]["policy"] == "block"
+    rows = {line.split()[0]: line.split() for line in plan.splitlines()[2:] if line and not line.startswith("#")}
+    assert rows["aggregator.patch_embed.blocks.0"][-1] == "none"
+    assert rows["aggregator.frame_blocks.0"][-1] == "block"
+    assert rows["depth_head"][4] == "fp32" and rows["<root>"][4] == "bf16"
+
+
+def test_recipe_show_reports_errors_as_one_line(capsys):
+    code, out, err = _cli(capsys, "recipe", "show", str(REPO / "recipes" / "cpu_tiny.yaml"),
+                          "parallel.checkpoint.policy=blok")
+    assert code == 2 and out == ""
+    assert err.startswith("error: ") and "did you mean 'block'" in err
