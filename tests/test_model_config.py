@@ -303,3 +303,26 @@ def test_portrait_images_through_all_heads():
     assert out["depth"].shape == (1, 2, 70, 42, 1) and out["world_points"].shape == (1, 2, 70, 42, 3)
     assert out["track"].shape == (1, 2, 2, 2) and out["vis"].shape == (1, 2, 2)
     assert all(torch.isfinite(v).all() for v in out.values() if torch.is_tensor(v))
+
+
+def test_rope_tables_are_gathered_once_per_positions_tensor():
+    """All blocks of a pass get the same positions object; autograd then saves one set of tables."""
+    rope = RotaryPositionEmbedding2D(100)
+    pos = patch_positions(3, 4, 5, torch.device("cpu"))
+    saved_per_call = []
+    for _ in range(2):
+        x = torch.randn(1, 2, 17, 16, requires_grad=True)
+        ptrs = set()
+
+        def pack(t):
+            ptrs.add(t.untyped_storage().data_ptr())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            rope(x, pos)
+        saved_per_call.append(ptrs)
+    assert len(saved_per_call[0]) == 4  # cos/sin for rows and columns
+    assert saved_per_call[0] == saved_per_call[1]
+    fresh = patch_positions(3, 4, 5, torch.device("cpu"))
+    assert rope._tables(fresh, 8, torch.float32)[0] is not rope._tables(pos, 8, torch.float32)[0]
+    assert torch.equal(rope._tables(fresh, 8, torch.float32)[0], rope._tables(pos, 8, torch.float32)[0])

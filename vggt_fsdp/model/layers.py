@@ -5,6 +5,8 @@ transformer block of the model is a `Block` and every self-attention an `Attenti
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -14,42 +16,44 @@ class RotaryPositionEmbedding2D(nn.Module):
     """2-D RoPE: the first half of the head dim rotates with the row, the second with the column.
 
     Each half uses the rotate-half form with frequencies base^(-2i/d). It has no parameters and no
-    buffers; cos/sin tables are computed in fp32 (then cast to the query dtype) and cached per
-    (length, device, dtype), which matters only for speed, never for results.
+    buffers. cos/sin are computed in fp32, cast to the query dtype, and gathered once per positions
+    tensor: every block of a forward pass receives the same positions object, so all of them share
+    one set of gathered tables. That avoids a host sync per call (the table length needs
+    positions.max()) and, in training, lets autograd save the tables once instead of once per block.
     """
 
     def __init__(self, frequency: float = 100.0):
         super().__init__()
         self.frequency = float(frequency)
-        self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._gathered: dict[tuple, tuple[weakref.ref, tuple[torch.Tensor, ...]]] = {}
 
-    def _cos_sin(self, dim: int, length: int, device: torch.device, dtype: torch.dtype):
-        key = (dim, length, device, dtype)
-        if key not in self._tables:
-            inv_freq = 1.0 / (self.frequency ** (torch.arange(0, dim, 2, device=device).float() / dim))
-            angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv_freq)
-            angles = torch.cat((angles, angles), dim=-1)
-            self._tables[key] = (angles.cos().to(dtype), angles.sin().to(dtype))
-        return self._tables[key]
+    def _tables(self, positions: torch.Tensor, dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """(cos_row, sin_row, cos_col, sin_col), each (B or 1, 1, N, dim), for these positions."""
+        key = (id(positions), dim, dtype)
+        hit = self._gathered.get(key)
+        if hit is not None and hit[0]() is positions:
+            return hit[1]
+        self._gathered = {k: v for k, v in self._gathered.items() if v[0]() is not None}
+        inv_freq = 1.0 / (self.frequency ** (torch.arange(0, dim, 2, device=positions.device).float() / dim))
+        length = int(positions.max()) + 1
+        angles = torch.outer(torch.arange(length, device=positions.device, dtype=torch.float32), inv_freq)
+        angles = torch.cat((angles, angles), dim=-1)
+        cos_t, sin_t = angles.cos().to(dtype), angles.sin().to(dtype)
+        tables = tuple(F.embedding(positions[..., axis], t)[:, None] for axis in (0, 1) for t in (cos_t, sin_t))
+        self._gathered[key] = (weakref.ref(positions), tables)
+        return tables
 
     @staticmethod
     def _rotate_half(x: torch.Tensor) -> torch.Tensor:
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat((-x2, x1), dim=-1)
 
-    def _rotate_1d(self, x: torch.Tensor, positions: torch.Tensor, cos_t, sin_t) -> torch.Tensor:
-        # positions (B or 1, N) -> (B or 1, 1, N, d): broadcasts over heads (and over the batch).
-        cos = F.embedding(positions, cos_t)[:, None]
-        sin = F.embedding(positions, sin_t)[:, None]
-        return x * cos + self._rotate_half(x) * sin
-
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x: (B, heads, N, head_dim); positions: (B or 1, N, 2) integer (row, col)."""
-        half = x.shape[-1] // 2
-        cos_t, sin_t = self._cos_sin(half, int(positions.max()) + 1, x.device, x.dtype)
+        cos_r, sin_r, cos_c, sin_c = self._tables(positions, x.shape[-1] // 2, x.dtype)
         rows, cols = x.chunk(2, dim=-1)
-        rows = self._rotate_1d(rows, positions[..., 0], cos_t, sin_t)
-        cols = self._rotate_1d(cols, positions[..., 1], cos_t, sin_t)
+        rows = rows * cos_r + self._rotate_half(rows) * sin_r
+        cols = cols * cos_c + self._rotate_half(cols) * sin_c
         return torch.cat((rows, cols), dim=-1)
 
 
