@@ -121,6 +121,8 @@ def test_missing_layer_is_a_clear_error():
     tokens[2] = None
     with pytest.raises(ValueError, match="layer 2"):
         head(tokens, torch.rand(1, 1, 3, 28, 28), SPECIAL)
+    with pytest.raises(ValueError, match="only 2 layers"):
+        head(tokens[:2], torch.rand(1, 1, 3, 28, 28), SPECIAL)
 
 
 def test_unknown_activation_fails_at_construction():

@@ -172,6 +172,9 @@ class DPTHead(nn.Module):
         _, num_frames, _, height, width = images.shape
         layers = []
         for idx in self.intermediate_layer_idx:
+            if not -len(aggregated_tokens_list) <= idx < len(aggregated_tokens_list):
+                raise ValueError(f"DPTHead reads aggregator layer {idx}, but only {len(aggregated_tokens_list)} "
+                                 f"layers were given")
             tokens = aggregated_tokens_list[idx]
             if tokens is None:
                 raise ValueError(f"DPTHead reads aggregator layer {idx}, but that layer was not kept (None)")
