@@ -206,7 +206,10 @@ class VGGTConfig:
         pe = dict(raw["patch_embed"])
         pe_type = pe.pop("type", "dinov2")
         pe["type"] = "conv" if "conv" in pe_type else "dinov2"
+        # Top-level keys beyond the five sections ("inputs", the batch shape) are not architecture.
+        heads = {k: bool(raw[k]) for k in ("enable_camera", "enable_depth", "enable_point", "enable_track") if k in raw}
         return cls(
+            **heads,
             patch_embed=_build_section(PatchEmbedConfig, pe, "patch_embed"),
             aggregator=_build_section(AggregatorConfig, raw["aggregator"], "aggregator"),
             camera_head=_build_section(CameraHeadConfig, raw["camera_head"], "camera_head"),
