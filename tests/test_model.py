@@ -119,7 +119,8 @@ def test_load_weights_formats_and_save_roundtrip(fixture, tmp_path):
         model = VGGT(config)
         report = load_weights(model, tmp_path / name)
         assert report.ok and not report.ignored
-        assert all(torch.equal(model.state_dict()[k], v) for k, v in reference.items()), name
+        loaded = model.state_dict()
+        assert all(torch.equal(loaded[k], v) for k, v in reference.items()), name
     with pytest.raises(ValueError, match="suffix"):
         (tmp_path / "x.ckpt").write_bytes(b"")
         load_weights(VGGT(config), tmp_path / "x.ckpt")
@@ -143,7 +144,8 @@ def test_strict_load_lists_missing_unexpected_and_misshapen(fixture, tmp_path):
     assert f"{len(dropped)} missing: {report.missing[0]}, " in message and f"({len(dropped) - 5} more)" in message
     assert "1 unexpected: aggregator.extra_token" in message
     assert "1 wrongly shaped: camera_head.embed_pose.bias: checkpoint (7,) vs model (128,)" in message
-    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items()), "strict failure must not load"
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items()), "strict failure must not load"
     report = load_weights(model, tmp_path / "bad.safetensors", strict=False)
     assert report.unexpected == ["aggregator.extra_token"] and len(report.mismatched) == 1
     assert torch.equal(model.state_dict()["aggregator.frame_blocks.1.mlp.fc1.weight"], sd["aggregator.frame_blocks.1.mlp.fc1.weight"])
