@@ -26,21 +26,24 @@ class CropBox:
 
 
 def draw_crop(rng: np.random.Generator, src_hw: tuple[int, int], out_hw: tuple[int, int],
-              cfg: AugmentConfig | None) -> CropBox:
-    """The largest window of the output's aspect ratio, shrunk to a random area fraction, placed at random.
+              principal_point: tuple[float, float], cfg: AugmentConfig | None) -> CropBox:
+    """A window of the output's aspect ratio centred on the principal point, as upstream crops, so
+    the principal point stays at the image centre that the pose encoding assumes.
 
-    Without augmentation (cfg None or disabled) the window is the largest one, centred.
+    The window is the largest that fits centred; crop-scale augmentation shrinks its area by a random
+    factor in crop_scale_range (a zoom). Without augmentation (cfg None or disabled) it is the largest.
     """
     src_h, src_w = src_hw
+    cx, cy = principal_point
+    half_w_max, half_h_max = min(cx, src_w - cx), min(cy, src_h - cy)
+    if half_w_max <= 0 or half_h_max <= 0:
+        raise ValueError(f"principal point {principal_point} lies outside the {src_w}x{src_h} image")
     aspect = out_hw[0] / out_hw[1]
-    width = min(float(src_w), src_h / aspect)
+    width = min(2 * half_w_max, 2 * half_h_max / aspect)
+    if cfg is not None and cfg.enabled:
+        width *= math.sqrt(rng.uniform(*cfg.crop_scale_range))  # area fraction -> side fraction
     height = width * aspect
-    if cfg is None or not cfg.enabled:
-        return CropBox((src_w - width) / 2, (src_h - height) / 2, width, height)
-    lo, hi = cfg.crop_scale_range
-    side = math.sqrt(rng.uniform(lo, hi))  # area fraction -> side fraction
-    width, height = width * side, height * side
-    return CropBox(rng.uniform(0, src_w - width), rng.uniform(0, src_h - height), width, height)
+    return CropBox(cx - width / 2, cy - height / 2, width, height)
 
 
 def crop_intrinsics(intrinsics: torch.Tensor, box: CropBox, out_hw: tuple[int, int]) -> torch.Tensor:
@@ -60,8 +63,9 @@ def crop_resize(image: torch.Tensor, depth: torch.Tensor, mask: torch.Tensor, bo
                 out_hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Crop and resize one frame: image (3, H, W) bilinear with antialiasing; depth and mask nearest
     (interpolating depth across an occlusion edge would invent surfaces that do not exist)."""
-    x0, y0 = int(round(box.x0)), int(round(box.y0))
-    x1, y1 = int(round(box.x0 + box.width)), int(round(box.y0 + box.height))
+    x0, y0, x1, y1 = int(box.x0), int(box.y0), int(box.x0 + box.width), int(box.y0 + box.height)
+    if box != rounded_box(box):
+        raise ValueError(f"crop_resize needs a whole-pixel box (see rounded_box), got {box}")
     image = image[:, y0:y1, x0:x1][None]
     image = F.interpolate(image, size=out_hw, mode="bilinear", align_corners=False, antialias=True)[0]
     both = torch.stack([depth[y0:y1, x0:x1], mask[y0:y1, x0:x1].to(depth.dtype)])[None]
@@ -70,9 +74,9 @@ def crop_resize(image: torch.Tensor, depth: torch.Tensor, mask: torch.Tensor, bo
 
 
 def rounded_box(box: CropBox) -> CropBox:
-    """The integer window `crop_resize` actually cuts, for computing matching intrinsics."""
+    """The whole-pixel window `crop_resize` actually cuts (at least one pixel), for matching intrinsics."""
     x0, y0 = int(round(box.x0)), int(round(box.y0))
-    x1, y1 = int(round(box.x0 + box.width)), int(round(box.y0 + box.height))
+    x1, y1 = max(x0 + 1, int(round(box.x0 + box.width))), max(y0 + 1, int(round(box.y0 + box.height)))
     return CropBox(x0, y0, x1 - x0, y1 - y0)
 
 

@@ -6,6 +6,7 @@ them as upstream. All randomness comes from the spec's seed, so a sample is repr
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -61,7 +62,8 @@ def assemble_frames(frames: list[RawFrame], image_hw: tuple[int, int], rng: np.r
     compute camera and world points from the resized depth."""
     images, depths, masks, intrinsics = [], [], [], []
     for frame in frames:
-        box = rounded_box(draw_crop(rng, tuple(frame.depth.shape), image_hw, augment))
+        pp = (float(frame.intrinsics[0, 2]), float(frame.intrinsics[1, 2]))
+        box = rounded_box(draw_crop(rng, tuple(frame.depth.shape), image_hw, pp, augment))
         image, depth, mask = crop_resize(frame.image, frame.depth, frame.mask, box, image_hw)
         images.append(photometric(image, rng, augment))
         mask = mask & (depth > 0) & torch.isfinite(depth)
@@ -125,3 +127,40 @@ def build_sample(source: SceneSource, spec: SampleSpec, augment: AugmentConfig |
     scene = normalize_scene(scene)
     scene.setdefault("skipped_frames", torch.tensor(0))
     return scene
+
+
+class FileSceneSource:
+    """Base of the real formats: scenes are lists of frames on disk, read one frame at a time.
+
+    Subclasses fill `self.scene_names` and `self.frame_counts` and implement `read_frame`. A frame
+    that fails to load raises DataError, or with data.skip_bad_frames is replaced by another frame of
+    its scene; the batch's `skipped_frames` counts those, and each one is logged.
+    """
+
+    scene_names: list[str]
+    frame_counts: list[int]
+    skip_bad_frames: bool = False
+
+    def __len__(self) -> int:
+        return len(self.scene_names)
+
+    def read_frame(self, scene: int, frame: int) -> RawFrame:
+        raise NotImplementedError
+
+    def scene(self, spec: SampleSpec, rng: np.random.Generator, augment: AugmentConfig | None) -> dict[str, torch.Tensor]:
+        available = self.frame_counts[spec.index]
+        ids = pick_frames(rng, available, spec.num_frames)
+        loader = FrameLoader(self.skip_bad_frames)
+        frames = loader.load(lambda f: self.read_frame(spec.index, f), ids, available, rng)
+        for error in loader.errors:
+            logging.getLogger(__name__).warning("skipped a bad frame (data.skip_bad_frames): %s", error)
+        out = assemble_frames(frames, spec.image_hw, rng, augment)
+        out["skipped_frames"] = torch.tensor(loader.skipped)
+        return out
+
+
+def split_by_name(names: list[str], split: str, val_fraction: float) -> list[str]:
+    """Hold out scenes whose name hashes below val_fraction: stable under added or removed scenes."""
+    from vggt_fsdp.data.io import stable_fraction
+    held_out = [stable_fraction(n) < val_fraction for n in names]
+    return [n for n, h in zip(names, held_out) if h == (split == "val")]

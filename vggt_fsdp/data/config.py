@@ -58,6 +58,25 @@ class SyntheticConfig:
 
 
 @dataclass
+class Co3dConfig:
+    """source: co3d. Layout as upstream: images under root/<category>/<sequence>/images/, annotations
+    `{category}_{train|test}.jgz` in annotation_dir."""
+
+    annotation_dir: Union[str, None] = None  # None: data.root
+    categories: Union[list[str], None] = None  # None: every category with an annotation file
+    min_frames: int = 24  # sequences with fewer annotated frames are left out, as upstream
+    depth_max_percentile: float = 98.0  # depths above this percentile of a map are dropped, as upstream
+    mask_threshold: int = 128  # depth-mask pixels above this value are valid, as upstream
+
+
+@dataclass
+class VKittiConfig:
+    """source: vkitti (Virtual KITTI 2). Layout as upstream: root/<Scene>/<variation>/frames/rgb/Camera_<k>/."""
+
+    max_depth: float = 80.0  # metres; farther depth (sky) is invalid, as upstream
+
+
+@dataclass
 class DataConfig:
     source: Source = "synthetic"
     root: Union[str, None] = None  # dataset folder; required for every source but synthetic
@@ -71,7 +90,8 @@ class DataConfig:
     patch_size: int = 14  # heights are floor(width * aspect / patch_size) * patch_size
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
-    co3d_categories: Union[list[str], None] = None  # None: every category found under root
+    co3d: Co3dConfig = field(default_factory=Co3dConfig)
+    vkitti: VKittiConfig = field(default_factory=VKittiConfig)
     # A frame whose files are missing or malformed raises by default; with this set it is replaced by
     # another frame of the scene and counted in the loader's `skipped_frames` statistics.
     skip_bad_frames: bool = False
@@ -101,6 +121,11 @@ class DataConfig:
             raise ValueError(f"data.val_fraction={self.val_fraction} must be in [0, 1)")
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers={self.num_workers} must be >= 0")
+        if self.co3d.min_frames < 1 or not 0 < self.co3d.depth_max_percentile <= 100:
+            raise ValueError(f"data.co3d.min_frames={self.co3d.min_frames} must be >= 1 and "
+                             f"data.co3d.depth_max_percentile={self.co3d.depth_max_percentile} in (0, 100]")
+        if self.vkitti.max_depth <= 0:
+            raise ValueError(f"data.vkitti.max_depth={self.vkitti.max_depth} must be > 0")
         self.augment.validate()
         self.synthetic.validate()
 

@@ -322,7 +322,8 @@ class SyntheticSource:
         hw, count = spec.image_hw, spec.num_frames
         extrinsics, intrinsics = draw_cameras(scene, rng, count, hw, self.cfg.fov_range_deg)
         # Crop-scale augmentation without resampling: render the crop directly by zooming the camera.
-        intrinsics = torch.stack([crop_intrinsics(k, draw_crop(rng, hw, hw, augment), hw) for k in intrinsics])
+        centre = (hw[1] / 2, hw[0] / 2)
+        intrinsics = torch.stack([crop_intrinsics(k, draw_crop(rng, hw, hw, centre, augment), hw) for k in intrinsics])
         images, depths, masks = zip(*(render(scene, e, k, hw) for e, k in zip(extrinsics, intrinsics)))
         out = {
             "images": torch.stack([photometric(image, rng, augment) for image in images]),

@@ -1,0 +1,121 @@
+"""Reading dataset files with errors that name the file and what was expected.
+
+Images are identified by content, not extension (as OpenCV does upstream). PNG needs nothing beyond
+numpy (vggt_fsdp.data.png); Pillow, when installed, decodes PNG faster. JPEG needs Pillow: install
+the `real-data` extra (`pip install 'vggt-fsdp[real-data]'`).
+"""
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vggt_fsdp.data.base import DataError
+from vggt_fsdp.data.png import PNGError, decode_png
+
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_PNG_MAGIC = b"\x89PNG"
+
+
+def _pillow():
+    try:
+        from PIL import Image
+    except ImportError:
+        return None
+    return Image
+
+
+def read_bytes(path: Path, what: str) -> bytes:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found; expected {what}") from None
+    except OSError as err:
+        raise DataError(f"{path}: cannot read ({err}); expected {what}") from None
+    if not data:
+        raise DataError(f"{path}: empty file; expected {what}")
+    return data
+
+
+def decode_array(path: Path, what: str) -> np.ndarray:
+    """A PNG or JPEG file as a numpy array (H, W) or (H, W, C), uint8 or uint16."""
+    data = read_bytes(path, what)
+    image_lib = _pillow()
+    if data.startswith(_PNG_MAGIC) and image_lib is None:
+        try:
+            return decode_png(data, str(path))
+        except PNGError as err:
+            raise DataError(f"{err}; expected {what}") from None
+    if not data.startswith((_PNG_MAGIC, _JPEG_MAGIC)):
+        raise DataError(f"{path}: neither PNG nor JPEG content; expected {what}")
+    if image_lib is None:
+        raise DataError(f"{path}: decoding JPEG needs Pillow, which is not installed; "
+                        f"run `pip install 'vggt-fsdp[real-data]'` (expected {what})")
+    import io
+    try:
+        with image_lib.open(io.BytesIO(data)) as img:
+            if img.mode == "P":
+                img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+            array = np.array(img)
+    except Exception as err:  # Pillow raises many types for corrupt files
+        raise DataError(f"{path}: cannot decode ({err}); expected {what}") from None
+    return array.astype(np.uint16) if array.dtype == np.int32 else array  # 16-bit PNGs open as mode "I"
+
+
+def read_rgb(path: Path) -> torch.Tensor:
+    """(3, H, W) float32 in [0, 1]; gray images are repeated to three channels, alpha dropped."""
+    array = decode_array(path, "an RGB image (PNG or JPEG)")
+    if array.dtype != np.uint8:
+        raise DataError(f"{path}: {array.dtype} samples; expected an 8-bit RGB image")
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, -1)
+    elif array.shape[-1] in (2, 4):
+        array = array[..., :-1] if array.shape[-1] == 4 else np.repeat(array[..., :1], 3, -1)
+    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).float() / 255.0
+
+
+def read_uint16(path: Path, what: str) -> np.ndarray:
+    array = decode_array(path, what)
+    if array.dtype != np.uint16 or array.ndim != 2:
+        raise DataError(f"{path}: {array.dtype} image of shape {array.shape}; expected {what}")
+    return array
+
+
+def read_mask(path: Path, threshold: int) -> torch.Tensor:
+    """(H, W) bool: an 8-bit gray PNG's samples above `threshold`."""
+    array = decode_array(path, "an 8-bit grayscale mask PNG")
+    if array.ndim == 3:
+        array = array[..., 0]
+    if array.dtype != np.uint8:
+        raise DataError(f"{path}: {array.dtype} samples; expected an 8-bit grayscale mask PNG")
+    return torch.from_numpy(array > threshold)
+
+
+def read_json(path: Path, what: str, gzipped: bool = False):
+    data = read_bytes(path, what)
+    try:
+        if gzipped:
+            data = gzip.decompress(data)
+        return json.loads(data)
+    except (OSError, EOFError, ValueError) as err:
+        raise DataError(f"{path}: malformed ({err}); expected {what}") from None
+
+
+def as_matrix(value, shape: tuple[int, ...], where: str) -> torch.Tensor:
+    """A nested list as a float32 tensor of exactly `shape`, or a DataError naming `where`."""
+    try:
+        tensor = torch.tensor(value, dtype=torch.float64)
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: {value!r} is not a numeric matrix; expected shape {list(shape)}") from None
+    if tuple(tensor.shape) != shape or not torch.isfinite(tensor).all():
+        raise DataError(f"{where}: got shape {list(tensor.shape)}; expected a finite {list(shape)} matrix")
+    return tensor.float()
+
+
+def stable_fraction(name: str) -> float:
+    """A number in [0, 1) fixed by `name` alone, for holding scenes out of training reproducibly."""
+    import zlib
+    return (zlib.crc32(name.encode()) % 10_000) / 10_000
