@@ -8,12 +8,11 @@ from .aggregator import Aggregator
 from .config import VGGTConfig
 from .heads.camera import CameraHead
 from .heads.dpt import DPTHead
+from .heads.track import TrackHead
 from .init import init_special_parameters
 
 
 def _build_track_head(cfg: VGGTConfig) -> nn.Module:
-    from .heads.track import TrackHead  # imported here: only models with a track head need it
-
     dpt, track = cfg.dpt_head, cfg.track_head
     return TrackHead(
         cfg.token_dim,
