@@ -32,6 +32,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -48,6 +49,7 @@ from benchmarks.flops import count_step_flops, mfu, peak_tflops
 
 GIB = 2**30
 MAX_FRAMES_PER_SCENE = 24  # upstream draws 2..24 frames per scene
+GPUS_PER_NODE = 8
 
 
 @dataclass
@@ -197,8 +199,9 @@ def count_flops(spec: BenchSpec, recipe, device: torch.device) -> dict:
 def fixed_batch(spec: BenchSpec, recipe) -> dict[str, torch.Tensor]:
     """One batch of the recipe's data source at exactly the spec's shape, on the host.
 
-    The recipe's data settings with the frame count, aspect ratio and width pinned to the spec's, no
-    augmentation and no worker processes: its contents are realistic inputs for the losses, its cost
+    The built-in synthetic source (whatever the recipe reads: no dataset needed on the benchmark
+    machine) with the recipe's other data settings, the frame count, aspect ratio and width pinned to
+    the spec's, no augmentation and no worker processes: its contents are realistic inputs for the losses, its cost
     is not measured (benchmarks/bench_data.py measures the loader).
     """
     from vggt_fsdp.data import build_dataloader
@@ -208,7 +211,7 @@ def fixed_batch(spec: BenchSpec, recipe) -> dict[str, torch.Tensor]:
         raise ValueError(f"height {spec.height} is not a multiple of data.patch_size {data.patch_size}")
     aspect = spec.height / spec.width
     cfg = dataclasses.replace(
-        data, frames_range=[spec.frames_per_scene, spec.frames_per_scene], aspect_range=[aspect, aspect],
+        data, source="synthetic", root=None, frames_range=[spec.frames_per_scene, spec.frames_per_scene], aspect_range=[aspect, aspect],
         image_width=spec.width, num_workers=0, augment=dataclasses.replace(data.augment, enabled=False))
     batch = next(iter(build_dataloader(cfg, frames_per_gpu=spec.frames_per_gpu, num_workers=0)))
     got = tuple(batch["images"].shape)
@@ -271,6 +274,7 @@ def volumes_only(spec: BenchSpec) -> dict:
         model = build_model(model_config(recipe.model), "meta")
         freeze(model, recipe.model.freeze)
         result["model"] = {"preset": recipe.model.preset, "params": sum(p.numel() for p in model.parameters())}
+        os.environ.setdefault("LOCAL_WORLD_SIZE", str(min(spec.world_size, GPUS_PER_NODE)))
         with fake_process_group(spec.world_size, "cpu"):
             apply_parallelism(model, recipe.parallel, build_mesh(recipe.parallel.sharding, "cpu"))
             result["comm_units"] = [asdict(v) for v in unit_volumes(model)]
@@ -330,6 +334,9 @@ def run_benchmark(spec: BenchSpec) -> dict:
         result["flops"] = count_flops(spec, recipe, device)
         if spec.gpu_memory_gib is not None:
             result["memory_cap_bytes"] = cap_device_memory(device, spec.gpu_memory_gib)
+        # Hybrid sharding shards over the GPUs of a node, which a launcher announces; the fake group's
+        # "node" is up to GPUS_PER_NODE of its ranks.
+        os.environ.setdefault("LOCAL_WORLD_SIZE", str(min(spec.world_size, GPUS_PER_NODE)))
         with fake_process_group(spec.world_size, device):
             phase = "build"
             workload = build_workload(spec, recipe, device)
@@ -342,6 +349,9 @@ def run_benchmark(spec: BenchSpec) -> dict:
             phase = "steps"
             times = time_steps(workload.step, spec.warmup, spec.steps, device)
             result["memory"] = _memory(device)
+            if "memory_cap_bytes" in result:
+                # The cap binds the caching allocator; a run that reserved more did not emulate the card.
+                result["memory"]["cap_respected"] = result["memory"]["peak_reserved_bytes"] <= result["memory_cap_bytes"]
             if device.type == "cpu":
                 # No device allocator to read: the activations one forward keeps for backward, exactly.
                 phase = "saved-tensor count"
@@ -460,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench_step: {err}", file=sys.stderr)
         return 2
     result = volumes_only(spec) if args.volumes_only else run_benchmark(spec)
-    result["command"] = " ".join([sys.executable, "-m", "benchmarks.bench_step", *(argv or sys.argv[1:])])
+    result["command"] = shlex.join(["python", "-m", "benchmarks.bench_step", *(sys.argv[1:] if argv is None else argv)])
     text = json.dumps(result, indent=1, default=str)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -13,11 +13,12 @@ Configurations, in the order they run (the most important first, so a tight budg
 0. the communication volumes of the 80GB recipe's model at world size 8 (meta device, seconds);
 1. the 40GB recipe at its target shape, capped at 40 GiB of device memory;
 2. the 80GB recipe at its target shape, capped at 80 GiB;
-3. the upstream-style baseline at the same two shapes and caps: no sharding (world size 1, every GPU
-   holds the full fp32 parameters, gradients and AdamW state, as DDP does), every transformer block
-   checkpointed, all 24 aggregator layer outputs kept, the DPT heads' chunks not checkpointed;
-4. the sweep: the 80GB recipe over frames per GPU and checkpoint policies (the memory/throughput
-   frontier), uncapped.
+3. the upstream-style baseline at the same two shapes and caps, and at a smaller frame count under the
+   80 GiB cap (where it does fit): no sharding (world size 1, every GPU holds the full fp32
+   parameters, gradients and AdamW state, as DDP does), every transformer block checkpointed, all 24
+   aggregator layer outputs kept, the DPT heads' chunks not checkpointed;
+4. the sweep: the 80GB recipe over frames per GPU and checkpoint policies of the transformer blocks
+   (the memory/throughput frontier), without a memory cap (the card's own memory).
 The recipes themselves are not edited: a configuration is a recipe plus `key=value` overrides.
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ import argparse
 import datetime
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -72,6 +74,7 @@ class Profile:
     frames_80g: int
     cap_40g: float | None
     cap_80g: float | None
+    baseline_probe_frames: list[int]  # extra baseline runs under the 80GB cap: where upstream's choices fit
     sweep_frames: list[int]
     sweep_policies: list[str]
     overrides: list[str]  # applied to every configuration
@@ -82,10 +85,10 @@ class Profile:
 
 PROFILES = {
     # The targets of issue 7: VGGT-1B, 518 px, world size 8, 24 frames on 40 GB, 48 on 80 GB.
-    "gpu": Profile("gpu", (518, 518), 8, 24, 48, 40.0, 80.0, [16, 32, 64], ["attention", "block"],
-                   [], warmup=1, steps=3, timeout_s=150),
+    "gpu": Profile("gpu", (518, 518), 8, 24, 48, 40.0, 80.0, [8], [16, 64], ["attention", "block"],
+                   [], warmup=1, steps=3, timeout_s=120),
     # The same scripts on the CPU with the tiny model: checks the machinery, measures nothing of a GPU.
-    "cpu": Profile("cpu", (112, 112), 2, 2, 4, None, None, [2, 6], ["none", "block"],
+    "cpu": Profile("cpu", (112, 112), 8, 2, 4, None, None, [1], [2, 8], ["attention", "block"],
                    ["model.preset=vggt-tiny"], warmup=1, steps=2, timeout_s=240),
 }
 
@@ -102,12 +105,14 @@ def plan(profile: Profile, include_baseline: bool = True, include_sweep: bool = 
                list(common), profile.cap_80g),
     ]
     if include_baseline:
-        for frames, cap in ((profile.frames_40g, profile.cap_40g), (profile.frames_80g, profile.cap_80g)):
+        shapes = [(profile.frames_40g, profile.cap_40g), (profile.frames_80g, profile.cap_80g)]
+        shapes += [(frames, profile.cap_80g) for frames in profile.baseline_probe_frames]
+        for frames, cap in shapes:
             configs.append(Config(f"upstream-style baseline @{frames}", "baseline", RECIPE_80G, frames, 1,
                                   [*common, *UPSTREAM_BASELINE], cap))
-    if include_sweep:
-        for policy in profile.sweep_policies:
-            for frames in profile.sweep_frames:
+    if include_sweep:  # by frames, then policy: a budget cut drops the largest shapes, not a policy
+        for frames in profile.sweep_frames:
+            for policy in profile.sweep_policies:
                 configs.append(Config(f"80GB recipe, {policy} @{frames}", "sweep", RECIPE_80G, frames,
                                       profile.world_size,
                                       [*common, f"parallel.checkpoint.policy={policy}",
@@ -115,12 +120,13 @@ def plan(profile: Profile, include_baseline: bool = True, include_sweep: bool = 
     return configs
 
 
-def bench_command(config: Config, profile: Profile, json_path: Path) -> list[str]:
+def bench_command(config: Config, profile: Profile) -> list[str]:
+    """The bench_step command line of one configuration (without the interpreter and --json)."""
     height, width = profile.image
-    cmd = [sys.executable, "-m", "benchmarks.bench_step", config.recipe, *config.overrides,
+    cmd = ["-m", "benchmarks.bench_step", config.recipe, *config.overrides,
            "--frames", str(config.frames), "--image", f"{height}x{width}",
            "--world-size", str(config.world_size), "--warmup", str(profile.warmup),
-           "--steps", str(profile.steps), "--name", config.name, "--json", str(json_path)]
+           "--steps", str(profile.steps), "--name", config.name]
     if config.gpu_memory_gib is not None:
         cmd += ["--gpu-memory", str(config.gpu_memory_gib)]
     if config.role == "volumes":
@@ -135,10 +141,10 @@ def run_config(config: Config, profile: Profile, timeout_s: float) -> dict:
     env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     with tempfile.TemporaryDirectory() as tmp:
         json_path = Path(tmp) / "result.json"
-        cmd = bench_command(config, profile, json_path)
+        args = bench_command(config, profile)
         start = time.monotonic()
         try:
-            proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s)
+            proc = subprocess.run([sys.executable, *args, "--json", str(json_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s)
         except subprocess.TimeoutExpired as err:
             stderr = err.stderr.decode() if isinstance(err.stderr, bytes) else (err.stderr or "")
             result = {"status": "timeout", "error": f"no result within {timeout_s:.0f} s",
@@ -151,7 +157,7 @@ def run_config(config: Config, profile: Profile, timeout_s: float) -> dict:
                           "stderr_tail": proc.stderr[-2000:]}
         result["wall_s"] = time.monotonic() - start
     result["config"] = asdict(config)
-    result["command"] = " ".join(cmd[:1] + cmd[1:-2])  # without the temporary --json path
+    result["command"] = shlex.join(["python", *args])
     return result
 
 
@@ -212,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     configs = plan(profile, include_baseline=not args.no_baseline, include_sweep=not args.no_sweep)
     started = time.monotonic()
     doc = {
-        "command": " ".join(["python", "-m", "benchmarks.compare_recipes", *(sys.argv[1:] if argv is None else argv)]),
+        "command": shlex.join(["python", "-m", "benchmarks.compare_recipes", *(sys.argv[1:] if argv is None else argv)]),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "profile": asdict(profile),
         "results": [],

@@ -49,6 +49,10 @@ def gib(value: float | None) -> str:
     return "-" if value is None else f"{value / GIB:.2f}"
 
 
+def mib(value: float | None) -> str:
+    return "-" if value is None else f"{value / 2**20:.1f}"
+
+
 def num(value: float | None, fmt: str = "{:.2f}") -> str:
     return "-" if value is None else fmt.format(value)
 
@@ -153,7 +157,7 @@ def _cell_status(r: dict) -> str:
 
 
 def results_table(results: list[dict], cpu: bool) -> list[str]:
-    mem_header = ("saved for backward (GiB, CPU)", "host peak RSS (GiB, CPU)") if cpu else (
+    mem_header = ("saved for backward (MiB, CPU)", "host peak RSS (MiB, CPU)") if cpu else (
         "peak allocated (GiB)", "peak reserved (GiB)")
     header = ["configuration", "frames/GPU", "world size", "cap (GiB)", "status", "step (s) median [min-max]",
               "frames/s/GPU", "tokens/s/GPU", "TFLOP/s", "MFU", *mem_header]
@@ -165,7 +169,7 @@ def results_table(results: list[dict], cpu: bool) -> list[str]:
         t, thr, mem = r.get("timing"), r.get("throughput") or {}, r.get("memory") or {}
         step = "-" if not t else f"{t['median']:.3f} [{t['min']:.3f}-{t['max']:.3f}]"
         if cpu:
-            mem_cells = (gib(mem.get("saved_tensor_bytes")), gib(mem.get("host_peak_rss_bytes")))
+            mem_cells = (mib(mem.get("saved_tensor_bytes")), mib(mem.get("host_peak_rss_bytes")))
         else:
             mem_cells = (gib(mem.get("peak_allocated_bytes")), gib(mem.get("peak_reserved_bytes")))
         cells = [cfg.get("name", r.get("name", "?")), str(cfg.get("frames", "-")), str(cfg.get("world_size", "-")),
@@ -250,7 +254,8 @@ def write_charts(doc: dict, out: Path, stem: str, cpu: bool) -> list[str]:
 
     results = doc["results"]
     mem_key = "saved_tensor_bytes" if cpu else "peak_allocated_bytes"
-    mem_label = "saved for backward, GiB (CPU)" if cpu else "peak allocated, GiB"
+    mem_label = "saved for backward, MiB (CPU)" if cpu else "peak allocated, GiB"
+    unit = 2**20 if cpu else GIB
     label = " (CPU, tiny model)" if cpu else ""
     files = []
 
@@ -261,7 +266,7 @@ def write_charts(doc: dict, out: Path, stem: str, cpu: bool) -> list[str]:
         fps = [r["throughput"]["frames_per_s"] if ok(r) else 0.0 for r in main]
         axes[0].barh(names, fps, color=["tab:blue" if ok(r) else "tab:red" for r in main])
         axes[0].set_xlabel("frames/s per GPU" + label)
-        mem = [((r.get("memory") or {}).get(mem_key) or 0) / GIB for r in main]
+        mem = [((r.get("memory") or {}).get(mem_key) or 0) / unit for r in main]
         axes[1].barh(names, mem, color=["tab:green" if ok(r) else "tab:red" for r in main])
         axes[1].set_xlabel(mem_label)
         for ax, values in ((axes[0], fps), (axes[1], mem)):
@@ -280,7 +285,7 @@ def write_charts(doc: dict, out: Path, stem: str, cpu: bool) -> list[str]:
     if rows:
         fig, ax = plt.subplots(figsize=(6.5, 4.5))
         for policy in sorted({row["policy"] for row in rows}):
-            pts = sorted((row["frames"], row["memory"] / GIB) for row in rows if row["policy"] == policy)
+            pts = sorted((row["frames"], row["memory"] / unit) for row in rows if row["policy"] == policy)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"checkpoint: {policy}")
         ax.set_xlabel("frames per GPU")
         ax.set_ylabel(mem_label)
@@ -341,11 +346,11 @@ def render(doc: dict, charts: list[str] | None, charts_note: str) -> str:
         lines += ["## Upstream-style baseline at the same shapes", "", *findings, ""]
     rows = frontier_rows(results, cpu)
     if rows:
-        mem_name = "saved for backward (GiB, CPU)" if cpu else "peak allocated (GiB)"
+        mem_name = "saved for backward (MiB, CPU)" if cpu else "peak allocated (GiB)"
         lines += ["## Memory/throughput frontier (80GB recipe, swept frames and checkpoint policy)", "",
                   f"| checkpoint | frames/GPU | {mem_name} | frames/s/GPU | on the frontier |",
                   "|---|---|---|---|---|"]
-        lines += [f"| {r['policy']} | {r['frames']} | {gib(r['memory'])} | {r['fps']:.2f} | "
+        lines += [f"| {r['policy']} | {r['frames']} | {mib(r['memory']) if cpu else gib(r['memory'])} | {r['fps']:.2f} | "
                   f"{'yes' if r['pareto'] else ''} |" for r in rows]
         lines += [""]
     failed = [r for r in results if r.get("status") not in ("ok", "oom")]

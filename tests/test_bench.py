@@ -146,7 +146,8 @@ def test_plan_orders_recipes_first_and_baseline_uses_upstream_choices():
     roles = [c.role for c in configs]
     assert roles[:3] == ["volumes", "recipe_40g", "recipe_80g"] and roles.index("sweep") > roles.index("baseline")
     base = [c for c in configs if c.role == "baseline"]
-    assert {c.frames for c in base} == {24, 48} and all(c.world_size == 1 for c in base)
+    assert {(c.frames, c.gpu_memory_gib) for c in base} >= {(24, 40.0), (48, 80.0)}
+    assert all(c.world_size == 1 for c in base)
     assert all(set(compare_recipes.UPSTREAM_BASELINE) <= set(c.overrides) for c in base)
     by_role = {c.role: c for c in configs}
     assert (by_role["recipe_40g"].gpu_memory_gib, by_role["recipe_80g"].gpu_memory_gib) == (40.0, 80.0)
@@ -211,3 +212,47 @@ def test_bench_step_cli_writes_json(tmp_path):
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
     assert result["status"] == "ok" and result["comm_units"] and "bench_step" in result["command"]
+
+
+def test_compare_main_writes_results_and_respects_the_budget(tmp_path, monkeypatch):
+    """Orchestration only (each configuration's subprocess is replaced): every planned configuration is
+    recorded, in order; once the budget is spent the rest are 'skipped'; JSON and report are written."""
+    calls = []
+
+    def fake_run(config, profile, timeout_s):
+        calls.append(config.name)
+        result = {"status": "oom", "error": "out of memory", "phase": "steps", "wall_s": 0.0,
+                  "device": {"type": "cpu", "name": "CPU", "torch": torch.__version__, "torch_threads": 1},
+                  "config": compare_recipes.asdict(config), "command": "python -m benchmarks.bench_step"}
+        if config.role == "volumes":
+            result = {"status": "ok", "name": config.name, "model": {"preset": "vggt-1b"},
+                      "config": compare_recipes.asdict(config),
+                      "comm_units": [compare_recipes.asdict(_unit(1000))], "command": "x", "wall_s": 0.0}
+        return result
+
+    monkeypatch.setattr(compare_recipes, "run_config", fake_run)
+    assert compare_recipes.main(["--profile", "cpu", "--out", str(tmp_path), "--no-charts"]) == 0
+    planned = compare_recipes.plan(compare_recipes.PROFILES["cpu"])
+    assert calls == [c.name for c in planned]
+    (json_file,) = tmp_path.glob("*-cpu.json")
+    doc = json.loads(json_file.read_text())
+    assert [r["config"]["name"] for r in doc["results"]] == calls and "compare_recipes" in doc["command"]
+    text = json_file.with_suffix(".md").read_text()
+    assert "**oom**" in text and "out of memory" in text
+
+    calls.clear()
+    out2 = tmp_path / "budget"
+    assert compare_recipes.main(["--profile", "cpu", "--out", str(out2), "--no-charts", "--budget-s", "0"]) == 0
+    doc = json.loads(next(out2.glob("*.json")).read_text())
+    assert calls == [] and {r["status"] for r in doc["results"]} == {"skipped"}
+
+
+def test_charts_are_drawn_when_matplotlib_is_installed(tmp_path):
+    pytest.importorskip("matplotlib")
+    results = [_gpu_result("recipe_40g", 24, 30.0, 9.0), _gpu_result("recipe_80g", 48, 70.0, 10.0),
+               _gpu_result("baseline", 24, 0.0, 0.0, status="oom", ws=1),
+               {**_gpu_result("sweep", 16, 50.0, 12.0), "config": {"role": "sweep", "name": "s", "policy": "block",
+                                                                   "frames": 16, "world_size": 8}}]
+    files = report.write_charts({"results": results}, tmp_path, "gpu", cpu=False)
+    assert files == ["gpu-recipes.png", "gpu-memory-vs-frames.png"]
+    assert all((tmp_path / name).stat().st_size > 1000 for name in files)
