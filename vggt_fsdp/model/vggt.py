@@ -82,23 +82,23 @@ class VGGT(nn.Module):
         tokens_list, patch_start_idx = self.aggregator(images)
         predictions: dict = {}
 
-        # Camera, depth and point heads run in fp32 whatever the surrounding autocast says.
+        # Camera, depth and point heads run in fp32 whatever the surrounding autocast says. They cast
+        # the tokens they read themselves (the DPT heads chunk by chunk), so no fp32 copy of the kept
+        # layers is made here: such a copy would be saved for backward in place of the bf16 tokens.
         with torch.autocast(device_type=images.device.type, enabled=False):
-            fp32_tokens = [_at_least_fp32(t) for t in tokens_list]
             fp32_images = _at_least_fp32(images)
             if self.camera_head is not None:
-                pose_enc_list = self.camera_head(fp32_tokens)
+                pose_enc_list = self.camera_head(tokens_list)
                 predictions["pose_enc"] = pose_enc_list[-1]
                 predictions["pose_enc_list"] = pose_enc_list
             if self.depth_head is not None:
-                depth, depth_conf = self.depth_head(fp32_tokens, images=fp32_images, patch_start_idx=patch_start_idx)
+                depth, depth_conf = self.depth_head(tokens_list, images=fp32_images, patch_start_idx=patch_start_idx)
                 predictions["depth"] = depth
                 predictions["depth_conf"] = depth_conf
             if self.point_head is not None:
-                points, points_conf = self.point_head(fp32_tokens, images=fp32_images, patch_start_idx=patch_start_idx)
+                points, points_conf = self.point_head(tokens_list, images=fp32_images, patch_start_idx=patch_start_idx)
                 predictions["world_points"] = points
                 predictions["world_points_conf"] = points_conf
-            del fp32_tokens
 
         # The track head follows the surrounding precision.
         if self.track_head is not None and query_points is not None:

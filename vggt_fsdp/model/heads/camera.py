@@ -39,7 +39,8 @@ class CameraHead(nn.Module):
         tokens = aggregated_tokens_list[-1]
         if tokens is None:
             raise ValueError("the camera head reads the aggregator's last layer, which was not kept")
-        pose_tokens = self.token_norm(tokens[:, :, 0])  # (B, S, 2C): camera token of every frame
+        # Cast only the camera tokens (B, S, 2C): a copy of the whole layer in fp32 would be wasted memory.
+        pose_tokens = self.token_norm(tokens[:, :, 0].to(self.token_norm.weight.dtype))
         return self._refine(pose_tokens, num_iterations or self.num_iterations)
 
     def _refine(self, pose_tokens: torch.Tensor, num_iterations: int) -> list[torch.Tensor]:
