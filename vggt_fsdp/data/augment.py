@@ -30,8 +30,9 @@ def draw_crop(rng: np.random.Generator, src_hw: tuple[int, int], out_hw: tuple[i
     """A window of the output's aspect ratio centred on the principal point, as upstream crops, so
     the principal point stays at the image centre that the pose encoding assumes.
 
-    The window is the largest that fits centred; crop-scale augmentation shrinks its area by a random
-    factor in crop_scale_range (a zoom). Without augmentation (cfg None or disabled) it is the largest.
+    The window is the largest that fits centred; crop-scale augmentation scales its sides by a random
+    factor from crop_scale_range capped at 1 (a zoom in). Without augmentation (cfg None or disabled)
+    it is the largest.
     """
     src_h, src_w = src_hw
     cx, cy = principal_point
@@ -41,7 +42,7 @@ def draw_crop(rng: np.random.Generator, src_hw: tuple[int, int], out_hw: tuple[i
     aspect = out_hw[0] / out_hw[1]
     width = min(2 * half_w_max, 2 * half_h_max / aspect)
     if cfg is not None and cfg.enabled:
-        width *= math.sqrt(rng.uniform(*cfg.crop_scale_range))  # area fraction -> side fraction
+        width *= min(1.0, rng.uniform(*cfg.crop_scale_range))
     height = width * aspect
     return CropBox(cx - width / 2, cy - height / 2, width, height)
 
@@ -81,6 +82,18 @@ def rounded_box(box: CropBox) -> CropBox:
 
 
 _LUMA = torch.tensor([0.299, 0.587, 0.114])
+
+
+def photometric_frames(images: list[torch.Tensor], rng: np.random.Generator,
+                       cfg: AugmentConfig | None) -> torch.Tensor:
+    """`photometric` on each frame of a scene, stacked; with probability cojitter_prob every frame
+    repeats one draw (the same random numbers), so the scene keeps consistent colours."""
+    if cfg is None or not cfg.enabled:
+        return torch.stack(images)
+    if rng.uniform() < cfg.cojitter_prob:
+        seed = int(rng.integers(2**63))
+        return torch.stack([photometric(image, np.random.default_rng(seed), cfg) for image in images])
+    return torch.stack([photometric(image, rng, cfg) for image in images])
 
 
 def photometric(image: torch.Tensor, rng: np.random.Generator, cfg: AugmentConfig | None) -> torch.Tensor:

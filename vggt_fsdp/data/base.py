@@ -13,7 +13,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from vggt_fsdp.data.augment import crop_intrinsics, crop_resize, draw_crop, photometric, rounded_box
+from vggt_fsdp.data.augment import crop_intrinsics, crop_resize, draw_crop, photometric_frames, rounded_box
 from vggt_fsdp.data.config import AugmentConfig
 from vggt_fsdp.data.normalize import normalize_scene
 from vggt_fsdp.geometry import depth_to_points
@@ -65,13 +65,13 @@ def assemble_frames(frames: list[RawFrame], image_hw: tuple[int, int], rng: np.r
         pp = (float(frame.intrinsics[0, 2]), float(frame.intrinsics[1, 2]))
         box = rounded_box(draw_crop(rng, tuple(frame.depth.shape), image_hw, pp, augment))
         image, depth, mask = crop_resize(frame.image, frame.depth, frame.mask, box, image_hw)
-        images.append(photometric(image, rng, augment))
+        images.append(image)
         mask = mask & (depth > 0) & torch.isfinite(depth)
         depths.append(torch.where(mask, depth, torch.zeros_like(depth)))
         masks.append(mask)
         intrinsics.append(crop_intrinsics(frame.intrinsics, box, image_hw))
     out = {
-        "images": torch.stack(images),
+        "images": photometric_frames(images, rng, augment),
         "depths": torch.stack(depths),
         "point_masks": torch.stack(masks),
         "extrinsics": torch.stack([f.extrinsics for f in frames]).float(),

@@ -22,11 +22,14 @@ class AugmentConfig:
     saturation: float = 0.5
     hue: float = 0.1  # shift drawn from [-h, h] of a full turn
     grayscale_prob: float = 0.05
-    # Fraction of the source image's area a random crop keeps (intrinsics are shifted to match).
-    crop_scale_range: list[float] = field(default_factory=lambda: [0.8, 1.0])
+    # With this probability all frames of a scene share one colour-jitter draw (upstream's "cojitter").
+    cojitter_prob: float = 0.3
+    # Side-length fraction of the largest principal-point-centred window that the crop keeps, drawn
+    # uniformly and capped at 1 (upstream's augs.scales): a random zoom, intrinsics scaled to match.
+    crop_scale_range: list[float] = field(default_factory=lambda: [0.8, 1.2])
 
     def validate(self) -> None:
-        for name in ("color_jitter_prob", "grayscale_prob"):
+        for name in ("color_jitter_prob", "grayscale_prob", "cojitter_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"data.augment.{name}={getattr(self, name)} must be in [0, 1]")
         for name in ("brightness", "contrast", "saturation"):
@@ -34,7 +37,7 @@ class AugmentConfig:
                 raise ValueError(f"data.augment.{name}={getattr(self, name)} must be in [0, 1)")
         if not 0.0 <= self.hue <= 0.5:
             raise ValueError(f"data.augment.hue={self.hue} must be in [0, 0.5]")
-        _check_range("data.augment.crop_scale_range", self.crop_scale_range, 0.05, 1.0)
+        _check_range("data.augment.crop_scale_range", self.crop_scale_range, 0.05, 4.0)
 
 
 @dataclass

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vggt_fsdp.data.augment import crop_intrinsics, draw_crop, photometric
+from vggt_fsdp.data.augment import crop_intrinsics, draw_crop, photometric_frames
 from vggt_fsdp.data.base import SampleSpec
 from vggt_fsdp.data.config import AugmentConfig, DataConfig, SyntheticConfig
 from vggt_fsdp.geometry import (
@@ -55,7 +55,7 @@ def make_scene(seed: int, index: int, cfg: SyntheticConfig) -> Scene:
     rng = np.random.default_rng([seed, index, 0x5CE7E])
     half_x, half_y = rng.uniform(2.5, 5.0), rng.uniform(2.5, 5.0)
     height = rng.uniform(2.6, 4.0)
-    object_radius = 0.45 * min(half_x, half_y)
+    object_radius = 0.35 * min(half_x, half_y)
     n_obj = int(rng.integers(cfg.objects_range[0], cfg.objects_range[1] + 1))
     n_box = int(rng.binomial(n_obj, 0.6))
     boxes = [_draw_box(rng, object_radius) for _ in range(n_box)]
@@ -82,15 +82,21 @@ def make_scene(seed: int, index: int, cfg: SyntheticConfig) -> Scene:
     )
 
 
+# Objects reach at most this far beyond `object_radius` (a box's half diagonal, a sphere's radius), so
+# cameras farther than object_radius + _OBJECT_REACH + a margin are never inside one.
+_OBJECT_HALF_MAX = 0.5
+_OBJECT_REACH = _OBJECT_HALF_MAX * math.sqrt(2)
+
+
 def _draw_box(rng: np.random.Generator, radius: float):
-    half = rng.uniform(0.15, 0.6, 3)
+    half = rng.uniform(0.15, _OBJECT_HALF_MAX, 3)
     r, a = radius * math.sqrt(rng.uniform()), rng.uniform(0, 2 * math.pi)
     centre = [r * math.cos(a), r * math.sin(a), half[2] + (0.0 if rng.uniform() < 0.8 else rng.uniform(0, 1.0))]
     return centre, half, rng.uniform(0, math.pi)
 
 
 def _draw_sphere(rng: np.random.Generator, radius: float):
-    rad = rng.uniform(0.15, 0.6)
+    rad = rng.uniform(0.15, _OBJECT_HALF_MAX)
     r, a = radius * math.sqrt(rng.uniform()), rng.uniform(0, 2 * math.pi)
     return [r * math.cos(a), r * math.sin(a), rad + rng.uniform(0, 1.2)], rad
 
@@ -113,10 +119,10 @@ def draw_cameras(scene: Scene, rng: np.random.Generator, num_frames: int, image_
     """
     lo, hi = scene.room_lo.numpy(), scene.room_hi.numpy()
     wall = min(hi[0], hi[1])
-    radius = rng.uniform(scene.object_radius + 0.7, max(scene.object_radius + 0.8, wall - 0.35))
+    near, far = scene.object_radius + _OBJECT_REACH + 0.25, wall - 0.25
     start, span = rng.uniform(0, 2 * math.pi), rng.uniform(math.radians(20), math.radians(200))
     angles = start + span * np.sort(rng.uniform(0, 1, num_frames))
-    radii = radius + rng.uniform(-0.3, 0.3, num_frames)
+    radii = np.clip(rng.uniform(near, far) + rng.uniform(-0.3, 0.3, num_frames), near, far)
     eye = np.stack([radii * np.cos(angles), radii * np.sin(angles),
                     rng.uniform(0.6, min(2.2, hi[2] - 0.3), num_frames)], -1)
     target = np.concatenate([rng.uniform(-0.6, 0.6, (num_frames, 2)) * scene.object_radius,
@@ -326,7 +332,7 @@ class SyntheticSource:
         intrinsics = torch.stack([crop_intrinsics(k, draw_crop(rng, hw, hw, centre, augment), hw) for k in intrinsics])
         images, depths, masks = zip(*(render(scene, e, k, hw) for e, k in zip(extrinsics, intrinsics)))
         out = {
-            "images": torch.stack([photometric(image, rng, augment) for image in images]),
+            "images": photometric_frames(list(images), rng, augment),
             "depths": torch.stack(depths),
             "point_masks": torch.stack(masks),
             "extrinsics": extrinsics,
