@@ -1,0 +1,692 @@
+"""One GPU's peak memory for a VGGT training step, predicted from shapes before anything is launched.
+
+The plan is a table of terms, each a formula over the model config, the `parallel:` policy, the world
+size, the frames per GPU and the image size (see `formulas.py` for the activation formulas and the
+`Term.formula` strings for the rest). Three kinds of term:
+
+- model state (persistent): FSDP2's sharded fp32 parameters, gradients and AdamW state on rank 0 (the
+  largest shard: dim 0 is split in chunks of ceil(d0 / shard)), or nothing on the device with CPU offload;
+  the unsharded root and, without resharding after forward, every unit's unsharded parameters.
+- activations: what the forward pass leaves saved for backward under the checkpoint policy.
+- backward transients at the peak: recomputed activations of the unit being differentiated, gradient
+  temporaries, the running and prefetched units' unsharded parameters, unsharded gradients and the
+  reduce-scatter buffer.
+
+The peak is the largest of three moments: the end of forward, the first head's backward (all
+activations still alive, plus one chunk's recompute), the first aggregator block's backward. The
+predicted figure is what `torch.cuda.max_memory_allocated` reports; `device_bytes` adds the allocator's
+fragmentation and the memory outside PyTorch's allocator (CUDA context, NCCL) to decide what fits.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+
+from vggt_fsdp.memory import formulas as F
+from vggt_fsdp.model.config import VGGTConfig
+
+GiB = 1024**3
+
+# Allocator and runtime overheads (CUDA): the caching allocator's reserved memory exceeds the allocated
+# peak by fragmentation (small with expandable_segments, which the trainer and upstream set); the CUDA
+# context, cuBLAS/cuDNN handles and NCCL buffers live outside PyTorch's allocator.
+FRAGMENTATION = 1.05
+NON_PYTORCH_BYTES = int(1.25 * GiB)
+
+# Checkpoint options the fitter tries, cheapest recompute first within each head setting.
+BLOCK_POLICIES = ("none", "attention", "every_4", "every_3", "every_2", "block")
+HEAD_POLICIES = ("none", "chunks")
+
+
+# ======================================================================================== results
+@dataclass(frozen=True)
+class Term:
+    name: str
+    category: str  # state | activation | transient | overhead
+    bytes: int
+    formula: str
+    group: str | None = None  # model part, for comparisons with measured saved-tensor groups
+
+
+@dataclass
+class MemoryPlan:
+    """The predicted peak of one GPU and its terms. `peak_bytes` ~ torch.cuda.max_memory_allocated."""
+
+    model: str
+    world_size: int
+    shard_size: int
+    frames_per_gpu: int
+    scenes: int
+    frames_per_scene: int
+    image_hw: tuple[int, int]
+    device_kind: str
+    policy: dict
+    terms: list[Term]
+    peak_phase: str
+    peak_bytes: int
+    device_bytes: int  # peak * fragmentation + memory outside PyTorch's allocator (CUDA only)
+    phases: dict[str, int] = field(default_factory=dict)
+
+    def term(self, name: str) -> Term:
+        for t in self.terms:
+            if t.name == name:
+                return t
+        raise KeyError(f"no term {name!r}; terms: {[t.name for t in self.terms]}")
+
+    def total(self, category: str, group: str | None = None) -> int:
+        return sum(t.bytes for t in self.terms if t.category == category and (group is None or t.group == group))
+
+    def fits(self, device_memory_bytes: int) -> bool:
+        return self.device_bytes <= device_memory_bytes
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["terms"] = [dataclasses.asdict(t) | {"GiB": round(t.bytes / GiB, 3)} for t in self.terms]
+        data["peak_GiB"] = round(self.peak_bytes / GiB, 3)
+        data["device_GiB"] = round(self.device_bytes / GiB, 3)
+        return data
+
+    def table(self) -> str:
+        rows = [("term", "kind", "GiB", "formula")]
+        for t in self.terms:
+            rows.append((t.name, t.category, f"{t.bytes / GiB:.3f}", t.formula))
+        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + "  " + r[3] for r in rows]
+        lines.append("")
+        for phase, value in self.phases.items():
+            mark = "  <- peak" if phase == self.peak_phase else ""
+            lines.append(f"{phase:<28} {value / GiB:8.3f} GiB{mark}")
+        lines.append(f"{'predicted peak allocated':<28} {self.peak_bytes / GiB:8.3f} GiB")
+        if self.device_kind == "cuda":
+            lines.append(f"{'device total (x' + str(FRAGMENTATION) + ' + non-PyTorch)':<28} "
+                         f"{self.device_bytes / GiB:8.3f} GiB")
+        return "\n".join(lines)
+
+
+# ======================================================================================== inputs
+@dataclass(frozen=True)
+class Batch:
+    scenes: int
+    frames: int  # per scene
+    height: int
+    width: int
+    patch: int
+
+    @property
+    def ph(self) -> int:
+        return self.height // self.patch
+
+    @property
+    def pw(self) -> int:
+        return self.width // self.patch
+
+    @property
+    def patches(self) -> int:
+        return self.ph * self.pw
+
+    @property
+    def images(self) -> int:
+        return self.scenes * self.frames
+
+
+def split_frames(frames_per_gpu: int, frames_range: tuple[int, int]) -> tuple[int, int]:
+    """(scenes, frames per scene) of the largest batch the sampler can draw: batch = floor(budget / S)
+    scenes for S in frames_range; the most frames wins, the longest scenes on a tie (longer global
+    attention, larger RoPE tables)."""
+    lo, hi = frames_range
+    if frames_per_gpu < lo:
+        raise ValueError(f"frames_per_gpu={frames_per_gpu} is below the smallest scene ({lo} frames)")
+    best = max(range(lo, min(hi, frames_per_gpu) + 1), key=lambda s: ((frames_per_gpu // s) * s, s))
+    return frames_per_gpu // best, best
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    name: str
+    shape: tuple[int, ...]
+    trainable: bool
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def shard_numel(self, shard: int) -> int:
+        """Rank 0's (padded) shard: FSDP2 splits dim 0 in chunks of ceil(d0 / shard)."""
+        d0 = self.shape[0] if self.shape else 1
+        return math.ceil(d0 / shard) * (self.numel // d0 if d0 else 0)
+
+
+@dataclass(frozen=True)
+class UnitInfo:
+    path: str
+    kind: str
+    group: str | None
+    param_bytes: int  # 2 (bf16) or 4 (fp32): compute dtype of the all-gathered parameters
+    reduce_bytes: int
+    reshard: bool
+    checkpoint: str
+    params: tuple[ParamInfo, ...]
+
+    def unsharded(self) -> int:
+        return sum(p.numel for p in self.params) * self.param_bytes
+
+    def all_gather(self, shard: int) -> int:
+        """The all-gather output buffer; a 1-rank mesh needs none (FSDP2 skips the collective)."""
+        if shard == 1:
+            return 0
+        return sum(p.shard_numel(shard) for p in self.params) * shard * self.param_bytes
+
+    def grad_unsharded(self) -> int:
+        return sum(p.numel for p in self.params if p.trainable) * self.param_bytes
+
+    def reduce_scatter(self, shard: int) -> int:
+        if shard == 1:
+            return 0
+        return sum(p.shard_numel(shard) for p in self.params if p.trainable) * shard * self.reduce_bytes
+
+
+_DTYPE_BYTES = {"bf16": 2, "fp32": 4}
+
+
+_META_MODELS: dict[str, object] = {}
+
+
+def _meta_model(cfg: VGGTConfig):
+    """A meta-device VGGT (shapes only, no memory), cached per config: the fitters plan many times."""
+    from vggt_fsdp.model.vggt import build_model
+
+    key = repr(cfg)
+    if key not in _META_MODELS:
+        _META_MODELS[key] = build_model(cfg, device="meta")
+    return _META_MODELS[key]
+
+
+def unit_layout(model_cfg: VGGTConfig, parallel_cfg, freeze: tuple[str, ...] = ()) -> list[UnitInfo]:
+    """The FSDP units of the sharding plan (`plan_parallelism` on a meta-device model) with the shapes of
+    the parameters each owns (the innermost unit whose path contains the parameter's name)."""
+    from vggt_fsdp.parallel.sharding import plan_parallelism
+
+    model = _meta_model(model_cfg)
+    plan = plan_parallelism(model, parallel_cfg)
+    paths = sorted((u.path for u in plan.units if u.path), key=lambda p: -p.count("."))
+    owned: dict[str, list[ParamInfo]] = {u.path: [] for u in plan.units}
+    for name, param in model.named_parameters():
+        trainable = param.requires_grad and not any(fnmatchcase(name, pat) for pat in freeze)
+        owner = next((p for p in paths if name.startswith(p + ".")), "")
+        owned[owner].append(ParamInfo(name, tuple(param.shape), trainable))
+    return [
+        UnitInfo(u.path, u.kind, u.group, _DTYPE_BYTES[u.param_dtype], _DTYPE_BYTES[u.reduce_dtype],
+                 u.reshard_after_forward, u.checkpoint, tuple(owned[u.path]))
+        for u in plan.units
+    ]
+
+
+def shard_size(parallel_cfg, world_size: int, gpus_per_node: int) -> int:
+    """Ranks a parameter is sharded over: all of them (full), or one node's (hybrid, shard_degree auto)."""
+    sharding = parallel_cfg.sharding
+    if sharding.mode == "full":
+        return world_size
+    if sharding.shard_degree != "auto":
+        return int(sharding.shard_degree)
+    if sharding.replicate_degree != "auto":
+        return world_size // int(sharding.replicate_degree)
+    return min(world_size, gpus_per_node)
+
+
+# ======================================================================================== the plan
+def plan(
+    model_cfg: VGGTConfig,
+    parallel_cfg,
+    world_size: int,
+    frames_per_gpu: int,
+    image_hw: tuple[int, int],
+    device_kind: F.DeviceKind = "cuda",
+    *,
+    frames_range: tuple[int, int] | None = None,
+    freeze: tuple[str, ...] = (),
+    gpus_per_node: int = 8,
+) -> MemoryPlan:
+    """Predict one GPU's peak for a training step (forward, backward, AdamW step).
+
+    `frames_range` (the recipe's data.frames_range) decides how the frames split into scenes; None: one
+    scene of `frames_per_gpu` frames. The model's track head, if enabled, is not modelled (raises).
+    """
+    if model_cfg.enable_track:
+        raise ValueError("the memory planner does not model the track head; plan with model.heads.track false")
+    if device_kind not in ("cpu", "cuda"):
+        raise ValueError(f"device_kind={device_kind!r}; valid choices: cpu, cuda")
+    if world_size < 1 or frames_per_gpu < 1:
+        raise ValueError(f"world_size={world_size} and frames_per_gpu={frames_per_gpu} must be >= 1")
+    height, width = image_hw
+    patch = model_cfg.aggregator.patch_size
+    if height % patch or width % patch:
+        raise ValueError(f"image {height}x{width} is not a multiple of the patch size {patch}")
+    scenes, frames = split_frames(frames_per_gpu, frames_range or (frames_per_gpu, frames_per_gpu))
+    batch = Batch(scenes, frames, height, width, patch)
+    kernels = F.Kernels(device_kind)
+    units = unit_layout(model_cfg, parallel_cfg, tuple(freeze))
+    shard = shard_size(parallel_cfg, world_size, gpus_per_node)
+
+    states = _state_terms(units, shard, parallel_cfg.sharding.cpu_offload, device_kind)
+    acts, work = _activation_terms(model_cfg, units, batch, kernels, freeze)
+    params_live = _unsharded_terms(units, shard, fused_adamw=device_kind == "cuda")
+    terms = states + acts + params_live + work
+    phases = _phases(terms, units, shard)
+    peak_phase = max(phases, key=phases.get)
+    peak = phases[peak_phase]
+    device = int(peak * FRAGMENTATION) + NON_PYTORCH_BYTES if device_kind == "cuda" else peak
+    policy = {
+        "blocks": {u.group or u.path: u.checkpoint for u in units if u.kind == "block"},
+        "heads": parallel_cfg.checkpoint.heads,
+    }
+    return MemoryPlan(
+        model=_model_name(model_cfg), world_size=world_size, shard_size=shard, frames_per_gpu=frames_per_gpu,
+        scenes=scenes, frames_per_scene=frames, image_hw=(height, width), device_kind=device_kind,
+        policy=policy, terms=terms, peak_phase=peak_phase, peak_bytes=peak, device_bytes=device, phases=phases,
+    )
+
+
+def _model_name(cfg: VGGTConfig) -> str:
+    a = cfg.aggregator
+    return f"VGGT(embed {a.embed_dim}, depth {a.depth}, patch-embed depth {cfg.patch_embed.depth})"
+
+
+# ---------------------------------------------------------------------------------------- model state
+def _state_terms(units: list[UnitInfo], shard: int, offload: bool, device_kind: str) -> list[Term]:
+    params = [p for u in units for p in u.params]
+    trainable = [p for p in params if p.trainable]
+    sharded = sum(p.shard_numel(shard) for p in params) * 4
+    grads = sum(p.shard_numel(shard) for p in trainable) * 4
+    where = " (in host memory: 0 on the device)" if offload else ""
+    scale = 0 if offload else 1
+    # AdamW: exp_avg and exp_avg_sq like each sharded parameter, and a 4-byte step per tensor.
+    opt = 2 * grads + 4 * len(trainable)
+    return [
+        Term("sharded parameters (fp32)", "state", scale * sharded,
+             f"sum_p ceil(d0/{shard}) * numel/d0 * 4 B over {len(params)} tensors{where}"),
+        Term("sharded gradients (fp32)", "grads", scale * grads,
+             f"same over {len(trainable)} trainable tensors{where}"),
+        Term("AdamW state (fp32 exp_avg, exp_avg_sq, step)", "state", scale * opt,
+             f"2 x sharded gradients + 4 B x {len(trainable)} steps{where}"),
+    ]
+
+
+def _unsharded_terms(units: list[UnitInfo], shard: int, fused_adamw: bool) -> list[Term]:
+    root = next(u for u in units if u.kind == "root")
+    kept = [u for u in units if u.kind != "root" and not u.reshard]
+    biggest = max((u for u in units if u.kind != "root"), key=lambda u: u.unsharded())
+    trainable = sum(p.shard_numel(shard) for u in units for p in u.params if p.trainable) * 4
+    terms = [
+        Term("unsharded root parameters", "state", root.unsharded(),
+             "root unit numel x param dtype (kept from forward to backward)"),
+    ]
+    if kept:
+        terms.append(Term("unsharded parameters kept after forward", "state",
+                          sum(u.unsharded() for u in kept),
+                          f"{len(kept)} units with reshard_after_forward false: numel x param dtype"))
+    terms.append(Term("running unit + prefetch all-gather", "transient",
+                      biggest.unsharded() + biggest.all_gather(shard),
+                      f"largest unit {biggest.path or '<root>'}: unsharded params + the next unit's all-gather "
+                      f"output ({shard} x padded shard x dtype)"))
+    terms.append(Term("unsharded grads + reduce-scatter buffer", "transient",
+                      biggest.grad_unsharded() + biggest.reduce_scatter(shard),
+                      f"largest unit: trainable numel x param dtype + {shard} x padded shard x reduce dtype"))
+    terms.append(Term("optimizer step temporaries", "transient", 0 if fused_adamw else trainable,
+                      "fused AdamW: none; foreach AdamW: one fp32 list like the sharded gradients"))
+    return terms
+
+
+# ---------------------------------------------------------------------------------------- activations
+def _grad_flow(model_cfg: VGGTConfig, units: list[UnitInfo]) -> dict[str, bool]:
+    """Whether each stage of the forward pass saves activations: it does once anything trainable comes
+    before it or in it (frozen leading stages with frozen inputs save nothing)."""
+    trainable = [p.name for u in units for p in u.params if p.trainable]
+
+    def any_in(prefixes: tuple[str, ...]) -> bool:
+        return any(n.startswith(prefixes) for n in trainable)
+
+    dino_stem = any_in(("aggregator.patch_embed.patch_embed.", "aggregator.patch_embed.cls_token",
+                        "aggregator.patch_embed.pos_embed", "aggregator.patch_embed.register_tokens"))
+    flow: dict[str, bool] = {"stem": dino_stem}
+    on = dino_stem
+    for i in range(model_cfg.patch_embed.depth):
+        on = on or any_in((f"aggregator.patch_embed.blocks.{i}.",))
+        flow[f"dino.{i}"] = on
+    on = on or any_in(("aggregator.patch_embed.norm.", "aggregator.camera_token", "aggregator.register_token"))
+    flow["dino_norm"] = on
+    agg = model_cfg.aggregator
+    layer = 0
+    for _ in range(agg.depth // agg.aa_block_size):
+        for kind in agg.aa_order:
+            for i in range(layer, layer + agg.aa_block_size):
+                on = on or any_in((f"aggregator.{kind}_blocks.{i}.",))
+                flow[f"{kind}.{i}"] = on
+        layer += agg.aa_block_size
+    flow["aggregator"] = on
+    for head in ("camera_head", "depth_head", "point_head"):
+        flow[head] = on or any_in((head + ".",))
+    return flow
+
+
+def _block_policies(units: list[UnitInfo]) -> dict[str, str]:
+    return {u.path: u.checkpoint for u in units if u.kind == "block"}
+
+
+def _activation_terms(model_cfg: VGGTConfig, units, b: Batch, k: F.Kernels, freeze) -> tuple[list[Term], list[Term]]:
+    """Saved activations (category activation) and the backward transients of activations."""
+    agg, pe = model_cfg.aggregator, model_cfg.patch_embed
+    C, D = agg.embed_dim, model_cfg.token_dim
+    policies = _block_policies(units)
+    dtype = {u.path: u.param_bytes for u in units}
+    flow = _grad_flow(model_cfg, units)
+    terms: list[Term] = []
+    work: list[tuple[str, int, str]] = []  # (name, bytes, formula) of backward transients
+    tokens = b.patches + 1 + agg.num_register_tokens  # per frame in the aggregator: camera, registers, patches
+    e_root = dtype[""]
+
+    # -- patch embed (root unit): conv input and the DINO blocks.
+    if pe.type != "dinov2":
+        raise ValueError("the planner models the DINOv2 patch embed (patch_embed.type 'dinov2')")
+    stem = b.images * 3 * b.height * b.width * e_root if flow["stem"] else 0
+    terms.append(Term("patch-embed conv input", "activation", stem,
+                      f"images x 3 x H x W x {e_root} B (normalised images, saved for the conv's weight grad)",
+                      group="other"))
+    dino_seq = 1 + pe.num_register_tokens + b.patches
+    dino_terms = _blocks_term(
+        "DINO blocks", "dino", [f"aggregator.patch_embed.blocks.{i}" for i in range(pe.depth)],
+        [flow[f"dino.{i}"] for i in range(pe.depth)], policies, dtype, k,
+        lambda e: F.BlockShape(b.images, dino_seq, C, pe.num_heads, e, False, 0, bool(pe.init_values)),
+        f"T = images x (1 + {pe.num_register_tokens} + P)")
+    terms.append(dino_terms[0])
+    work.append(dino_terms[1])
+    dino_last = F.BlockShape(b.images, dino_seq, C, pe.num_heads, e_root, False, 0, True)
+    terms.append(Term("DINO final norm input", "activation",
+                      (dino_last.unit + 2 * dino_last.tokens * k.ln_stats(e_root)) if flow["dino_norm"] else 0,
+                      "T x C x e + LayerNorm mean/rstd (the last DINO block's output)", group="other"))
+
+    # -- aggregator blocks.
+    rope = agg.rope_freq > 0
+    frame_terms = _blocks_term(
+        "frame blocks", "frame", [f"aggregator.frame_blocks.{i}" for i in range(agg.depth)],
+        [flow[f"frame.{i}"] for i in range(agg.depth)], policies, dtype, k,
+        lambda e: F.BlockShape(b.images, tokens, C, agg.num_heads, e, agg.qk_norm, tokens if rope else 0,
+                               bool(agg.init_values)),
+        "T = scenes x frames x (P + 5), RoPE over P + 5")
+    global_terms = _blocks_term(
+        "global blocks", "global", [f"aggregator.global_blocks.{i}" for i in range(agg.depth)],
+        [flow[f"global.{i}"] for i in range(agg.depth)], policies, dtype, k,
+        lambda e: F.BlockShape(b.scenes, b.frames * tokens, C, agg.num_heads, e, agg.qk_norm,
+                               b.frames * tokens if rope else 0, bool(agg.init_values)),
+        "T = scenes x frames x (P + 5), RoPE over frames x (P + 5)")
+    terms += [frame_terms[0], global_terms[0]]
+    work += [frame_terms[1], global_terms[1]]
+
+    terms_h, work_h = _head_terms(model_cfg, units, b, k, policies, flow, tokens)
+    terms += terms_h
+    work += work_h
+    work_terms = [Term(n, "transient", v, f) for n, v, f in work]
+    return terms, work_terms
+
+
+def _head_input_mode(units: list[UnitInfo]) -> str:
+    """How the fp32 heads receive the aggregator's kept layers (the tokens list):
+
+    shared:   tokens are already in the heads' dtype (an fp32 aggregator): every head reads the same tensors.
+    per_head: FSDP2 casts each fp32 head unit's floating inputs (MixedPrecisionPolicy.cast_forward_inputs,
+              as `parallel.precision.mp_policy` builds it): each head gets its own fp32 copy of every layer.
+    chunk:    tokens arrive in bf16 and the heads cast what they read (DPT: each chunk; camera: its tokens).
+    """
+    from vggt_fsdp.parallel.precision import mp_policy
+
+    heads = [u for u in units if u.path in ("camera_head", "depth_head", "point_head")]
+    token_bytes = next(u.param_bytes for u in units if u.path.startswith("aggregator.global_blocks."))
+    if not heads or all(u.param_bytes == token_bytes for u in heads):
+        return "shared"
+    casts = all(mp_policy("fp32" if u.param_bytes == 4 else "bf16", "fp32").cast_forward_inputs for u in heads)
+    return "per_head" if casts else "chunk"
+
+
+def _head_terms(model_cfg: VGGTConfig, units, b: Batch, k: F.Kernels, policies, flow, tokens: int):
+    agg, dpt = model_cfg.aggregator, model_cfg.dpt_head
+    D = model_cfg.token_dim
+    token_bytes = next(u.param_bytes for u in units if u.path.startswith("aggregator.global_blocks."))
+    mode = _head_input_mode(units)
+    dpt_heads = [h for h in ("depth_head", "point_head") if getattr(model_cfg, f"enable_{h.split('_')[0]}")]
+    chunk = dpt.frames_chunk_size or b.frames
+    chunks = [min(chunk, b.frames - s) for s in range(0, b.frames, chunk)]
+    # A chunk's token slice (B, s, P, 2C) reshaped to (B s, P, 2C) is a view only for one scene or one
+    # chunk; the DPT norm then saves a view of the whole layer, else its own per-chunk copy. Heads that
+    # cast per chunk always save their fp32 copy.
+    view = b.scenes == 1 or len(chunks) == 1
+    token_copy = mode == "chunk" or not view
+    dpt_layers = sorted({i % agg.depth for i in dpt.intermediate_layer_idx}) if dpt_heads else []
+    ckpt = {h: next(u.checkpoint for u in units if u.path == h) == "chunks" for h in dpt_heads}
+    layer_elems = b.images * tokens * D
+    terms: list[Term] = []
+    work: list[tuple[str, int, str]] = []
+
+    # -- kept layers: which whole layers stay saved, in which dtype, how many copies.
+    whole: dict[tuple[str, int], int] = {}  # (copy owner, layer) -> element bytes
+    owner = lambda head: "shared" if mode == "shared" else head  # noqa: E731
+    if model_cfg.enable_camera and flow["camera_head"] and mode != "chunk":
+        whole[(owner("camera_head"), agg.depth - 1)] = 4
+    for head in dpt_heads:
+        if not flow[head]:
+            continue
+        if ckpt[head]:  # the checkpoint saves its chunk inputs: views of the layers as the head received them
+            for layer in dpt_layers:
+                whole[("bf16" if mode == "chunk" else owner(head), layer)] = token_bytes if mode == "chunk" else 4
+        elif not token_copy:
+            for layer in dpt_layers:
+                whole[(owner(head), layer)] = 4
+    kept = sum(whole.values()) * layer_elems
+    copies = {o for o, _ in whole}
+    terms.append(Term("kept layer outputs (as the heads hold them)", "activation", kept,
+                      f"{len(whole)} whole layers x scenes x frames x (P + 5) x 2C x dtype; head inputs: {mode}"
+                      + (f" ({len(copies)} copies)" if mode == "per_head" else ""), group="kept"))
+
+    # -- camera head.
+    if model_cfg.enable_camera:
+        cam = model_cfg.camera_head
+        trunk = {policies[f"camera_head.trunk.{i}"] for i in range(cam.trunk_depth)}
+        if len(trunk) != 1:
+            raise ValueError(f"camera trunk blocks with mixed checkpoint policies {sorted(trunk)} are not modelled")
+        shape = F.CameraShape(b.scenes, b.frames, D, cam.num_heads, cam.trunk_depth, cam.num_iterations, 9)
+        own_copy = b.images * D * 4 if mode == "chunk" else 0  # its fp32 camera tokens
+        terms.append(Term("camera head", "activation",
+                          F.camera_head_saved(shape, k, trunk.pop()) + own_copy if flow["camera_head"] else 0,
+                          "formulas.camera_head_saved: M = scenes x frames tokens of 2C, fp32, "
+                          f"{cam.num_iterations} iterations x {cam.trunk_depth} trunk blocks", group="camera"))
+
+    # -- DPT heads: every chunk's activations, or (checkpointed) nothing beyond the kept chunk inputs.
+    for head in dpt_heads:
+        output_dim, act = (2, dpt.depth_activation) if head == "depth_head" else (4, dpt.point_activation)
+
+        def shape(frames_in_chunk: int) -> F.DPTShape:
+            return F.DPTShape(b.scenes * frames_in_chunk, b.ph, b.pw, model_cfg.aggregator.patch_size, D,
+                              tuple(dpt.out_channels), dpt.features, output_dim, act, dpt.pos_embed, token_copy)
+
+        saved = 0 if ckpt[head] or not flow[head] else sum(F.dpt_chunk_saved(shape(c)) for c in chunks)
+        name = head.replace("_", " ")
+        terms.append(Term(name, "activation", saved,
+                          "chunks checkpointed: only the chunk inputs (kept layers)" if ckpt[head] else
+                          f"sum over {len(chunks)} chunks of formulas.dpt_chunk_saved (fp32, full resolution)",
+                          group=head.split("_")[0]))
+        recompute = F.dpt_chunk_saved(shape(max(chunks))) if ckpt[head] else 0
+        work.append((f"{name} backward (recompute + grads of one chunk)",
+                     recompute + F.dpt_chunk_backward_work(shape(max(chunks))),
+                     ("dpt_chunk_saved + " if ckpt[head] else "") + "dpt_chunk_backward_work of the largest chunk"))
+    if dpt_heads:
+        # The gradient of each layer a head read accumulates over all its chunks (fp32 where the head got an
+        # fp32 tensor) and, cast back, in the aggregator's dtype until the aggregator's backward reaches it.
+        head_grad = 4 if mode != "chunk" else token_bytes
+        extra = token_bytes if mode == "per_head" else 0
+        work.append(("gradients of the kept layers", len(dpt_layers) * layer_elems * (head_grad + extra),
+                     f"{len(dpt_layers)} layers x scenes x frames x (P + 5) x 2C x ({head_grad} + {extra}) B"))
+    return terms, work
+
+
+def _blocks_term(title, group, paths, flows, policies, dtype, k, make_shape, shape_note):
+    """The saved bytes of a group of blocks, and the backward transient of its costliest block."""
+    saved = 0
+    worst = 0
+    counts: dict[str, int] = {}
+    tables = 0
+    for path, on in zip(paths, flows):
+        policy = policies[path]
+        counts[policy] = counts.get(policy, 0) + 1
+        shape = make_shape(dtype[path])
+        if on:
+            saved += F.block_saved(shape, k, policy)
+            if policy == "none":
+                tables = F.rope_tables_saved(shape)
+        worst = max(worst, F.block_recompute(shape, k, policy) + F.block_backward_work(shape))
+    mix = ", ".join(f"{n} x {p}" for p, n in counts.items())
+    term = Term(f"{title} ({mix})", "activation", saved + tables,
+                f"sum of formulas.block_saved per block (+ rope_tables_saved once); {shape_note}", group=group)
+    return term, (f"{title}: recompute + grads of one block", worst,
+                  "formulas.block_recompute + block_backward_work")
+
+
+# ---------------------------------------------------------------------------------------- the peak
+def _phases(terms: list[Term], units: list[UnitInfo], shard: int) -> dict[str, int]:
+    """Bytes live at the candidate peaks. Gradients are None until backward (zero_grad(set_to_none))."""
+    by = {t.name: t.bytes for t in terms}
+    state = sum(t.bytes for t in terms if t.category == "state")
+    grads = sum(t.bytes for t in terms if t.category == "grads")
+    acts = sum(t.bytes for t in terms if t.category == "activation")
+    head_acts = sum(t.bytes for t in terms if t.category == "activation" and t.group in ("depth", "point", "camera"))
+    unit = by["running unit + prefetch all-gather"]
+    unit_grads = by["unsharded grads + reduce-scatter buffer"]
+    head_work = max((t.bytes for t in terms if t.name.endswith("(recompute + grads of one chunk)")), default=0)
+    kept_grads = by.get("gradients of the kept layers", 0)
+    block_work = max((t.bytes for t in terms if t.name.endswith("recompute + grads of one block")), default=0)
+    kept = by.get("kept layer outputs (as the heads hold them)", 0)
+    head_grads = sum(p.shard_numel(shard) * 4 for u in units if u.kind == "module" for p in u.params if p.trainable)
+    return {
+        "end of forward": state + acts + unit,
+        "first head backward": state + acts + unit + head_work + kept_grads,
+        # The heads' activations and fp32 kept copies are freed; the kept layers' bf16 gradients remain.
+        "first block backward": state + head_grads + acts - head_acts - kept + kept_grads // 2 + unit + unit_grads
+        + block_work,
+        "optimizer step": state + grads + by["optimizer step temporaries"],
+    }
+
+
+# ======================================================================================== fitting
+def max_frames_that_fit(model_cfg, parallel_cfg, world_size, image_hw, device_memory_bytes, device_kind="cuda",
+                        *, frames_range=None, freeze=(), limit: int = 512) -> int:
+    """The largest frames per GPU whose plan fits `device_memory_bytes` (0 if not even one frame).
+    Memory grows with frames, so a bisection over [1, limit] is exact."""
+    def fits(frames: int) -> bool:
+        lo = min(frames_range[0], frames) if frames_range else frames
+        rng = (lo, min(frames_range[1], frames)) if frames_range else None
+        return plan(model_cfg, parallel_cfg, world_size, frames, image_hw, device_kind,
+                    frames_range=rng, freeze=freeze).fits(device_memory_bytes)
+
+    if not fits(1):
+        return 0
+    lo, hi = 1, limit
+    if fits(hi):
+        return hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def policy_candidates(parallel_cfg) -> list:
+    """Checkpoint settings in order of increasing recompute: block policy for every block group (none,
+    attention, every 4th/3rd/2nd block, every block) with DPT chunk recompute off, then the same with it
+    on. The camera trunk keeps the recipe's own setting (one token per frame: nothing to gain)."""
+    from vggt_fsdp.parallel.config import GroupCheckpoint
+
+    out = []
+    for heads in HEAD_POLICIES:
+        for name in BLOCK_POLICIES:
+            cfg = dataclasses.replace(parallel_cfg, checkpoint=dataclasses.replace(parallel_cfg.checkpoint))
+            policy, n = (("every_n", int(name.split("_")[1])) if name.startswith("every_") else (name, cfg.checkpoint.n))
+            groups = {g: GroupCheckpoint(policy=policy, n=n) for g in ("dino", "frame", "global")}
+            if "camera_trunk" in parallel_cfg.checkpoint.groups:
+                groups["camera_trunk"] = parallel_cfg.checkpoint.groups["camera_trunk"]
+            cfg.checkpoint.policy = policy
+            cfg.checkpoint.n = n
+            cfg.checkpoint.groups = groups
+            cfg.checkpoint.heads = heads
+            out.append((f"blocks {name}, heads {heads}", cfg))
+    return out
+
+
+def recompute_rank(label: str) -> tuple[int, int]:
+    """Recompute order of a candidate: first without DPT chunk recompute, then with it (a second forward
+    of both heads at full resolution, the costliest recompute), each from no block recompute to all."""
+    block, heads = label.replace("blocks ", "").split(", heads ")
+    return HEAD_POLICIES.index(heads), BLOCK_POLICIES.index(block)
+
+
+def cheapest_policy_that_fits(model_cfg, parallel_cfg, world_size, frames_per_gpu, image_hw, device_memory_bytes,
+                              device_kind="cuda", *, frames_range=None, freeze=()):
+    """(label, ParallelConfig, MemoryPlan) of the least-recompute candidate that fits, or None."""
+    for label, cfg in sorted(policy_candidates(parallel_cfg), key=lambda c: recompute_rank(c[0])):
+        p = plan(model_cfg, cfg, world_size, frames_per_gpu, image_hw, device_kind,
+                 frames_range=frames_range, freeze=freeze)
+        if p.fits(device_memory_bytes):
+            return label, cfg, p
+    return None
+
+
+# ======================================================================================== recipes
+@dataclass(frozen=True)
+class RecipeShape:
+    model_cfg: VGGTConfig
+    world_size: int
+    image_hw: tuple[int, int]
+    frames_range: tuple[int, int]
+    freeze: tuple[str, ...]
+
+
+def recipe_shape(recipe, gpus: int | None = None, image_hw: tuple[int, int] | None = None) -> RecipeShape:
+    """What a recipe implies for planning: its model config, the world size (accelerate num_processes,
+    or `gpus`), the largest image the data section produces (width x the tallest aspect ratio, rounded
+    down to patches) and the scene sizes."""
+    from vggt_fsdp.recipe import model_config
+
+    data = recipe.data
+    if image_hw is None:
+        height = int(data.image_width * data.aspect_range[1] / data.patch_size) * data.patch_size
+        image_hw = (height, data.image_width)
+    world = gpus if gpus is not None else int(recipe.accelerate.get("num_processes", 1))
+    return RecipeShape(model_config(recipe.model), world, image_hw, tuple(data.frames_range),
+                       tuple(recipe.model.freeze))
+
+
+def plan_recipe(recipe, *, gpus=None, frames=None, image_hw=None, device_kind="cuda") -> MemoryPlan:
+    shape = recipe_shape(recipe, gpus, image_hw)
+    frames = frames if frames is not None else recipe.data.frames_per_gpu
+    if frames == "auto":
+        raise ValueError("data.frames_per_gpu is 'auto': give --frames, or use resolve_frames_per_gpu")
+    return plan(shape.model_cfg, recipe.parallel, shape.world_size, frames, shape.image_hw, device_kind,
+                frames_range=_clip_range(shape.frames_range, frames), freeze=shape.freeze)
+
+
+def _clip_range(frames_range: tuple[int, int], frames: int) -> tuple[int, int]:
+    lo, hi = frames_range
+    return (min(lo, frames), min(hi, frames))
+
+
+def resolve_frames_per_gpu(recipe, device_memory_bytes: int, device_kind: str = "cuda") -> int:
+    """`data.frames_per_gpu: auto`: the largest budget that fits this device under the recipe's policy,
+    at least the largest scene (data.frames_range[1]); raises when not even that fits."""
+    shape = recipe_shape(recipe)
+    best = max_frames_that_fit(shape.model_cfg, recipe.parallel, shape.world_size, shape.image_hw,
+                               device_memory_bytes, device_kind, frames_range=shape.frames_range,
+                               freeze=shape.freeze)
+    need = shape.frames_range[1]
+    if best < need:
+        raise ValueError(
+            f"data.frames_per_gpu: auto found {best} frames per GPU fit {device_memory_bytes / GiB:.1f} GiB, "
+            f"fewer than the largest scene (data.frames_range[1]={need}); lower data.frames_range, the image "
+            f"size, or choose a stronger parallel.checkpoint policy (`vggt-fsdp plan` lists one)")
+    return best
