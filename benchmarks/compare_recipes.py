@@ -236,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         doc["results"].append(result)
         _write(doc, args.out, _stem(doc["results"], profile), charts=False)
     doc["wall_s"] = time.monotonic() - started
+    measured = next((r["device"] for r in doc["results"] if "device" in r), None)
+    doc["device"] = measured  # name, type, torch and CUDA versions of the machine that measured
     final = _stem(doc["results"], profile)
     _write(doc, args.out, final, charts=not args.no_charts)
     print(f"[compare] wrote {args.out / final}.json and .md")

@@ -138,7 +138,7 @@ def baseline_findings(results: list[dict]) -> list[str]:
             continue
         cfg = r["config"]
         cap = cfg.get("gpu_memory_gib")
-        where = f"{cfg['frames']} frames/GPU" + (f" under a {cap:g} GiB cap" if cap else "")
+        where = f"at {cfg['frames']} frames/GPU" + (f" under a {cap:g} GiB cap" if cap else "")
         if r.get("status") == "oom":
             lines.append(f"- {where}: **out of memory** (during {r.get('phase', '?')})")
         elif ok(r):
@@ -218,8 +218,9 @@ def comm_section(results: list[dict], cpu: bool) -> list[str]:
         f"From the FSDP units of the **{source['config']['name'] if 'config' in source else source['name']}** "
         f"({source['model']['preset']}, "
         f"{len(volumes)} units, {sum(v.numel for v in volumes):,} parameters): per step each unit's parameters "
-        f"are all-gathered ({ag:.2f} GB unsharded in all, forward plus backward re-gather) and its gradients "
-        f"reduce-scattered ({rs:.2f} GB); each GPU moves (n-1)/n of that over the ring.",
+        f"are all-gathered before forward, and again before backward where the unit is resharded after "
+        f"forward ({ag:.2f} GB unsharded in all), and its gradients reduce-scattered ({rs:.2f} GB); each GPU "
+        "moves (n-1)/n of that over the ring.",
         f"Cluster assumed: {cluster.name}; NVLink {cluster.nvlink_gbs:g} GB/s and InfiniBand "
         f"{cluster.nic_gbs:g} GB/s per GPU per direction, at {cluster.efficiency:.0%} efficiency; "
         f"{cluster.latency_intra_s * 1e6:g}/{cluster.latency_inter_s * 1e6:g} us per collective inside/across nodes. "
@@ -383,3 +384,28 @@ def write_report(doc: dict, out: Path, stem: str, charts: bool = True) -> Path:
     path = out / f"{stem}.md"
     path.write_text(render(doc, files, note))
     return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Re-render a comparison's report and charts from its JSON (e.g. GPU results on a machine with
+    matplotlib): `python -m benchmarks.report RESULTS.json [--out DIR]`."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=main.__doc__.splitlines()[0])
+    parser.add_argument("results", type=Path, help="the <date>-<device>.json a comparison wrote")
+    parser.add_argument("--out", type=Path, default=None, help="directory to write to (default: beside the JSON)")
+    parser.add_argument("--no-charts", action="store_true")
+    args = parser.parse_args(argv)
+    doc = json.loads(args.results.read_text())
+    out = args.out or args.results.parent
+    out.mkdir(parents=True, exist_ok=True)
+    path = write_report(doc, out, args.results.stem, charts=not args.no_charts)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
