@@ -17,10 +17,10 @@ def test_crop_resize_and_crop_intrinsics_describe_the_same_image(factor):
     scene = make_scene(2, 1, cfg)
     src_hw, out_hw = (60, 90), (12, 18)
     extr, intr = draw_cameras(scene, np.random.default_rng(1), 1, src_hw, cfg.fov_range_deg)
-    image, depth, mask = render(scene, extr[0], intr[0], src_hw)
+    image, depth, mask, _ = render(scene, extr[0], intr[0], src_hw)
     box = CropBox(7, 5, out_hw[1] * factor, out_hw[0] * factor)
     _, cropped_depth, cropped_mask = crop_resize(image, depth, mask, box, out_hw)
-    _, direct_depth, direct_mask = render(scene, extr[0], crop_intrinsics(intr[0], box, out_hw), out_hw)
+    _, direct_depth, direct_mask, _ = render(scene, extr[0], crop_intrinsics(intr[0], box, out_hw), out_hw)
     assert torch.equal(cropped_mask, direct_mask)
     assert torch.allclose(cropped_depth, direct_depth, rtol=1e-5)
 

@@ -63,7 +63,7 @@ def _image_tolerance() -> float:
 def _write_co3d(root: Path, world, min_frames: int = 1) -> Path:
     _, extr, intr, views = world
     entries = []
-    for i, (image, depth, mask) in enumerate(views):
+    for i, (image, depth, mask, _) in enumerate(views):
         rel = f"apple/110_13051_23361/images/frame{i + 1:06d}.jpg"
         _write_jpg(root / rel, image)
         bits = depth.numpy().astype(np.float16).view(np.uint16)
@@ -95,7 +95,7 @@ def test_co3d_frames_read_as_upstream_stores_them(tmp_path, world):
     source = build_source(_co3d_cfg(tmp_path, anno), "train")
     assert len(source) == 1 and source.frame_counts == [FRAMES]
     frame = source.read_frame(0, 1)
-    image, depth, mask = views[1]
+    image, depth, mask, _ = views[1]
     assert (frame.image - image).abs().mean() < _image_tolerance()
     assert torch.equal(frame.extrinsics, extr[1]) and torch.equal(frame.intrinsics, intr[1])
     # float16 bits decoded; depth dropped outside the mask, at the mask band and above the 98th percentile
@@ -165,7 +165,7 @@ def _write_vkitti(root: Path, world) -> Path:
     _, extr, intr, views = world
     variation = root / "Scene01" / "clone"
     extr_rows, intr_rows = [_EXTR_HEADER], [_INTR_HEADER]
-    for i, (image, depth, mask) in enumerate(views):
+    for i, (image, depth, mask, _) in enumerate(views):
         for camera in (0, 1):  # both stereo cameras, as the files hold; only Camera_0 has images here
             m = torch.cat([extr[i], torch.tensor([[0.0, 0, 0, 1]])]).flatten().tolist()
             extr_rows.append(" ".join([str(i), str(camera)] + [repr(v) for v in m]))
@@ -192,7 +192,7 @@ def test_vkitti_frames_read_as_upstream_stores_them(tmp_path, world):
     source = build_source(_vkitti_cfg(tmp_path), "train")
     assert source.scene_names == ["Scene01/clone/frames/rgb/Camera_0"] and source.frame_counts == [FRAMES]
     frame = source.read_frame(0, 2)
-    image, depth, mask = views[2]
+    image, depth, mask, _ = views[2]
     assert (frame.image - image).abs().mean() < _image_tolerance()
     assert torch.allclose(frame.extrinsics, extr[2]) and torch.allclose(frame.intrinsics, intr[2])
     mask = mask.clone()
@@ -220,7 +220,7 @@ def _write_folder(root: Path, world) -> Path:
     _, extr, intr, views = world
     scene = root / "my_scene"
     frames = []
-    for i, (image, depth, mask) in enumerate(views):
+    for i, (image, depth, mask, _) in enumerate(views):
         _write_png(scene / f"images/{i:04d}.png", (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
         if i % 2:
             np.save(scene / f"{i:04d}.npy", np.where(mask.numpy(), depth.numpy(), np.nan).astype(np.float32))
@@ -245,7 +245,7 @@ def test_folder_format_reads_png_and_npy_depth(tmp_path, world):
     source = build_source(_folder_cfg(tmp_path), "train")
     for i in (0, 1):
         frame = source.read_frame(0, i)
-        image, depth, mask = views[i]
+        image, depth, mask, _ = views[i]
         assert (frame.image - image).abs().max() <= 1 / 255 + 1e-6
         assert torch.equal(frame.mask, mask)
         assert torch.allclose(frame.depth[mask], depth[mask], atol=6e-4)

@@ -63,7 +63,7 @@ def test_cameras_are_proper_rotations_and_varied():
     assert intr[:, 0, 0].std() > 1.0  # focal lengths vary between frames
     centres = -(rot.transpose(-1, -2) @ extr[:, :, 3:])[..., 0]
     assert torch.cdist(centres, centres).max() > 0.5  # cameras move
-    for image, depth, mask in renders:
+    for image, depth, mask, _ in renders:
         assert image.min() >= 0 and image.max() <= 1 and image.std() > 0.02  # textured, not flat
         assert (depth[mask] > 0).all() and (depth[~mask] == 0).all()
 
@@ -135,3 +135,16 @@ def test_loader_batches_have_upstream_keys_shapes_and_types():
     assert {k: tuple(v.shape) for k, v in batch.items()} == expected
     assert batch["point_masks"].dtype == torch.bool and batch["images"].dtype == torch.float32
     assert 0 <= batch["images"].min() and batch["images"].max() <= 1
+
+
+def test_shading_normals_are_unit_and_face_the_camera():
+    from vggt_fsdp.data.synthetic import camera_rays, cast
+    from vggt_fsdp.geometry import pixel_grid
+
+    scene, extr, intr, _ = _views(5, frames=1)
+    centre, dirs = camera_rays(extr[0], intr[0], pixel_grid(*HW).reshape(-1, 2))
+    hits = cast(scene, centre, dirs, normals=True)
+    hit = torch.isfinite(hits.t)
+    assert torch.allclose(hits.normal[hit].norm(dim=-1), torch.ones(int(hit.sum())), atol=1e-5)
+    assert ((hits.normal[hit] * dirs[hit]).sum(-1) < 0).all()
+    assert len(hits.surface[hit].unique()) > 3  # walls, floor and objects are all in view

@@ -112,10 +112,10 @@ def compose_extrinsics(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def transform_points(transform: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     """Apply (..., 3, 4) to points (..., *, 3) where * are any number of spatial dims."""
-    extra = points.dim() - transform.dim() + 1  # spatial dims between the batch dims and xyz
-    rot = transform[..., :3, :3].reshape(transform.shape[:-2] + (1,) * extra + (3, 3))
-    trans = transform[..., :3, 3].reshape(transform.shape[:-2] + (1,) * extra + (3,))
-    return (rot @ points[..., None]).squeeze(-1) + trans
+    batch = transform.shape[:-2]
+    flat = points.reshape(batch + (-1, 3))  # one batched matmul instead of a 3x3 product per point
+    out = flat @ transform[..., :3, :3].transpose(-1, -2) + transform[..., None, :3, 3]
+    return out.reshape(points.shape)
 
 
 def pixel_grid(height: int, width: int, device=None, dtype=torch.float32) -> torch.Tensor:

@@ -24,7 +24,7 @@ from vggt_fsdp.data.augment import crop_intrinsics, draw_crop, photometric_frame
 from vggt_fsdp.data.base import SampleSpec
 from vggt_fsdp.data.config import AugmentConfig, DataConfig, SyntheticConfig
 from vggt_fsdp.geometry import (
-    depth_to_points, invert_extrinsics, look_at_extrinsics, make_intrinsics, pixel_grid, project_points,
+    invert_extrinsics, look_at_extrinsics, make_intrinsics, pixel_grid, project_points, unproject_depth,
 )
 
 _EPS = 1e-4
@@ -149,34 +149,41 @@ def draw_cameras(scene: Scene, rng: np.random.Generator, num_frames: int, image_
 # Ray casting
 
 
-def cast(scene: Scene, origin: torch.Tensor, dirs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass
+class Hits:
+    t: torch.Tensor  # (N,) ray parameter of the first hit (the depth for camera rays), inf on a miss
+    surface: torch.Tensor  # (N,) index of the surface hit: [6 room faces, K boxes, M spheres]
+    normal: torch.Tensor | None  # (N, 3) unit normals facing the ray, when asked for
+
+
+def cast(scene: Scene, origin: torch.Tensor, dirs: torch.Tensor, normals: bool = False) -> Hits:
     """First hit of rays origin + t * dirs (origin (3,) inside the room, dirs (N, 3), not normalised).
 
-    Returns t (N,) with inf where nothing is hit, and the index (N,) of the surface hit.
+    Each primitive kind reports its nearest hit and the normal there (known from the slab or face that
+    was crossed, so no per-ray matrix work); the nearest kind wins.
     """
-    t_room, face = _room_exit(scene, origin, dirs)
-    candidates, ids = [t_room], [face]
+    kinds = [_room_exit(scene, origin, dirs)]
+    offsets = [0]
     if len(scene.box_centre):
-        t_box = _box_entry(scene, origin, dirs)  # (K, N)
-        best, k = t_box.min(0)
-        candidates.append(best)
-        ids.append(6 + k)
+        kinds.append(_box_entry(scene, origin, dirs))
+        offsets.append(6)
     if len(scene.sphere_radius):
-        t_sph = _sphere_entry(scene, origin, dirs)
-        best, k = t_sph.min(0)
-        candidates.append(best)
-        ids.append(6 + len(scene.box_centre) + k)
-    t_all = torch.stack(candidates)
+        kinds.append(_sphere_entry(scene, origin, dirs))
+        offsets.append(6 + len(scene.box_centre))
+    t_all = torch.stack([k[0] for k in kinds])
     t, which = t_all.min(0)
-    surface = torch.stack(ids).gather(0, which[None])[0]
-    return t, surface
+    surface = torch.stack([k[1] + off for k, off in zip(kinds, offsets)]).gather(0, which[None])[0]
+    if not normals:
+        return Hits(t, surface, None)
+    normal_all = torch.stack([k[2](origin + torch.nan_to_num(t, posinf=0.0)[:, None] * dirs) for k in kinds])
+    normal = normal_all.gather(0, which[None, :, None].expand(1, -1, 3))[0]
+    return Hits(t, surface, normal)
 
 
 def _room_exit(scene: Scene, origin: torch.Tensor, dirs: torch.Tensor):
     """Where a ray from inside leaves the room's box; face id = 2 * axis + (direction > 0)."""
-    with torch.no_grad():
-        t_lo = (scene.room_lo - origin) / dirs
-        t_hi = (scene.room_hi - origin) / dirs
+    t_lo = (scene.room_lo - origin) / dirs
+    t_hi = (scene.room_hi - origin) / dirs
     t_exit = torch.where(dirs > 0, t_hi, t_lo)
     t_exit = torch.where(dirs == 0, torch.full_like(t_exit, float("inf")), t_exit)
     t, axis = t_exit.min(-1)
@@ -184,66 +191,67 @@ def _room_exit(scene: Scene, origin: torch.Tensor, dirs: torch.Tensor):
     face = 2 * axis + positive.long()
     if scene.open_top:
         t = torch.where(face == 5, torch.full_like(t, float("inf")), t)
-    return t, face
+    # the wall faces the room's inside: against the ray's direction along the crossed axis
+    normal = lambda _: F.one_hot(axis, 3).to(dirs) * torch.where(positive, -1.0, 1.0)[:, None]  # noqa: E731
+    return t, face, normal
 
 
-def _box_entry(scene: Scene, origin: torch.Tensor, dirs: torch.Tensor) -> torch.Tensor:
-    """Slab test in each box's frame; (K, N) entry distances, inf on a miss."""
+def _box_entry(scene: Scene, origin: torch.Tensor, dirs: torch.Tensor):
+    """Slab test in each box's frame: nearest entry (N,), which box (N,) and its normals.
+
+    Works axis by axis on (K, N) planes: reductions over a trailing dimension of 3 are slow.
+    """
     rot_t = scene.box_rot.transpose(-1, -2)  # local-from-world
-    o = torch.einsum("kij,kj->ki", rot_t, origin - scene.box_centre)[:, None]  # (K, 1, 3)
-    d = torch.einsum("kij,nj->kni", rot_t, dirs)  # (K, N, 3)
-    inv = 1.0 / d
-    half = scene.box_half[:, None]
-    t1, t2 = (-half - o) * inv, (half - o) * inv
-    t_near = torch.minimum(t1, t2).amax(-1)
-    t_far = torch.maximum(t1, t2).amin(-1)
+    o = torch.einsum("kij,kj->ik", rot_t, origin - scene.box_centre)[..., None]  # (3, K, 1)
+    d = torch.einsum("kij,nj->ikn", rot_t, dirs)  # (3, K, N)
+    half = scene.box_half.T[..., None]  # (3, K, 1)
+    t_near = t_far = axis = None
+    for a in range(3):
+        inv = 1.0 / d[a]
+        t1, t2 = (-half[a] - o[a]) * inv, (half[a] - o[a]) * inv
+        near, far = torch.minimum(t1, t2), torch.maximum(t1, t2)
+        if a == 0:
+            t_near, t_far, axis = near, far, torch.zeros_like(near, dtype=torch.long)
+        else:
+            later = near > t_near  # the entry slab's axis gives the normal
+            axis = torch.where(later, a, axis)
+            t_near, t_far = torch.maximum(t_near, near), torch.minimum(t_far, far)
     hit = (t_near <= t_far) & (t_near > _EPS)
-    return torch.where(hit, t_near, torch.full_like(t_near, float("inf")))
+    t, box = torch.where(hit, t_near, torch.full_like(t_near, float("inf"))).min(0)
+
+    def normal(_):
+        a = axis.gather(0, box[None])[0]
+        d_along = d.gather(1, box[None, None].expand(3, 1, -1))[:, 0].T.gather(-1, a[:, None])
+        # a box's world normal is its rotation's column for the crossed axis, pointing against the ray
+        return scene.box_rot.transpose(-1, -2)[box, a] * -torch.sign(d_along)
+
+    return t, box, normal
 
 
-def _sphere_entry(scene: Scene, origin: torch.Tensor, dirs: torch.Tensor) -> torch.Tensor:
+def _sphere_entry(scene: Scene, origin: torch.Tensor, dirs: torch.Tensor):
     oc = origin - scene.sphere_centre  # (M, 3)
     a = (dirs * dirs).sum(-1)[None]  # (1, N)
-    b = dirs @ oc.T  # (N, M)
-    b = b.T
+    b = (dirs @ oc.T).T  # (M, N)
     c = (oc * oc).sum(-1)[:, None] - scene.sphere_radius[:, None] ** 2
     disc = b * b - a * c
-    t = (-b - disc.clamp_min(0).sqrt()) / a
-    hit = (disc >= 0) & (t > _EPS)
-    return torch.where(hit, t, torch.full_like(t, float("inf")))
+    t_all = (-b - disc.clamp_min(0).sqrt()) / a
+    hit = (disc >= 0) & (t_all > _EPS)
+    t, sphere = torch.where(hit, t_all, torch.full_like(t_all, float("inf"))).min(0)
+    normal = lambda points: (points - scene.sphere_centre[sphere]) / scene.sphere_radius[sphere, None]  # noqa: E731
+    return t, sphere, normal
 
 
-def _normals(scene: Scene, points: torch.Tensor, surface: torch.Tensor) -> torch.Tensor:
-    """Unit normals (N, 3) of the surfaces hit, facing the room's interior / out of objects."""
-    normals = torch.zeros_like(points)
-    face_axis = (surface // 2).clamp(max=2)
-    face_sign = torch.where(surface % 2 == 1, -1.0, 1.0)  # a face on the high side faces -axis
-    room_n = F.one_hot(face_axis, 3).to(points) * face_sign[:, None]
-    normals = torch.where((surface < 6)[:, None], room_n, normals)
-    k = len(scene.box_centre)
-    if k:
-        idx = (surface - 6).clamp(0, k - 1)
-        local = torch.einsum("nji,nj->ni", scene.box_rot[idx], points - scene.box_centre[idx])
-        rel = local / scene.box_half[idx]
-        axis = rel.abs().argmax(-1)
-        n_local = F.one_hot(axis, 3).to(points) * rel.gather(-1, axis[:, None]).sign()
-        box_n = torch.einsum("nij,nj->ni", scene.box_rot[idx], n_local)
-        normals = torch.where(((surface >= 6) & (surface < 6 + k))[:, None], box_n, normals)
-    if len(scene.sphere_radius):
-        idx = (surface - 6 - k).clamp(0, len(scene.sphere_radius) - 1)
-        sph_n = (points - scene.sphere_centre[idx]) / scene.sphere_radius[idx, None]
-        normals = torch.where((surface >= 6 + k)[:, None], sph_n, normals)
-    return normals
-
-
-def _shade(scene: Scene, points: torch.Tensor, surface: torch.Tensor, hit: torch.Tensor) -> torch.Tensor:
+def _shade(scene: Scene, points: torch.Tensor, hits: Hits) -> torch.Tensor:
     """Colour (N, 3): solid checker between two colours, a sinusoidal tint, Lambertian light."""
-    surf = surface.clamp(0, len(scene.checker) - 1)
+    hit = torch.isfinite(hits.t)
+    surf = hits.surface.clamp(0, len(scene.checker) - 1)
     cell = torch.floor(points / scene.checker[surf, None]).sum(-1)
     odd = (cell.remainder(2) > 0.5)[:, None]
     albedo = torch.where(odd, scene.colour_a[surf], scene.colour_b[surf])
     tint = 0.8 + 0.2 * torch.sin((points * scene.tint_freq[surf]).sum(-1, keepdim=True) + surf[:, None])
-    lambert = (_normals(scene, points, surface) @ scene.light).clamp_min(0)[:, None]
+    # Normals face the ray, which for closed objects seen from outside and walls seen from inside is
+    # the geometric normal: the shading of a point is the same from every view.
+    lambert = (hits.normal @ scene.light).clamp_min(0)[:, None]
     colour = albedo * tint * (0.35 + 0.65 * lambert)
     sky = torch.tensor([0.55, 0.7, 0.95])
     return torch.where(hit[:, None], colour, sky).clamp(0, 1)
@@ -262,19 +270,21 @@ def camera_rays(extrinsics: torch.Tensor, intrinsics: torch.Tensor, uv: torch.Te
 def depth_at(scene: Scene, extrinsics: torch.Tensor, intrinsics: torch.Tensor, uv: torch.Tensor) -> torch.Tensor:
     """Exact depth (N,) seen at arbitrary (sub-)pixel positions uv (N, 2); inf where nothing is hit."""
     centre, dirs = camera_rays(extrinsics, intrinsics, uv)
-    return cast(scene, centre, dirs)[0]
+    return cast(scene, centre, dirs).t
 
 
 def render(scene: Scene, extrinsics: torch.Tensor, intrinsics: torch.Tensor, image_hw: tuple[int, int]):
-    """One view: image (3, H, W) in [0, 1], depth (H, W) (0 where nothing is hit) and mask (H, W)."""
+    """One view: image (3, H, W) in [0, 1], depth (H, W) (0 where nothing is hit), mask (H, W) and
+    world points (H, W, 3) (the camera centre where nothing is hit)."""
     height, width = image_hw
     centre, dirs = camera_rays(extrinsics, intrinsics, pixel_grid(height, width).reshape(-1, 2))
-    t, surface = cast(scene, centre, dirs)
-    hit = torch.isfinite(t)
-    depth = torch.where(hit, t, torch.zeros_like(t))
+    hits = cast(scene, centre, dirs, normals=True)
+    hit = torch.isfinite(hits.t)
+    depth = torch.where(hit, hits.t, torch.zeros_like(hits.t))
     points = centre + depth[:, None] * dirs
-    image = _shade(scene, points, surface, hit)
-    return image.T.reshape(3, height, width).contiguous(), depth.reshape(height, width), hit.reshape(height, width)
+    image = _shade(scene, points, hits)
+    return (image.T.reshape(3, height, width).contiguous(), depth.reshape(height, width),
+            hit.reshape(height, width), points.reshape(height, width, 3))
 
 
 def track_queries(scene: Scene, extrinsics: torch.Tensor, intrinsics: torch.Tensor, world_points: torch.Tensor,
@@ -299,8 +309,7 @@ def track_queries(scene: Scene, extrinsics: torch.Tensor, intrinsics: torch.Tens
     centres = invert_extrinsics(extrinsics)[:, :, 3]
     visible = torch.zeros_like(inside)
     for s in range(len(extrinsics)):
-        t, _ = cast(scene, centres[s], points - centres[s])
-        visible[s] = t > 1 - 1e-3
+        visible[s] = cast(scene, centres[s], points - centres[s]).t > 1 - 1e-3
     vis = inside & visible & (len(valid) > 0)
     uv = torch.where(torch.isfinite(uv), uv - 0.5, torch.zeros_like(uv))
     # Frame 0's track is the query pixel by definition; reprojection would only add float noise.
@@ -330,7 +339,7 @@ class SyntheticSource:
         # Crop-scale augmentation without resampling: render the crop directly by zooming the camera.
         centre = (hw[1] / 2, hw[0] / 2)
         intrinsics = torch.stack([crop_intrinsics(k, draw_crop(rng, hw, hw, centre, augment), hw) for k in intrinsics])
-        images, depths, masks = zip(*(render(scene, e, k, hw) for e, k in zip(extrinsics, intrinsics)))
+        images, depths, masks, points = zip(*(render(scene, e, k, hw) for e, k in zip(extrinsics, intrinsics)))
         out = {
             "images": photometric_frames(list(images), rng, augment),
             "depths": torch.stack(depths),
@@ -338,7 +347,9 @@ class SyntheticSource:
             "extrinsics": extrinsics,
             "intrinsics": intrinsics,
         }
-        out["world_points"], out["cam_points"] = depth_to_points(out["depths"], extrinsics, intrinsics)
+        # the rays' hit points are the world points; camera points follow from depth alone
+        out["world_points"] = torch.where(out["point_masks"][..., None], torch.stack(points), 0.0)
+        out["cam_points"] = unproject_depth(out["depths"], intrinsics)
         if self.cfg.num_track_queries:
             out.update(track_queries(scene, extrinsics, intrinsics, out["world_points"], out["point_masks"],
                                      self.cfg.num_track_queries, rng))
