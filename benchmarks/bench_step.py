@@ -20,7 +20,8 @@ its compute without communication. `--gpu-memory G` caps the process's CUDA allo
 emulate a smaller card on a larger one. Running out of memory is a result (status "oom"), not a crash.
 
 The batch is fixed: `--frames` frames per GPU as `frames / frames-per-scene` scenes of
-`--frames-per-scene` frames (default: all frames in scenes of at most 24, upstream's largest scene),
+`--frames-per-scene` frames (default: the largest whole-scene split with at most 24 frames a scene,
+upstream's largest scene: 48 frames are 2 scenes of 24),
 made once by the synthetic data source and reused, so the loader is not measured here.
 """
 from __future__ import annotations
@@ -61,7 +62,7 @@ class BenchSpec:
     height: int
     width: int
     overrides: list[str] = field(default_factory=list)
-    frames_per_scene: int | None = None  # None: min(frames_per_gpu, 24)
+    frames_per_scene: int | None = None  # None: the largest divisor of frames_per_gpu up to 24
     world_size: int = 1
     gpu_memory_gib: float | None = None
     warmup: int = 2
@@ -71,8 +72,9 @@ class BenchSpec:
     name: str = ""
 
     def __post_init__(self) -> None:
-        if self.frames_per_scene is None:
-            self.frames_per_scene = min(self.frames_per_gpu, MAX_FRAMES_PER_SCENE)
+        if self.frames_per_scene is None and self.frames_per_gpu >= 1:
+            # Whole scenes, as large as upstream draws them: 48 -> 2 x 24, 64 -> 4 x 16.
+            self.frames_per_scene = max(d for d in range(1, MAX_FRAMES_PER_SCENE + 1) if self.frames_per_gpu % d == 0)
         for key in ("frames_per_gpu", "frames_per_scene", "height", "width", "world_size", "steps"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
@@ -437,7 +439,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("overrides", nargs="*", help="recipe overrides, key=value")
     parser.add_argument("--frames", type=int, required=True, help="frames per GPU per step")
     parser.add_argument("--frames-per-scene", type=int, default=None,
-                        help=f"frames per scene (default: min(frames, {MAX_FRAMES_PER_SCENE}))")
+                        help=f"frames per scene (default: the largest divisor of --frames up to {MAX_FRAMES_PER_SCENE})")
     parser.add_argument("--image", type=parse_image, default=(518, 518), help="HxW (default 518x518)")
     parser.add_argument("--world-size", type=int, default=1,
                         help="measure one GPU's share of an N-GPU run (fake process group)")

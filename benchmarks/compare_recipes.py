@@ -49,6 +49,9 @@ UPSTREAM_BASELINE = [
 
 
 VOLUMES_WORLD_SIZE = 8
+# Errors (not out-of-memory) in this many configurations in a row mean the setup is broken: stop rather
+# than spend the rest of a GPU budget failing the same way.
+MAX_ERRORS_IN_ROW = 2
 
 
 @dataclass
@@ -194,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--no-sweep", action="store_true")
     parser.add_argument("--no-charts", action="store_true")
+    parser.add_argument("--keep-going", action="store_true",
+                        help=f"do not stop after {MAX_ERRORS_IN_ROW} configurations in a row fail with an error")
     return parser
 
 
@@ -223,17 +228,23 @@ def main(argv: list[str] | None = None) -> int:
         "profile": asdict(profile),
         "results": [],
     }
+    errors_in_row = 0
     for config in configs:
         left = None if args.budget_s is None else args.budget_s - (time.monotonic() - started)
+        reason = None
         if left is not None and left < min(profile.timeout_s, 60):
-            doc["results"].append({"status": "skipped", "error": f"budget of {args.budget_s:.0f} s spent",
-                                   "config": asdict(config)})
+            reason = f"budget of {args.budget_s:.0f} s spent"
+        elif errors_in_row >= MAX_ERRORS_IN_ROW and not args.keep_going:
+            reason = f"{errors_in_row} configurations in a row failed with an error (a broken setup, not a shape)"
+        if reason is not None:
+            doc["results"].append({"status": "skipped", "error": reason, "config": asdict(config)})
             continue
         timeout = profile.timeout_s if left is None else min(profile.timeout_s, left)
         print(f"[compare] {config.name}: frames {config.frames}, world size {config.world_size}", flush=True)
         result = run_config(config, profile, timeout)
         print(f"[compare]   -> {result['status']} in {result['wall_s']:.0f} s", flush=True)
         doc["results"].append(result)
+        errors_in_row = errors_in_row + 1 if result["status"] == "error" else 0
         _write(doc, args.out, _stem(doc["results"], profile), charts=False)
     doc["wall_s"] = time.monotonic() - started
     measured = next((r["device"] for r in doc["results"] if "device" in r), None)

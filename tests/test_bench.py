@@ -134,7 +134,9 @@ def test_out_of_memory_is_a_result_not_a_crash(monkeypatch):
 
 def test_spec_rejects_partial_scenes_and_cpu_memory_cap():
     with pytest.raises(ValueError, match="multiple of frames_per_scene"):
-        bench_step.BenchSpec(recipe=CPU_RECIPE, frames_per_gpu=30, height=56, width=56)
+        bench_step.BenchSpec(recipe=CPU_RECIPE, frames_per_gpu=30, frames_per_scene=24, height=56, width=56)
+    split = bench_step.BenchSpec(recipe=CPU_RECIPE, frames_per_gpu=64, height=56, width=56)
+    assert (split.scenes, split.frames_per_scene) == (4, 16)
     with pytest.raises(ValueError, match="caps a CUDA device"):
         bench_step.cap_device_memory(torch.device("cpu"), 40)
     assert bench_step.BenchSpec(recipe=CPU_RECIPE, frames_per_gpu=48, height=56, width=56).scenes == 2
@@ -256,3 +258,18 @@ def test_charts_are_drawn_when_matplotlib_is_installed(tmp_path):
     files = report.write_charts({"results": results}, tmp_path, "gpu", cpu=False)
     assert files == ["gpu-recipes.png", "gpu-memory-vs-frames.png"]
     assert all((tmp_path / name).stat().st_size > 1000 for name in files)
+
+
+def test_compare_stops_after_errors_in_a_row(tmp_path, monkeypatch):
+    calls = []
+
+    def failing(config, profile, timeout_s):
+        calls.append(config.name)
+        return {"status": "error", "error": "ImportError: no accelerate", "config": compare_recipes.asdict(config),
+                "wall_s": 0.0}
+
+    monkeypatch.setattr(compare_recipes, "run_config", failing)
+    assert compare_recipes.main(["--profile", "cpu", "--out", str(tmp_path), "--no-charts"]) == 0
+    assert len(calls) == compare_recipes.MAX_ERRORS_IN_ROW
+    doc = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert doc["results"][-1]["status"] == "skipped" and "in a row" in doc["results"][-1]["error"]
