@@ -21,6 +21,7 @@ import random
 import re
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -261,7 +262,9 @@ def consolidated_model_state(path: Path, dtype: torch.dtype | None = None) -> di
             state[key[len("model."):]] = torch.empty(item.size, dtype=item.properties.dtype)
     if not state:
         raise ValueError(f"{path} holds no model tensors (keys: {sorted(metadata.state_dict_metadata)[:5]}...)")
-    dcp.load({"model": state}, storage_reader=reader, no_dist=True)
+    with warnings.catch_warnings():  # no_dist=True is the intent; DCP warns about it anyway
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+        dcp.load({"model": state}, storage_reader=reader, no_dist=True)
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     return state
