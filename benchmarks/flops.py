@@ -13,9 +13,10 @@ in B). So FLOPs(B, S) = B * (a + b S + c S^2), exactly, and three counts at one 
 frames give a, b and c. (Counting on the `meta` device would need no memory at all, but the model's
 RoPE reads its positions' maximum, a value meta tensors do not have.)
 
-Scaled-dot-product attention is counted through its fused kernels' FLOP formulas on CUDA; the CPU
-kernel has no formula, so on the CPU the count forces the math backend, whose matrix products are
-counted instead (the same 4 N^2 d per head forward).
+Scaled-dot-product attention is counted through its fused kernels' FLOP formulas on CUDA (less the
+q k^T their backward formula recomputes); the CPU kernel has no formula, so on the CPU the count forces
+the math backend, whose matrix products are counted instead. Both give 4 N^2 d per head forward and
+twice that backward.
 """
 from __future__ import annotations
 
@@ -90,6 +91,14 @@ def surrogate_loss(outputs: object) -> torch.Tensor:
 SAMPLE_FRAMES = (1, 2, 3)  # frames per scene of the three counts that fix the quadratic
 
 
+def _fused_attention_backward_ops() -> tuple:
+    aten = torch.ops.aten
+    names = ("_scaled_dot_product_flash_attention_backward", "_scaled_dot_product_efficient_attention_backward",
+             "_scaled_dot_product_cudnn_attention_backward", "_flash_attention_backward",
+             "_efficient_attention_backward")
+    return tuple(getattr(aten, name) for name in names if hasattr(aten, name))
+
+
 def _count(model: nn.Module, inputs: tuple, loss_fn: Callable[[object], torch.Tensor]) -> tuple[int, int]:
     model.zero_grad(set_to_none=True)
     with FlopCounterMode(display=False) as forward_counter:
@@ -97,7 +106,13 @@ def _count(model: nn.Module, inputs: tuple, loss_fn: Callable[[object], torch.Te
     with FlopCounterMode(display=False) as backward_counter:
         loss.backward()
     model.zero_grad(set_to_none=True)
-    return forward_counter.get_total_flops(), backward_counter.get_total_flops()
+    backward = backward_counter.get_total_flops()
+    # The fused attention kernels' backward formula counts five products: the four of the gradients
+    # plus q k^T recomputed. The recompute is not model FLOPs (the math path has only the four), and
+    # with equal query/value head widths, as in every VGGT attention, it is one fifth of the count.
+    per_op = backward_counter.get_flop_counts()["Global"]
+    fused = sum(per_op.get(op, 0) for op in _fused_attention_backward_ops())
+    return forward_counter.get_total_flops(), backward - fused // 5
 
 
 def quadratic_in_frames(counts: dict[int, int], frames: int) -> int:

@@ -40,6 +40,17 @@ def test_flop_count_extrapolated_from_small_scenes_equals_direct_count():
     assert counted.backward > counted.forward > 0
 
 
+def test_fused_attention_backward_correction_leaves_twice_the_forward():
+    """torch's FLOP formula for the fused SDPA backward includes recomputing q k^T; removing a fifth of it
+    (what `_count` does on CUDA) leaves the math path's 2x forward, for VGGT's attention shapes."""
+    from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
+
+    for shape in ((2, 16, 1374, 64), (1, 16, 24 * 1374, 64)):  # frame and global attention of VGGT-1B
+        backward = sdpa_backward_flop_count(shape, shape, shape, shape)
+        assert backward - backward // 5 == 2 * sdpa_flop_count(shape, shape, shape)
+    assert torch.ops.aten._scaled_dot_product_flash_attention_backward in flops._fused_attention_backward_ops()
+
+
 def test_peak_table_and_mfu():
     assert flops.peak_tflops("NVIDIA A100-SXM4-40GB") == 312.0
     assert flops.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
