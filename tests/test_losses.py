@@ -224,3 +224,13 @@ def test_loss_config_validate_names_the_field():
     cfg.depth.gradient_scales = 0
     with pytest.raises(ValueError, match="loss.depth.gradient_scales"):
         cfg.validate()
+
+
+def test_compute_loss_never_reads_values_on_the_host():
+    """Meta tensors have no data: any .item(), bool(tensor) or data-dependent shape would raise, so
+    this passing means the loss adds no device-to-host synchronisation to a training step."""
+    batch = {k: v.to("meta") for k, v in _batch().items()}
+    pred = {k: [t.detach().to("meta") for t in v] if isinstance(v, list) else v.detach().to("meta")
+            for k, v in _perfect(_batch()).items()}
+    total, terms = compute_loss(pred, batch, _cfg())
+    assert total.device.type == "meta" and all(t.device.type == "meta" for t in terms.values())
