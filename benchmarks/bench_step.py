@@ -70,6 +70,7 @@ class BenchSpec:
     device: str = "auto"  # auto: cuda when available, else cpu
     peak_tflops: float | None = None  # None: from the device name (benchmarks.flops table)
     name: str = ""
+    flops_cache: str | None = None  # JSON file of FLOP counts shared by the runs of one comparison
 
     def __post_init__(self) -> None:
         if self.frames_per_scene is None and self.frames_per_gpu >= 1:
@@ -175,11 +176,37 @@ def autocast_context(recipe, device: torch.device):
     raise ValueError(f"accelerate.mixed_precision={mixed!r} is not benchmarked; valid: bf16, no")
 
 
+def flops_key(spec: BenchSpec, recipe, device: torch.device) -> str:
+    """What model FLOPs depend on: the architecture, the frozen parameters, the batch shape, the device
+    type (which attention kernels are counted); not the sharding, precision or checkpointing."""
+    from vggt_fsdp.recipe import model_config
+
+    arch = model_config(recipe.model).to_dict()
+    arch.pop("keep_all_layers")  # which layer outputs stay alive changes memory, not FLOPs
+    return json.dumps({"model": arch, "freeze": recipe.model.freeze, "device": device.type,
+                       "scenes": spec.scenes, "frames_per_scene": spec.frames_per_scene,
+                       "image": [spec.height, spec.width]}, sort_keys=True)
+
+
 def count_flops(spec: BenchSpec, recipe, device: torch.device) -> dict:
     """Model FLOPs of one step at the spec's shape, on a plain un-checkpointed copy of the model.
 
     Runs before the memory cap and before the measured model exists; everything it allocates is freed.
+    With `spec.flops_cache` (a JSON file), a count made for the same `flops_key` by an earlier run is
+    reused: a comparison measures several configurations of one model at one shape.
     """
+    cache = Path(spec.flops_cache) if spec.flops_cache else None
+    key = flops_key(spec, recipe, device)
+    known = json.loads(cache.read_text()) if cache is not None and cache.is_file() else {}
+    if key in known:
+        return {**known[key], "cached": True}
+    counted = _count_flops(spec, recipe, device)
+    if cache is not None:
+        cache.write_text(json.dumps({**known, key: counted}))
+    return counted
+
+
+def _count_flops(spec: BenchSpec, recipe, device: torch.device) -> dict:
     from vggt_fsdp.model import build_model
     from vggt_fsdp.recipe import model_config
     from vggt_fsdp.train.build import freeze
@@ -452,6 +479,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                         help="dense BF16 peak of the device for MFU (default: from the device name)")
     parser.add_argument("--name", default="", help="label of this configuration in reports")
     parser.add_argument("--json", type=Path, default=None, help="also write the result to this file")
+    parser.add_argument("--flops-cache", default=None, metavar="JSON",
+                        help="reuse/record FLOP counts in this file (same model and shape: counted once)")
     parser.add_argument("--volumes-only", action="store_true",
                         help="only the FSDP units' communication volumes at --world-size (meta device, no steps)")
     return parser
@@ -461,7 +490,8 @@ def spec_from_args(args: argparse.Namespace) -> BenchSpec:
     return BenchSpec(recipe=args.recipe, overrides=list(args.overrides), frames_per_gpu=args.frames,
                      frames_per_scene=args.frames_per_scene, height=args.image[0], width=args.image[1],
                      world_size=args.world_size, gpu_memory_gib=args.gpu_memory, warmup=args.warmup,
-                     steps=args.steps, device=args.device, peak_tflops=args.peak_tflops, name=args.name)
+                     steps=args.steps, device=args.device, peak_tflops=args.peak_tflops, name=args.name,
+                     flops_cache=args.flops_cache)
 
 
 def main(argv: list[str] | None = None) -> int:

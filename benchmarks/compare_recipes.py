@@ -137,7 +137,7 @@ def bench_command(config: Config, profile: Profile) -> list[str]:
     return cmd
 
 
-def run_config(config: Config, profile: Profile, timeout_s: float) -> dict:
+def run_config(config: Config, profile: Profile, timeout_s: float, flops_cache: Path | None = None) -> dict:
     """One configuration in a fresh process; its JSON result, or a record of why there is none."""
     env = dict(os.environ)
     # Upstream trains with expandable segments; the same allocator setting for every configuration.
@@ -147,7 +147,8 @@ def run_config(config: Config, profile: Profile, timeout_s: float) -> dict:
         args = bench_command(config, profile)
         start = time.monotonic()
         try:
-            proc = subprocess.run([sys.executable, *args, "--json", str(json_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s)
+            extra = ["--flops-cache", str(flops_cache)] if flops_cache is not None else []
+            proc = subprocess.run([sys.executable, *args, "--json", str(json_path), *extra], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s)
         except subprocess.TimeoutExpired as err:
             stderr = err.stderr.decode() if isinstance(err.stderr, bytes) else (err.stderr or "")
             result = {"status": "timeout", "error": f"no result within {timeout_s:.0f} s",
@@ -229,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
         "results": [],
     }
     errors_in_row = 0
+    # FLOPs depend on the model and the shape only: counted once per shape for the whole comparison.
+    cache_dir = tempfile.TemporaryDirectory()
+    flops_cache = Path(cache_dir.name) / "flops.json"
     for config in configs:
         left = None if args.budget_s is None else args.budget_s - (time.monotonic() - started)
         reason = None
@@ -241,11 +245,12 @@ def main(argv: list[str] | None = None) -> int:
             continue
         timeout = profile.timeout_s if left is None else min(profile.timeout_s, left)
         print(f"[compare] {config.name}: frames {config.frames}, world size {config.world_size}", flush=True)
-        result = run_config(config, profile, timeout)
+        result = run_config(config, profile, timeout, flops_cache)
         print(f"[compare]   -> {result['status']} in {result['wall_s']:.0f} s", flush=True)
         doc["results"].append(result)
         errors_in_row = errors_in_row + 1 if result["status"] == "error" else 0
         _write(doc, args.out, _stem(doc["results"], profile), charts=False)
+    cache_dir.cleanup()
     doc["wall_s"] = time.monotonic() - started
     measured = next((r["device"] for r in doc["results"] if "device" in r), None)
     doc["device"] = measured  # name, type, torch and CUDA versions of the machine that measured

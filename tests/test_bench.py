@@ -131,6 +131,22 @@ def test_bench_step_measures_a_sharded_tiny_step_on_cpu():
     assert result["parallel"]["world_size"] == 2
 
 
+def test_flop_counts_are_shared_by_configurations_of_one_model_and_shape(tmp_path, monkeypatch):
+    cache = tmp_path / "flops.json"
+    spec = bench_step.BenchSpec(recipe=CPU_RECIPE, frames_per_gpu=2, height=56, width=56, device="cpu",
+                                flops_cache=str(cache))
+    recipe = bench_step._recipe(spec)
+    first = bench_step.count_flops(spec, recipe, torch.device("cpu"))
+    assert "cached" not in first and first["total"] > 0
+    monkeypatch.setattr(bench_step, "_count_flops", lambda *a: pytest.fail("counted again"))
+    # Keeping all layer outputs changes memory, not FLOPs: the same count serves the baseline.
+    baseline = bench_step._recipe(bench_step.BenchSpec(**{**spec.__dict__, "overrides": ["model.overrides.keep_all_layers=true"]}))
+    assert bench_step.count_flops(spec, baseline, torch.device("cpu")) == {**first, "cached": True}
+    other_shape = bench_step.BenchSpec(**{**spec.__dict__, "frames_per_gpu": 4, "frames_per_scene": None})
+    assert bench_step.flops_key(other_shape, recipe, torch.device("cpu")) != bench_step.flops_key(
+        spec, recipe, torch.device("cpu"))
+
+
 def test_out_of_memory_is_a_result_not_a_crash(monkeypatch):
     def boom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -232,7 +248,7 @@ def test_compare_main_writes_results_and_respects_the_budget(tmp_path, monkeypat
     recorded, in order; once the budget is spent the rest are 'skipped'; JSON and report are written."""
     calls = []
 
-    def fake_run(config, profile, timeout_s):
+    def fake_run(config, profile, timeout_s, flops_cache=None):
         calls.append(config.name)
         result = {"status": "oom", "error": "out of memory", "phase": "steps", "wall_s": 0.0,
                   "device": {"type": "cpu", "name": "CPU", "torch": torch.__version__, "torch_threads": 1},
@@ -274,7 +290,7 @@ def test_charts_are_drawn_when_matplotlib_is_installed(tmp_path):
 def test_compare_stops_after_errors_in_a_row(tmp_path, monkeypatch):
     calls = []
 
-    def failing(config, profile, timeout_s):
+    def failing(config, profile, timeout_s, flops_cache=None):
         calls.append(config.name)
         return {"status": "error", "error": "ImportError: no accelerate", "config": compare_recipes.asdict(config),
                 "wall_s": 0.0}
