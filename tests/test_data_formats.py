@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from vggt_fsdp.data import DataConfig, DataError, build_dataloader, build_source
-from vggt_fsdp.data.base import SampleSpec, build_sample
+from vggt_fsdp.data.base import SampleSpec, build_sample, pick_frames
 from vggt_fsdp.data.config import AugmentConfig, SyntheticConfig
 from vggt_fsdp.data.png import encode_png
 from vggt_fsdp.data.synthetic import depth_at, draw_cameras, make_scene, render
@@ -267,10 +267,13 @@ def test_real_data_crop_and_resize_keep_geometry_exact(tmp_path, world):
     scene, extr, intr, _ = world
     _write_folder(tmp_path, world)
     source = build_source(_folder_cfg(tmp_path), "train")
-    # asking for all 4 frames of a 4-frame scene picks frames 0..3 in order
     spec = SampleSpec(index=0, num_frames=FRAMES, image_hw=(28, 42), seed=(3,), step=0, next_position=1)
     aug = AugmentConfig(crop_scale_range=[0.6, 0.8], color_jitter_prob=0.0, grayscale_prob=0.0)
     sample = build_sample(source, spec, aug)
+    # the frames' order is the first draw of the sample's generator
+    ids = pick_frames(np.random.default_rng(list(spec.seed)), FRAMES, FRAMES, source.frame_window)
+    assert sorted(ids) == list(range(FRAMES))
+    extr, intr = extr[ids], intr[ids]
     assert not torch.allclose(sample["intrinsics"][0, 0, 0] / 42, intr[0, 0, 0] / SRC_HW[1])  # zoomed
     to_world = invert_extrinsics(extr[0])  # undo the first-camera re-expression (after the scale)
     checked = on_surface = beyond = 0
@@ -297,3 +300,14 @@ def test_without_pillow_png_still_decodes_and_jpeg_names_the_extra(tmp_path, mon
     (tmp_path / "b.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 20)
     with pytest.raises(DataError, match=r"b.jpg: decoding JPEG needs Pillow.*vggt-fsdp\[real-data\]"):
         data_io.read_rgb(tmp_path / "b.jpg")
+
+
+def test_frames_are_picked_near_an_anchor_as_upstream():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        ids = pick_frames(rng, 1000, 5, window=8)
+        assert all(abs(i - ids[0]) <= 40 for i in ids) and len(set(ids)) == 5
+    spread = [pick_frames(rng, 1000, 5, window=0) for _ in range(20)]
+    assert max(max(ids) - min(ids) for ids in spread) > 400
+    short = pick_frames(rng, 3, 5, window=8)  # fewer frames than asked: repeats, as upstream
+    assert len(short) == 5 and set(short) == {0, 1, 2}

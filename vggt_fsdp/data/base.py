@@ -81,13 +81,25 @@ def assemble_frames(frames: list[RawFrame], image_hw: tuple[int, int], rng: np.r
     return out
 
 
-def pick_frames(rng: np.random.Generator, available: int, num_frames: int) -> list[int]:
-    """Random distinct frames of a sequence, or with repeats when it has fewer than asked (as upstream)."""
+def pick_frames(rng: np.random.Generator, available: int, num_frames: int, window: int = 0) -> list[int]:
+    """Frame indices of one sample: a random anchor first, then the others.
+
+    With window > 0 the others come from within +-(window * num_frames) of the anchor (upstream's
+    "nearby" sampling, so frames of a long video still overlap); 0 draws from the whole sequence.
+    Frames are distinct when the range holds enough of them, else repeated (as upstream allows).
+    """
     if available <= 0:
         raise DataError("a scene with no frames cannot be sampled")
-    if available >= num_frames:
-        return sorted(rng.choice(available, num_frames, replace=False).tolist())
-    return sorted(rng.choice(available, num_frames, replace=True).tolist())
+    anchor = int(rng.integers(available))
+    if window > 0:
+        lo, hi = max(0, anchor - window * num_frames), min(available, anchor + window * num_frames + 1)
+    else:
+        lo, hi = 0, available
+    others = [i for i in range(lo, hi) if i != anchor]
+    replace = len(others) < num_frames - 1
+    if not others:
+        return [anchor] * num_frames
+    return [anchor] + [int(i) for i in rng.choice(others, num_frames - 1, replace=replace)]
 
 
 @dataclass
@@ -140,6 +152,7 @@ class FileSceneSource:
     scene_names: list[str]
     frame_counts: list[int]
     skip_bad_frames: bool = False
+    frame_window: int = 0
 
     def __len__(self) -> int:
         return len(self.scene_names)
@@ -149,7 +162,7 @@ class FileSceneSource:
 
     def scene(self, spec: SampleSpec, rng: np.random.Generator, augment: AugmentConfig | None) -> dict[str, torch.Tensor]:
         available = self.frame_counts[spec.index]
-        ids = pick_frames(rng, available, spec.num_frames)
+        ids = pick_frames(rng, available, spec.num_frames, self.frame_window)
         loader = FrameLoader(self.skip_bad_frames)
         frames = loader.load(lambda f: self.read_frame(spec.index, f), ids, available, rng)
         for error in loader.errors:

@@ -29,6 +29,7 @@ class Co3dSource(FileSceneSource):
         self.root = Path(cfg.root)
         self.cfg = cfg.co3d
         self.skip_bad_frames = cfg.skip_bad_frames
+        self.frame_window = cfg.frame_window
         anno_dir = Path(cfg.co3d.annotation_dir or cfg.root)
         split_name = "train" if split == "train" else "test"
         if not self.root.is_dir():

@@ -98,6 +98,9 @@ class DataConfig:
     # A frame whose files are missing or malformed raises by default; with this set it is replaced by
     # another frame of the scene and counted in the loader's `skipped_frames` statistics.
     skip_bad_frames: bool = False
+    # Real sources: a sample's frames lie within +-(frame_window * S) frames of a random anchor frame
+    # (upstream's nearby sampling with expand_ratio 8), so frames of long videos overlap; 0: anywhere.
+    frame_window: int = 8
     # Fraction of scenes held out for validation where a source has no official split (vkitti, folder).
     val_fraction: float = 0.05
     num_workers: int = 2
@@ -122,6 +125,8 @@ class DataConfig:
                              f"at data.image_width={self.image_width}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"data.val_fraction={self.val_fraction} must be in [0, 1)")
+        if self.frame_window < 0:
+            raise ValueError(f"data.frame_window={self.frame_window} must be >= 0 (0: anywhere in the sequence)")
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers={self.num_workers} must be >= 0")
         if self.co3d.min_frames < 1 or not 0 < self.co3d.depth_max_percentile <= 100:

@@ -39,6 +39,7 @@ class FolderSource(FileSceneSource):
     def __init__(self, cfg: DataConfig, split: str):
         self.root = Path(cfg.root)
         self.skip_bad_frames = cfg.skip_bad_frames
+        self.frame_window = cfg.frame_window
         if not self.root.is_dir():
             raise DataError(f"{self.root}: data.root is not a directory; expected folders with a {SCENE_FILE}")
         names = sorted(p.parent.name for p in self.root.glob(f"*/{SCENE_FILE}"))

@@ -26,6 +26,7 @@ class VKittiSource(FileSceneSource):
         self.root = Path(cfg.root)
         self.max_depth = cfg.vkitti.max_depth
         self.skip_bad_frames = cfg.skip_bad_frames
+        self.frame_window = cfg.frame_window
         if not self.root.is_dir():
             raise DataError(f"{self.root}: data.root is not a directory; expected the Virtual KITTI 2 root")
         listed = self.root / "sequence_list.txt"
