@@ -203,9 +203,19 @@ def _meta_model(cfg: VGGTConfig):
     return _META_MODELS[key]
 
 
+_LAYOUTS: dict[str, list] = {}
+
+
 def unit_layout(model_cfg: VGGTConfig, parallel_cfg, freeze: tuple[str, ...] = ()) -> list[UnitInfo]:
     """The FSDP units of the sharding plan (`plan_parallelism` on a meta-device model) with the shapes of
     the parameters each owns (the innermost unit whose path contains the parameter's name)."""
+    key = repr((model_cfg, parallel_cfg, freeze))
+    if key not in _LAYOUTS:
+        _LAYOUTS[key] = _unit_layout(model_cfg, parallel_cfg, freeze)
+    return _LAYOUTS[key]
+
+
+def _unit_layout(model_cfg: VGGTConfig, parallel_cfg, freeze: tuple[str, ...]) -> list[UnitInfo]:
     from vggt_fsdp.parallel.sharding import plan_parallelism
 
     model = _meta_model(model_cfg)
@@ -272,7 +282,7 @@ def plan(
     states = _state_terms(units, shard, parallel_cfg.sharding.cpu_offload, device_kind)
     acts, work = _activation_terms(model_cfg, units, batch, kernels, freeze)
     params_live = _unsharded_terms(units, shard, fused_adamw=device_kind == "cuda")
-    terms = states + acts + params_live + work
+    terms = states + _io_terms(model_cfg, batch) + acts + params_live + work
     phases = _phases(terms, units, shard)
     peak_phase = max(phases, key=phases.get)
     peak = phases[peak_phase]
@@ -282,13 +292,13 @@ def plan(
         "heads": parallel_cfg.checkpoint.heads,
     }
     return MemoryPlan(
-        model=_model_name(model_cfg), world_size=world_size, shard_size=shard, frames_per_gpu=frames_per_gpu,
+        model=model_name(model_cfg), world_size=world_size, shard_size=shard, frames_per_gpu=frames_per_gpu,
         scenes=scenes, frames_per_scene=frames, image_hw=(height, width), device_kind=device_kind,
         policy=policy, terms=terms, peak_phase=peak_phase, peak_bytes=peak, device_bytes=device, phases=phases,
     )
 
 
-def _model_name(cfg: VGGTConfig) -> str:
+def model_name(cfg: VGGTConfig) -> str:
     a = cfg.aggregator
     return f"VGGT(embed {a.embed_dim}, depth {a.depth}, patch-embed depth {cfg.patch_embed.depth})"
 
@@ -330,12 +340,24 @@ def _unsharded_terms(units: list[UnitInfo], shard: int, fused_adamw: bool) -> li
                       biggest.unsharded() + biggest.all_gather(shard),
                       f"largest unit {biggest.path or '<root>'}: unsharded params + the next unit's all-gather "
                       f"output ({shard} x padded shard x dtype)"))
-    terms.append(Term("unsharded grads + reduce-scatter buffer", "transient",
-                      biggest.grad_unsharded() + biggest.reduce_scatter(shard),
-                      f"largest unit: trainable numel x param dtype + {shard} x padded shard x reduce dtype"))
+    terms.append(Term("unit backward: prefetched params, unsharded grads, reduce-scatter", "transient",
+                      biggest.unsharded() + biggest.grad_unsharded() + biggest.reduce_scatter(shard),
+                      f"largest unit: numel x param dtype (the next unit, prefetched) + trainable numel x param "
+                      f"dtype + {shard} x padded shard x reduce dtype"))
     terms.append(Term("optimizer step temporaries", "transient", 0 if fused_adamw else trainable,
                       "fused AdamW: none; foreach AdamW: one fp32 list like the sharded gradients"))
     return terms
+
+
+def _io_terms(model_cfg: VGGTConfig, b: Batch) -> list[Term]:
+    """The batch's images (alive the whole step) and the dense outputs (alive until backward ends)."""
+    hw = b.height * b.width
+    dense = (2 if model_cfg.enable_depth else 0) + (4 if model_cfg.enable_point else 0)
+    return [
+        Term("input images (fp32)", "io", b.images * 3 * hw * 4, "images x 3 x H x W x 4 B"),
+        Term("dense outputs (fp32)", "outputs", b.images * dense * hw * 4,
+             "images x H x W x 4 B x (depth + conf: 2, points + conf: 4)"),
+    ]
 
 
 # ---------------------------------------------------------------------------------------- activations
@@ -554,21 +576,27 @@ def _blocks_term(title, group, paths, flows, policies, dtype, k, make_shape, sha
 def _phases(terms: list[Term], units: list[UnitInfo], shard: int) -> dict[str, int]:
     """Bytes live at the candidate peaks. Gradients are None until backward (zero_grad(set_to_none))."""
     by = {t.name: t.bytes for t in terms}
-    state = sum(t.bytes for t in terms if t.category == "state")
+    # The batch's images live through the step; the outputs until backward ends (the trainer's loss reads
+    # them): counted with the state and the activations respectively.
+    state = sum(t.bytes for t in terms if t.category in ("state", "io"))
     grads = sum(t.bytes for t in terms if t.category == "grads")
-    acts = sum(t.bytes for t in terms if t.category == "activation")
+    acts = sum(t.bytes for t in terms if t.category in ("activation", "outputs"))
     head_acts = sum(t.bytes for t in terms if t.category == "activation" and t.group in ("depth", "point", "camera"))
     unit = by["running unit + prefetch all-gather"]
-    unit_grads = by["unsharded grads + reduce-scatter buffer"]
+    unit_grads = by["unit backward: prefetched params, unsharded grads, reduce-scatter"]
     head_work = max((t.bytes for t in terms if t.name.endswith("(recompute + grads of one chunk)")), default=0)
     kept_grads = by.get("gradients of the kept layers", 0)
     block_work = max((t.bytes for t in terms if t.name.endswith("recompute + grads of one block")), default=0)
     kept = by.get("kept layer outputs (as the heads hold them)", 0)
     head_grads = sum(p.shard_numel(shard) * 4 for u in units if u.kind == "module" for p in u.params if p.trainable)
+    dpt_acts = sum(t.bytes for t in terms if t.category == "activation" and t.group in ("depth", "point"))
     return {
         "end of forward": state + acts + unit,
         "first head backward": state + acts + unit + head_work + kept_grads,
-        # The heads' activations and fp32 kept copies are freed; the kept layers' bf16 gradients remain.
+        # The DPT heads are done: their activations are freed, the kept layers' gradients wait.
+        "largest unit backward": state + head_grads + acts - dpt_acts + kept_grads + unit + unit_grads,
+        # The heads' activations and kept copies are freed; the kept layers' gradients (about half, in the
+        # aggregator's dtype) remain.
         "first block backward": state + head_grads + acts - head_acts - kept + kept_grads // 2 + unit + unit_grads
         + block_work,
         "optimizer step": state + grads + by["optimizer step temporaries"],
