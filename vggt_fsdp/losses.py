@@ -324,6 +324,9 @@ def track_loss(
     (the track head applies the sigmoid) trained with binary cross-entropy, conf's target being
     "the final track is within conf_radius_px of the ground truth".
     """
+    if "tracks" not in batch:
+        raise KeyError("loss.track.enabled is true but the batch has no ground-truth 'tracks' (only "
+                       "data.source=synthetic provides them); set loss.track.enabled=false")
     gt = batch["tracks"].float()
     gt_vis = batch["track_vis_mask"].bool()
     valid = gt_vis[:, :1].expand_as(gt_vis)  # (B, S, N): query visible in frame 0

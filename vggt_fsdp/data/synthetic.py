@@ -117,7 +117,7 @@ def draw_cameras(scene: Scene, rng: np.random.Generator, num_frames: int, image_
     Cameras sit on an arc around the room's vertical axis between the objects and the walls, so
     neighbouring frames overlap the way frames of a video do, and look at points near the objects.
     """
-    lo, hi = scene.room_lo.numpy(), scene.room_hi.numpy()
+    hi = scene.room_hi.numpy()
     wall = min(hi[0], hi[1])
     near, far = scene.object_radius + _OBJECT_REACH + 0.25, wall - 0.25
     start, span = rng.uniform(0, 2 * math.pi), rng.uniform(math.radians(20), math.radians(200))
