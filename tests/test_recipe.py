@@ -133,7 +133,10 @@ def test_yaml_errors_name_the_file(tmp_path):
 def _cli(capsys, *args: str):
     from vggt_fsdp.cli import main
 
-    code = main(list(args))
+    try:
+        code = main(list(args))
+    except SystemExit as exit_:
+        code = exit_.code
     out, err = capsys.readouterr()
     return code, out, err
 

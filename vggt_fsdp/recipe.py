@@ -18,6 +18,7 @@ import copy
 import dataclasses
 import difflib
 import re
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -109,6 +110,15 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     except yaml.YAMLError as err:
         raise RecipeError(f"{path}: not valid YAML: {err}") from None
     return recipe_from_dict(raw, overrides, source=str(path))
+
+
+def load_recipe_or_exit(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    """`load_recipe` for commands: an invalid recipe prints one `error:` line and exits with status 2."""
+    try:
+        return load_recipe(path, overrides)
+    except RecipeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def recipe_from_dict(raw: Any, overrides: Sequence[str] = (), source: str = "<recipe>") -> Recipe:

@@ -15,13 +15,9 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from vggt_fsdp.parallel.accelerate import accelerate_config_yaml
-    from vggt_fsdp.recipe import RecipeError, load_recipe
+    from vggt_fsdp.recipe import load_recipe_or_exit
 
-    try:
-        recipe = load_recipe(args.recipe, args.overrides)
-    except RecipeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    recipe = load_recipe_or_exit(args.recipe, args.overrides)
     text = accelerate_config_yaml(recipe)
     if args.output is None:
         sys.stdout.write(text)

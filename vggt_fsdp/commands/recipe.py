@@ -4,7 +4,6 @@ built on the meta device, so this is instant and needs no process group, even fo
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def build_parser(parser: argparse.ArgumentParser) -> None:
@@ -16,13 +15,9 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vggt_fsdp.recipe import RecipeError, dump_recipe, load_recipe
+    from vggt_fsdp.recipe import dump_recipe, load_recipe_or_exit
 
-    try:
-        recipe = load_recipe(args.recipe, args.overrides)
-    except RecipeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    recipe = load_recipe_or_exit(args.recipe, args.overrides)
     if not args.plan_only:
         print(f"# resolved recipe: {args.recipe} {' '.join(args.overrides)}".rstrip())
         print(dump_recipe(recipe))
