@@ -175,8 +175,10 @@ def cast(scene: Scene, origin: torch.Tensor, dirs: torch.Tensor, normals: bool =
     surface = torch.stack([k[1] + off for k, off in zip(kinds, offsets)]).gather(0, which[None])[0]
     if not normals:
         return Hits(t, surface, None)
-    normal_all = torch.stack([k[2](origin + torch.nan_to_num(t, posinf=0.0)[:, None] * dirs) for k in kinds])
-    normal = normal_all.gather(0, which[None, :, None].expand(1, -1, 3))[0]
+    points = origin + torch.nan_to_num(t, posinf=0.0)[:, None] * dirs
+    normal = kinds[0][2](points)
+    for i, kind in enumerate(kinds[1:], start=1):
+        normal = torch.where((which == i)[:, None], kind[2](points), normal)
     return Hits(t, surface, normal)
 
 
@@ -243,18 +245,21 @@ def _sphere_entry(scene: Scene, origin: torch.Tensor, dirs: torch.Tensor):
 
 def _shade(scene: Scene, points: torch.Tensor, hits: Hits) -> torch.Tensor:
     """Colour (N, 3): solid checker between two colours, a sinusoidal tint, Lambertian light."""
-    hit = torch.isfinite(hits.t)
-    surf = hits.surface.clamp(0, len(scene.checker) - 1)
-    cell = torch.floor(points / scene.checker[surf, None]).sum(-1)
-    odd = (cell.remainder(2) > 0.5)[:, None]
-    albedo = torch.where(odd, scene.colour_a[surf], scene.colour_b[surf])
-    tint = 0.8 + 0.2 * torch.sin((points * scene.tint_freq[surf]).sum(-1, keepdim=True) + surf[:, None])
+    # One gather of a per-surface table: [colour_a (3), colour_b - colour_a (3), 1 / checker (1),
+    # tint_freq (3), phase (1)]; gathers of (N, k) rows dominate shading time otherwise.
+    table = torch.cat([scene.colour_a, scene.colour_b - scene.colour_a, 1.0 / scene.checker[:, None],
+                       scene.tint_freq, torch.arange(len(scene.checker), dtype=torch.float32)[:, None]], 1)
+    row = table[hits.surface.clamp(0, len(table) - 1)]
+    cell = torch.floor(points * row[:, 6:7]).sum(-1, keepdim=True)
+    odd = cell - 2 * torch.floor(cell / 2)  # 0 or 1
+    albedo = torch.addcmul(row[:, 0:3], row[:, 3:6], odd)
+    tint = torch.sin((points * row[:, 7:10]).sum(-1, keepdim=True) + row[:, 10:11]).mul_(0.2).add_(0.8)
     # Normals face the ray, which for closed objects seen from outside and walls seen from inside is
     # the geometric normal: the shading of a point is the same from every view.
-    lambert = (hits.normal @ scene.light).clamp_min(0)[:, None]
-    colour = albedo * tint * (0.35 + 0.65 * lambert)
+    light = (hits.normal @ scene.light).clamp_min_(0).mul_(0.65).add_(0.35)[:, None]
+    colour = (albedo * tint * light).clamp_(0, 1)
     sky = torch.tensor([0.55, 0.7, 0.95])
-    return torch.where(hit[:, None], colour, sky).clamp(0, 1)
+    return torch.where(torch.isfinite(hits.t)[:, None], colour, sky)
 
 
 def camera_rays(extrinsics: torch.Tensor, intrinsics: torch.Tensor, uv: torch.Tensor):
