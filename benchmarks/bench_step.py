@@ -152,11 +152,17 @@ class Workload:
     """What the timed steps run: a sharded model, its optimizer and one fixed batch."""
 
     model: torch.nn.Module
-    step: Callable[[], None]  # forward, loss, backward, clipping, optimizer step
+    optimizer: torch.optim.Optimizer
+    update: Callable[[], None]  # forward, loss, backward, clipping, optimizer step (gradients kept)
     forward: Callable[[], object]  # the step's forward alone
     tokens_per_frame: int
     params_total: int
     params_trainable: int
+
+    def step(self) -> None:
+        """One training step, as the trainer takes it: the update, then gradients freed."""
+        self.update()
+        self.optimizer.zero_grad(set_to_none=True)
 
 
 def _recipe(spec: BenchSpec):
@@ -276,15 +282,14 @@ def build_workload(spec: BenchSpec, recipe, device: torch.device) -> Workload:
                     tracks=bool(recipe.model.heads.track), autocast=lambda: autocast_context(recipe, device))
     batch = move_batch(fixed_batch(spec, recipe), device)
 
-    def step() -> None:
+    def update() -> None:
         loss, _ = task.loss(model, batch)
         loss.backward()
         clip_grad_norms(groups, torch.nn.utils.clip_grad_norm_)
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
 
     tokens_per_frame = task.shape(batch).tokens // spec.frames_per_gpu
-    return Workload(model, step, lambda: task.predict(model, batch), tokens_per_frame,
+    return Workload(model, optimizer, update, lambda: task.predict(model, batch), tokens_per_frame,
                     params_total, params_trainable)
 
 
@@ -350,7 +355,7 @@ def _peak_rss_bytes() -> int:
 
 def run_benchmark(spec: BenchSpec) -> dict:
     """Measure one configuration. Out of memory gives status "oom"; any other failure status "error"."""
-    from vggt_fsdp.memory.accounting import count_saved_bytes
+    from vggt_fsdp.memory.accounting import count_saved_bytes, measure_model_state
     from vggt_fsdp.memory.fake_pg import fake_process_group
 
     device = resolve_device(spec.device)
@@ -382,8 +387,14 @@ def run_benchmark(spec: BenchSpec) -> dict:
                 # The cap binds the caching allocator; a run that reserved more did not emulate the card.
                 result["memory"]["cap_respected"] = result["memory"]["peak_reserved_bytes"] <= result["memory_cap_bytes"]
             if device.type == "cpu":
-                # No device allocator to read: the activations one forward keeps for backward, exactly.
-                phase = "saved-tensor count"
+                # No device allocator to read. Instead, exactly: the activations one forward keeps for
+                # backward, and the model states one rank holds (FSDPMemTracker over one more step).
+                phase = "model-state count"
+                states = measure_model_state(workload.model, workload.optimizer, workload.update, device)
+                result["memory"]["model_state_bytes"] = (states.sharded_params + states.sharded_grads
+                                                         + states.optimizer_state)
+                workload.optimizer.zero_grad(set_to_none=True)
+                phase = "saved-tensor count"  # last: a forward without its backward
                 report, _ = count_saved_bytes(workload.forward)
                 result["memory"]["saved_tensor_bytes"] = report.total_bytes
         result.update(_throughput(spec, result, times, workload.tokens_per_frame, device))

@@ -143,8 +143,10 @@ def baseline_findings(results: list[dict]) -> list[str]:
             lines.append(f"- {where}: **out of memory** (during {r.get('phase', '?')})")
         elif ok(r):
             mem = peak_bytes(r)
-            lines.append(f"- {where}: ran, peak {gib(mem)} GiB" if mem is not None
-                         else f"- {where}: ran (CPU: no device peak)")
+            cpu_mem = r.get("memory") or {}
+            lines.append(f"- {where}: ran, peak {gib(mem)} GiB" if mem is not None else
+                         f"- {where}: ran (CPU: model states {mib(cpu_mem.get('model_state_bytes'))} MiB, "
+                         f"saved for backward {mib(cpu_mem.get('saved_tensor_bytes'))} MiB)")
         else:
             lines.append(f"- {where}: {r.get('status')}: {r.get('error', '')}")
     return lines
@@ -157,7 +159,8 @@ def _cell_status(r: dict) -> str:
 
 
 def results_table(results: list[dict], cpu: bool) -> list[str]:
-    mem_header = ("saved for backward (MiB, CPU)", "host peak RSS (MiB, CPU)") if cpu else (
+    mem_header = ("model states per rank (MiB, CPU)", "saved for backward (MiB, CPU)",
+                  "host peak RSS (MiB, CPU)") if cpu else (
         "peak allocated (GiB)", "peak reserved (GiB)")
     header = ["configuration", "frames/GPU", "world size", "cap (GiB)", "status", "step (s) median [min-max]",
               "frames/s/GPU", "tokens/s/GPU", "TFLOP/s", "MFU", *mem_header]
@@ -169,7 +172,8 @@ def results_table(results: list[dict], cpu: bool) -> list[str]:
         t, thr, mem = r.get("timing"), r.get("throughput") or {}, r.get("memory") or {}
         step = "-" if not t else f"{t['median']:.3f} [{t['min']:.3f}-{t['max']:.3f}]"
         if cpu:
-            mem_cells = (mib(mem.get("saved_tensor_bytes")), mib(mem.get("host_peak_rss_bytes")))
+            mem_cells = (mib(mem.get("model_state_bytes")), mib(mem.get("saved_tensor_bytes")),
+                         mib(mem.get("host_peak_rss_bytes")))
         else:
             mem_cells = (gib(mem.get("peak_allocated_bytes")), gib(mem.get("peak_reserved_bytes")))
         cells = [cfg.get("name", r.get("name", "?")), str(cfg.get("frames", "-")), str(cfg.get("world_size", "-")),

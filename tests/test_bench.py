@@ -125,7 +125,10 @@ def test_bench_step_measures_a_sharded_tiny_step_on_cpu():
     assert thr["tokens_per_s"] == pytest.approx(thr["frames_per_s"] * (4 * 4 + 5))
     assert thr["achieved_tflops"] == pytest.approx(result["flops"]["total"] / timing["median"] / 1e12)
     assert thr["mfu"] is None  # no peak for a CPU: never an MFU
-    assert result["memory"]["kind"] == "cpu" and result["memory"]["saved_tensor_bytes"] > 0
+    memory = result["memory"]
+    assert memory["kind"] == "cpu" and memory["saved_tensor_bytes"] > 0
+    # 16 bytes a parameter (fp32 parameters, gradients, two AdamW moments), sharded over 2 ranks.
+    assert memory["model_state_bytes"] == pytest.approx(16 * result["model"]["trainable_params"] / 2, rel=0.05)
     units = result["comm_units"]
     assert sum(u["numel"] for u in units) == result["model"]["params"]
     assert result["parallel"]["world_size"] == 2
