@@ -81,7 +81,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_toy(rank: int, world: int, port: int, cfg_dict: dict, out: str, nan_steps, sigterm_at) -> None:
+def _run_toy(rank: int, world: int, port: int, cfg_dict: dict, out: str, nan_steps, sigterm_at,
+             fused: bool, init_from: str | None) -> None:
     from accelerate import Accelerator
     from torch.distributed.fsdp import fully_shard
 
@@ -98,14 +99,17 @@ def _run_toy(rank: int, world: int, port: int, cfg_dict: dict, out: str, nan_ste
         fully_shard(sub)
     fully_shard(model.depth_head)
     fully_shard(model)
+    if init_from:
+        from vggt_fsdp.train.build import load_initial_weights
+        load_initial_weights(model, init_from)
     cfg = TrainConfig(**cfg_dict)
-    optim_cfg = OptimConfig(lr=1e-2)
+    optim_cfg = OptimConfig(lr=1e-2, fused=fused)
     optimizer = build_optimizer(model, optim_cfg, "cpu")
     scheduler = build_scheduler(optimizer, ScheduleConfig(warmup_steps=2), optim_cfg.lr, cfg.max_steps)
     optimizer = accelerator.prepare_optimizer(optimizer, device_placement=False)
     task = ToyTask(rank, tuple(nan_steps))
     trainer = Trainer(cfg, accelerator, model, optimizer, scheduler, task,
-                      clip_groups(model, optim_cfg.clip_groups), torch.device("cpu"), fused=True)
+                      clip_groups(model, optim_cfg.clip_groups), torch.device("cpu"), fused=fused)
     torch.manual_seed(1 + rank)  # the per-rank RNG stream a checkpoint must restore
     stop = StopSignal()
     if sigterm_at is not None:
@@ -131,12 +135,12 @@ def _run_toy(rank: int, world: int, port: int, cfg_dict: dict, out: str, nan_ste
     dist.destroy_process_group()
 
 
-def run_toy(out: Path, nan_steps=(), sigterm_at=None, **cfg) -> dict:
+def run_toy(out: Path, nan_steps=(), sigterm_at=None, fused=True, init_from=None, **cfg) -> dict:
     base = dict(max_steps=6, output_dir=str(out), log_every=1, checkpoint_every=3, keep_last=2,
                 progress_bar=False, max_nonfinite_in_row=3)
     base.update(cfg)
-    mp.start_processes(_run_toy, args=(2, _free_port(), base, str(out), list(nan_steps), sigterm_at),
-                       nprocs=2, start_method="fork")
+    args = (2, _free_port(), base, str(out), list(nan_steps), sigterm_at, fused, init_from)
+    mp.start_processes(_run_toy, args=args, nprocs=2, start_method="fork")
     return torch.load(out / "result.pt", weights_only=False)
 
 
@@ -173,14 +177,16 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert not (root / ".tmp-step-0000006").exists()
 
 
-def test_nonfinite_steps_are_skipped_then_abort(tmp_path):
+@pytest.mark.parametrize("fused", [True, False])
+def test_nonfinite_steps_are_skipped_then_abort(tmp_path, fused):
     # Step 2 is non-finite: its update is skipped (counted), training goes on with finite weights.
-    result = run_toy(tmp_path / "skip", nan_steps=(2,), max_steps=4, checkpoint_every=0)
+    # fused: the skip is decided on the device (found_inf); unfused: by the host.
+    result = run_toy(tmp_path / "skip", nan_steps=(2,), max_steps=4, checkpoint_every=0, fused=fused)
     assert result["error"] is None
     records = read_metrics(tmp_path / "skip" / "metrics.jsonl")
     assert [r["skipped_steps"] for r in records] == [0, 1, 1, 1]
     assert all(torch.isfinite(v).all() for v in result["params"].values())
-    aborted = run_toy(tmp_path / "abort", nan_steps=(2, 3, 4), max_steps=6, checkpoint_every=0)
+    aborted = run_toy(tmp_path / "abort", nan_steps=(2, 3, 4), max_steps=6, checkpoint_every=0, fused=fused)
     assert aborted["error"] is not None and "3 steps in a row" in aborted["error"]
 
 
@@ -202,6 +208,21 @@ def test_export_consolidates_full_model(tmp_path):
         assert torch.equal(exported[name], value)
     model = Toy()
     model.load_state_dict(exported, strict=True)
+
+
+def test_initial_weights_reach_every_shard(tmp_path):
+    """Rank 0 reads the file; the other rank gets its shards by broadcast. The only step is
+    non-finite, so its update is skipped and the final weights are exactly the loaded ones."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(7)
+    source = {k: torch.randn_like(v) for k, v in Toy().state_dict().items()}
+    path = tmp_path / "init.safetensors"
+    save_file(source, str(path))
+    result = run_toy(tmp_path / "run", init_from=str(path), nan_steps=(1,), max_steps=1,
+                     checkpoint_every=0, max_nonfinite_in_row=2)
+    for name, value in source.items():
+        assert torch.equal(result["params"][name], value), name
 
 
 def test_schedule_warmup_then_cosine():
@@ -243,3 +264,39 @@ def test_resolve_resume_ignores_incomplete(tmp_path):
     assert ckpt.resolve_resume("none", root) is None
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
         ckpt.resolve_resume(str(root / "step-0000009"), root)
+
+
+def test_pose_auc_and_absrel():
+    from vggt_fsdp.train.validation import abs_rel_sums, auc_from_errors, pair_errors_deg
+
+    gen = torch.Generator().manual_seed(0)
+    rot = torch.linalg.qr(torch.randn(4, 3, 3, generator=gen))[0]
+    rot = rot * torch.linalg.det(rot)[:, None, None]  # proper rotations
+    gt = torch.cat([rot, torch.randn(4, 3, 1, generator=gen)], -1)
+    errors = pair_errors_deg(gt, gt)
+    assert errors.shape == (6,) and errors.max() < 0.1  # 4 frames -> 6 pairs, all exact
+    assert auc_from_errors(errors) == pytest.approx(1.0)
+    scaled = gt.clone()
+    scaled[:, :, 3] *= 3.0  # a global scale changes no rotation and no translation direction
+    assert pair_errors_deg(scaled, gt).max() < 0.1
+    # Errors of 0.5, 10.5 and 40 degrees: below t for 30, 20 and 0 of the 30 thresholds.
+    assert auc_from_errors(torch.tensor([0.5, 10.5, 40.0])) == pytest.approx((30 + 20 + 0) / 90)
+    gt_depth = torch.full((2, 4, 4), 2.0)
+    mask = torch.ones(2, 4, 4, dtype=torch.bool)
+    mask[0] = False
+    total, count = abs_rel_sums(gt_depth * 1.1, gt_depth, mask)
+    assert count == 16 and total / count == pytest.approx(0.1)
+
+
+def test_oom_report_names_size_and_settings():
+    from vggt_fsdp.recipe import Recipe
+    from vggt_fsdp.train.faults import oom_report
+
+    recipe = Recipe()
+    text = oom_report(12, StepShape(scenes=2, frames_per_scene=24, height=518, width=518, tokens=33000), recipe)
+    assert "step 12" in text and "48 frames" in text and "33000 tokens" in text
+    for setting in ("data.frames_per_gpu", "parallel.checkpoint.policy=block", "parallel.checkpoint.heads=chunks",
+                    "parallel.sharding.cpu_offload=true"):
+        assert setting in text
+    recipe.parallel.checkpoint.policy = "block"
+    assert "parallel.checkpoint.policy" not in oom_report(1, None, recipe)  # already the saving value

@@ -73,8 +73,8 @@ def runs(tmp_path_factory):
                  VGGT_FSDP_CRASH_IN_SAVE="4")
     checkpoints_after_crash = [s for s, _ in ckpt.complete_checkpoints(root / "b" / "checkpoints")]
     leftovers = sorted(p.name for p in (root / "b" / "checkpoints").iterdir())
-    b2 = _launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "vggt_fsdp.train",
-                  RECIPE, *common, f"train.output_dir={root / 'b'}"])
+    b2 = _launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                  "-m", "vggt_fsdp.train", RECIPE, *common, f"train.output_dir={root / 'b'}"])
     _check(b2)
     return {"root": root, "a": a, "b1": b1, "b2": b2, "after_crash": checkpoints_after_crash,
             "leftovers": leftovers}
@@ -133,3 +133,19 @@ def test_metrics_records_have_the_documented_fields(runs):
     assert record["frames_per_s"] > 0 and record["host_rss_gib"] > 0
     assert {"loss_camera", "loss_depth", "loss_point"} <= set(record["loss_terms"])
     assert set(record["grad_norm_groups"]) == {"aggregator", "camera", "depth", "point"}
+
+
+def test_loss_falls_on_the_tiny_synthetic_task(tmp_path):
+    """The recipe's model and precision on a small fixed set of synthetic scenes: with log_every=10
+    the first record is the mean of the first ten steps and the last the mean of the final ten."""
+    out = tmp_path / "fit"
+    result = _launch([sys.executable, "-m", "vggt_fsdp.train", RECIPE, "data.image_width=56",
+                      "data.frames_range=[2,3]", "data.frames_per_gpu=3", "data.num_workers=0",
+                      "data.synthetic.num_scenes=4", "schedule.warmup_steps=5", "train.max_steps=100",
+                      "train.log_every=10", "train.checkpoint_every=0", "train.progress_bar=false",
+                      f"train.output_dir={out}"])
+    _check(result)
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(10, 101, 10))
+    first_ten, final = records[0]["loss"], records[-1]["loss"]
+    assert final <= 0.5 * first_ten, [round(r["loss"], 3) for r in records]
