@@ -156,21 +156,25 @@ POLICIES = {
 }
 
 
-@pytest.mark.parametrize("name", POLICIES)
-def test_wrapping_is_exactly_what_the_policy_names(name):
-    model = tiny_model()
-    cfg = ParallelConfig()
+def checkpointed(name: str) -> tuple[nn.Module, ParallelConfig]:
+    """The tiny model with the checkpoint policy POLICIES[name] (and per-chunk heads) applied, unsharded."""
+    model, cfg = tiny_model(), ParallelConfig()
     for key, value in POLICIES[name].items():
         setattr(cfg.checkpoint, key, value)
     cfg.checkpoint.heads = "chunks"
-    expected = _expected_wraps(model, cfg)
     plan = plan_parallelism(model, cfg)
     apply_checkpointing(model, plan.checkpoint_wrapped, plan.chunk_checkpointed)
+    return model, cfg
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_wrapping_is_exactly_what_the_policy_names(name):
+    model, cfg = checkpointed(name)
+    expected = _expected_wraps(tiny_model(), cfg)
     assert set(wrapped_paths(model)) == expected
+    assert (expected == set()) == (name == "none")
     assert {path for path, m in model.named_modules() if getattr(m, "checkpoint_chunks", False)} == \
         {"depth_head", "point_head"}
-    if name == "none":
-        assert expected == set()
     # State-dict names are untouched by the wrappers.
     assert set(model.state_dict()) == set(tiny_model().state_dict())
 
@@ -181,13 +185,7 @@ def test_checkpointing_changes_no_gradient():
     loss_fn(reference(images)).backward()
     want = {name: p.grad.clone() for name, p in reference.named_parameters() if p.grad is not None}
     for name in ("attention", "block", "per_group"):
-        model = tiny_model()
-        cfg = ParallelConfig()
-        for key, value in POLICIES[name].items():
-            setattr(cfg.checkpoint, key, value)
-        cfg.checkpoint.heads = "chunks"
-        plan = plan_parallelism(model, cfg)
-        apply_checkpointing(model, plan.checkpoint_wrapped, plan.chunk_checkpointed)
+        model, _ = checkpointed(name)
         loss_fn(model(images)).backward()
         got = {canonical_name(n): p.grad for n, p in model.named_parameters() if p.grad is not None}
         assert max_rel_err(got, want) <= 1e-6, name
@@ -287,6 +285,16 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     result["fp32_losses"] = global_loss(train(model, images[rank:rank + 1]))
     result["fp32_params"] = full_params(model)
 
+    # 1b. fp32, hybrid 2-D mesh (replicate 2 x shard 1): the HSDP path; every rank holds everything.
+    hybrid = fp32_parallel()
+    hybrid.sharding.mode, hybrid.sharding.shard_degree = "hybrid", 1
+    model = tiny_model()
+    apply_parallelism(model, hybrid, build_mesh(hybrid.sharding, "cpu"))
+    result["hybrid_mesh"] = tuple(model.aggregator.frame_blocks[0].norm1.weight.device_mesh.shape)
+    result["hybrid_local_numel"] = sum(p.to_local().numel() for p in model.parameters())
+    result["hybrid_losses"] = global_loss(train(model, images[rank:rank + 1]))
+    result["hybrid_params"] = full_params(model)
+
     # 2. bf16 (the recipe's policy) through Accelerate: prepare, backward, clipping, save_state.
     model = tiny_model()
     prepare_model(accelerator, model, recipe.parallel)
@@ -360,6 +368,15 @@ def test_fp32_sharded_run_equals_single_process_run(two_ranks, fp32_reference):
         assert params_rel_err(rank["fp32_params"], ref_params) <= 1e-5
     # The parameters moved far more than that: the equality is not the trivial one of an untrained model.
     assert params_rel_err(two_ranks[0]["fp32_params"], full_params(tiny_model())) > 1e-3
+
+
+def test_hybrid_sharded_run_equals_single_process_run(two_ranks, fp32_reference):
+    ref_losses, ref_params = fp32_reference
+    total = sum(p.numel() for p in tiny_model().parameters())
+    for rank in two_ranks:
+        assert rank["hybrid_mesh"] == (2, 1) and rank["hybrid_local_numel"] == total
+        assert rank["hybrid_losses"] == pytest.approx(ref_losses, rel=1e-5)
+        assert params_rel_err(rank["hybrid_params"], ref_params) <= 1e-5
 
 
 def test_every_rank_sees_the_same_loss(two_ranks):

@@ -13,11 +13,12 @@ Sharding, precision and checkpointing come from the recipe's `parallel:` section
 FSDP plugin is built from it with Accelerate's own wrapping and checkpointing switched off, so nothing
 is decided twice.
 
-The CPU bridge (`_enable_fsdp_on_cpu`): Accelerate 1.15 switches a process to FSDP only when it drives
-an accelerator device (`AcceleratorState.__init__` sets `DistributedType.FSDP` inside its MULTI_GPU /
-MULTI_XPU / ... branch); CPU processes stay MULTI_CPU, and prepare would wrap the model in DDP. FSDP2
-itself runs on CPU over gloo, so after construction we make the assignment that branch makes on a GPU.
-That is the only difference between the CPU and the GPU path.
+The bridge (`_enable_fsdp`): Accelerate 1.15 switches a process to FSDP only inside the MULTI_GPU /
+MULTI_XPU / ... branch of `AcceleratorState.__init__`. CPU processes stay MULTI_CPU (prepare would wrap
+the model in DDP), and a single process started without a launcher stays NO, on a GPU too. FSDP2 itself
+runs on the CPU over gloo and on one rank, so after construction we make the assignment that branch makes
+(plus a 1-rank process group for a lone process). That is the only difference between the CPU and the
+GPU path.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ import torch
 from torch import nn
 
 from vggt_fsdp.parallel.config import ParallelConfig
-from vggt_fsdp.parallel.sharding import ParallelPlan, apply_parallelism, build_mesh, mesh_shape
+from vggt_fsdp.parallel.sharding import ParallelPlan, apply_parallelism, build_mesh, ensure_process_group, mesh_shape
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -146,22 +147,25 @@ def build_accelerator(recipe: Recipe, **kwargs: Any) -> Accelerator:
         fsdp_plugin=plugin,
         **kwargs,
     )
-    _enable_fsdp_on_cpu(accelerator, plugin)
+    _enable_fsdp(accelerator, plugin)
     return accelerator
 
 
-def _enable_fsdp_on_cpu(accelerator: Accelerator, plugin) -> None:
-    """Make a CPU process FSDP as Accelerate makes a GPU process (see the module docstring)."""
+def _enable_fsdp(accelerator: Accelerator, plugin) -> None:
+    """Make a CPU process, or a lone process, FSDP as Accelerate makes a launched GPU process (see the
+    module docstring)."""
     from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import DistributedType
 
     state = AcceleratorState()
     if state.distributed_type == DistributedType.FSDP:
         return
-    if accelerator.device.type != "cpu" or state.distributed_type not in (DistributedType.MULTI_CPU,
-                                                                          DistributedType.NO):
+    lone = state.distributed_type == DistributedType.NO and accelerator.num_processes == 1
+    if not lone and not (state.distributed_type == DistributedType.MULTI_CPU and accelerator.device.type == "cpu"):
         raise RuntimeError(f"Accelerate chose {state.distributed_type} on {accelerator.device}; expected FSDP "
                            "(launch with the recipe's accelerate config)")
+    if lone:
+        ensure_process_group(accelerator.device.type)
     state.fsdp_plugin = plugin
     state.distributed_type = DistributedType.FSDP
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP

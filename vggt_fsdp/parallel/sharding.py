@@ -195,15 +195,21 @@ def mesh_shape(cfg: ShardingConfig, world_size: int, local_world_size: int | Non
     return (replicate, shard)
 
 
+def ensure_process_group(device_type: str) -> None:
+    """FSDP2 needs a process group; a single process started without a launcher gets a 1-rank one."""
+    if dist.is_initialized():
+        return
+    if int(os.environ.get("WORLD_SIZE", "1")) != 1:
+        raise RuntimeError("WORLD_SIZE > 1 but no process group is initialised; create the Accelerator "
+                           "(vggt_fsdp.parallel.build_accelerator) before sharding")
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
 def build_mesh(cfg: ShardingConfig, device_type: str) -> DeviceMesh:
     """The device mesh over the default process group (a 1-rank gloo group is created for a single
     process, so the CPU path shards with the same code as a multi-process run)."""
-    if not dist.is_initialized():
-        if int(os.environ.get("WORLD_SIZE", "1")) != 1:
-            raise RuntimeError("WORLD_SIZE > 1 but no process group is initialised; create the Accelerator "
-                               "(vggt_fsdp.parallel.build_accelerator) before sharding")
-        backend = "nccl" if device_type == "cuda" else "gloo"
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    ensure_process_group(device_type)
     local = os.environ.get("LOCAL_WORLD_SIZE")
     shape = mesh_shape(cfg, dist.get_world_size(), int(local) if local else None)
     names = ("shard",) if len(shape) == 1 else ("replicate", "shard")
