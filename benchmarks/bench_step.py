@@ -96,13 +96,17 @@ class BenchSpec:
 
 # --------------------------------------------------------------------------------------- environment
 def resolve_device(name: str) -> torch.device:
+    """The device to measure on, with its index (CUDA memory calls refuse a bare "cuda")."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type not in ("cuda", "cpu"):
         raise ValueError(f"device must be auto, cpu or cuda[:i], got {name!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but torch {torch.__version__} sees no CUDA device")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} requested but torch {torch.__version__} sees no CUDA device")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 
@@ -119,7 +123,7 @@ def describe_device(device: torch.device) -> dict:
         "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
     }
     if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
+        props = torch.cuda.get_device_properties(device.index)
         info.update(name=props.name, total_memory_bytes=props.total_memory, cuda=torch.version.cuda,
                     capability=f"{props.major}.{props.minor}")
     else:
@@ -134,16 +138,21 @@ def device_slug(info: dict) -> str:
     return "-".join("".join(c if c.isalnum() else " " for c in info["name"].lower()).split())
 
 
-def cap_device_memory(device: torch.device, gib: float) -> int:
-    """Cap the CUDA caching allocator of this process at `gib` GiB; returns the cap in bytes."""
+def cap_device_memory(device: torch.device, gib: float) -> dict:
+    """Cap this process's CUDA caching allocator at `gib` GiB, to emulate a card of that size.
+
+    A card with no more memory than the cap needs none (an 80 GiB cap on an 80 GB card): its own memory
+    is the limit, and the result says so.
+    """
     if device.type != "cuda":
         raise ValueError(f"--gpu-memory caps a CUDA device's allocator; the device here is {device}")
-    total = torch.cuda.get_device_properties(device).total_memory
+    total = torch.cuda.get_device_properties(device.index).total_memory
     cap = int(gib * GIB)
-    if cap > total:
-        raise ValueError(f"--gpu-memory {gib} GiB exceeds this device's {total / GIB:.1f} GiB")
-    torch.cuda.set_per_process_memory_fraction(cap / total, device)
-    return cap
+    if cap >= total:
+        return {"requested_bytes": cap, "cap_bytes": total, "applied": False,
+                "note": f"the card has {total / GIB:.1f} GiB, not more than the {gib:g} GiB asked: no cap needed"}
+    torch.cuda.set_per_process_memory_fraction(cap / total, device.index)
+    return {"requested_bytes": cap, "cap_bytes": cap, "applied": True}
 
 
 # --------------------------------------------------------------------------------------- the run
@@ -367,7 +376,7 @@ def run_benchmark(spec: BenchSpec) -> dict:
         phase = "flop count"
         result["flops"] = count_flops(spec, recipe, device)
         if spec.gpu_memory_gib is not None:
-            result["memory_cap_bytes"] = cap_device_memory(device, spec.gpu_memory_gib)
+            result["memory_cap"] = cap_device_memory(device, spec.gpu_memory_gib)
         # Hybrid sharding shards over the GPUs of a node, which a launcher announces; the fake group's
         # "node" is up to GPUS_PER_NODE of its ranks.
         os.environ.setdefault("LOCAL_WORLD_SIZE", str(min(spec.world_size, GPUS_PER_NODE)))
@@ -383,9 +392,10 @@ def run_benchmark(spec: BenchSpec) -> dict:
             phase = "steps"
             times = time_steps(workload.step, spec.warmup, spec.steps, device)
             result["memory"] = _memory(device)
-            if "memory_cap_bytes" in result:
+            if "memory_cap" in result:
                 # The cap binds the caching allocator; a run that reserved more did not emulate the card.
-                result["memory"]["cap_respected"] = result["memory"]["peak_reserved_bytes"] <= result["memory_cap_bytes"]
+                cap = result["memory_cap"]["cap_bytes"]
+                result["memory"]["cap_respected"] = result["memory"]["peak_reserved_bytes"] <= cap
             if device.type == "cpu":
                 # No device allocator to read. Instead, exactly: the activations one forward keeps for
                 # backward, and the model states one rank holds (FSDPMemTracker over one more step).
@@ -430,8 +440,8 @@ def _memory(device: torch.device) -> dict:
     memory = {"kind": device.type, "host_rss_bytes": psutil.Process().memory_info().rss,
               "host_peak_rss_bytes": _peak_rss_bytes()}
     if device.type == "cuda":
-        memory.update(peak_allocated_bytes=torch.cuda.max_memory_allocated(device),
-                      peak_reserved_bytes=torch.cuda.max_memory_reserved(device))
+        memory.update(peak_allocated_bytes=torch.cuda.max_memory_allocated(device.index),
+                      peak_reserved_bytes=torch.cuda.max_memory_reserved(device.index))
     return memory
 
 

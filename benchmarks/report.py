@@ -153,6 +153,17 @@ def baseline_findings(results: list[dict]) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------- tables
+def _cap_cell(r: dict) -> str:
+    """The memory cap of a run: as asked, '(card)' where the card was no larger, '!' where the run
+    reserved more than the cap (the emulation did not hold)."""
+    asked = r.get("config", {}).get("gpu_memory_gib")
+    if asked is None:
+        return "-"
+    cap = r.get("memory_cap") or {}
+    text = f"{asked:g}" + (" (card)" if cap.get("applied") is False else "")
+    return text + (" !" if (r.get("memory") or {}).get("cap_respected") is False else "")
+
+
 def _cell_status(r: dict) -> str:
     status = r.get("status", "?")
     return "ok" if status == "ok" else f"**{status}**"
@@ -177,7 +188,7 @@ def results_table(results: list[dict], cpu: bool) -> list[str]:
         else:
             mem_cells = (gib(mem.get("peak_allocated_bytes")), gib(mem.get("peak_reserved_bytes")))
         cells = [cfg.get("name", r.get("name", "?")), str(cfg.get("frames", "-")), str(cfg.get("world_size", "-")),
-                 num(cfg.get("gpu_memory_gib"), "{:g}"), _cell_status(r), step,
+                 _cap_cell(r), _cell_status(r), step,
                  num(thr.get("frames_per_s")), num(thr.get("tokens_per_s"), "{:.0f}"),
                  num(thr.get("achieved_tflops"), "{:.3f}" if cpu else "{:.1f}"),
                  num(thr.get("mfu"), "{:.1%}"), *mem_cells]

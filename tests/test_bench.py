@@ -162,6 +162,28 @@ def test_out_of_memory_is_a_result_not_a_crash(monkeypatch):
     assert "out of memory" in result["error"]
 
 
+class _FakeProps:
+    name, major, minor = "NVIDIA H200", 9, 0
+    total_memory = 140 * 2**30
+
+
+def test_cuda_device_gets_an_index_and_the_cap_a_fraction(monkeypatch):
+    """The CUDA-only paths, exercised on a CPU machine with torch.cuda's entry points replaced."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: _FakeProps)
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d: calls.append((f, d)))
+    device = bench_step.resolve_device("auto")
+    assert device == torch.device("cuda", 3)  # memory calls refuse a bare "cuda"
+    cap = bench_step.cap_device_memory(device, 40)
+    assert cap["applied"] and cap["cap_bytes"] == 40 * 2**30 and calls == [(40 / 140, 3)]
+    whole = bench_step.cap_device_memory(device, 141)  # no smaller than the card: its own memory limits
+    assert not whole["applied"] and whole["cap_bytes"] == 140 * 2**30 and len(calls) == 1
+    assert bench_step.describe_device(device)["name"] == "NVIDIA H200"
+    assert bench_step.device_slug(bench_step.describe_device(device)) == "nvidia-h200"
+
+
 def test_spec_rejects_partial_scenes_and_cpu_memory_cap():
     with pytest.raises(ValueError, match="multiple of frames_per_scene"):
         bench_step.BenchSpec(recipe=CPU_RECIPE, frames_per_gpu=30, frames_per_scene=24, height=56, width=56)
