@@ -278,18 +278,26 @@ def depth_at(scene: Scene, extrinsics: torch.Tensor, intrinsics: torch.Tensor, u
     return cast(scene, centre, dirs).t
 
 
+# Rays are cast in blocks: the per-ray temporaries of a block stay in the CPU cache, which is about
+# twice as fast as one pass over a 518 x 518 image.
+_RAY_BLOCK = 32768
+
+
 def render(scene: Scene, extrinsics: torch.Tensor, intrinsics: torch.Tensor, image_hw: tuple[int, int]):
     """One view: image (3, H, W) in [0, 1], depth (H, W) (0 where nothing is hit), mask (H, W) and
     world points (H, W, 3) (the camera centre where nothing is hit)."""
     height, width = image_hw
     centre, dirs = camera_rays(extrinsics, intrinsics, pixel_grid(height, width).reshape(-1, 2))
-    hits = cast(scene, centre, dirs, normals=True)
-    hit = torch.isfinite(hits.t)
-    depth = torch.where(hit, hits.t, torch.zeros_like(hits.t))
+    colours, depths = [], []
+    for block in dirs.split(_RAY_BLOCK):
+        hits = cast(scene, centre, block, normals=True)
+        depth = torch.where(torch.isfinite(hits.t), hits.t, torch.zeros_like(hits.t))
+        colours.append(_shade(scene, centre + depth[:, None] * block, hits))
+        depths.append(depth)
+    depth = torch.cat(depths)
     points = centre + depth[:, None] * dirs
-    image = _shade(scene, points, hits)
-    return (image.T.reshape(3, height, width).contiguous(), depth.reshape(height, width),
-            hit.reshape(height, width), points.reshape(height, width, 3))
+    image = torch.cat(colours).T.reshape(3, height, width).contiguous()
+    return image, depth.reshape(height, width), (depth > 0).reshape(height, width), points.reshape(height, width, 3)
 
 
 def track_queries(scene: Scene, extrinsics: torch.Tensor, intrinsics: torch.Tensor, world_points: torch.Tensor,
