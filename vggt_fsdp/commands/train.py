@@ -3,17 +3,19 @@
 The recipe's `accelerate:` section is written out as an Accelerate config file and handed to
 `accelerate launch -m vggt_fsdp.train RECIPE [key=value ...]`, which starts num_processes training
 processes on this machine (one node of num_machines; override accelerate.machine_rank and
-accelerate.main_process_ip per node). SIGTERM/SIGINT are passed on to the launcher, whose processes
-save a checkpoint at the next step boundary and exit.
+accelerate.main_process_ip per node). SIGTERM is passed on to the launcher, whose processes save a
+checkpoint at the next step boundary and exit; this command then exits 0 (see faults.py).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 
@@ -49,18 +51,40 @@ def run(args: argparse.Namespace) -> int:
         if args.dry_run:
             print(config_file.read_text(), file=sys.stderr)
             return 0
-        return _run_forwarding_signals(command, dict(os.environ))
+        started = time.time()
+        code, signalled = _run_forwarding_signals(command, dict(os.environ))
+    return _exit_code(code, signalled, Path(recipe.train.output_dir), started)
 
 
-def _run_forwarding_signals(command: list[str], env: dict[str, str]) -> int:
+def _exit_code(code: int, signalled: bool, output_dir: Path, started: float) -> int:
+    """The launcher's code, except after a forwarded SIGTERM that every rank answered by saving a
+    checkpoint (the agent then exits 1 although nothing failed): 0, as for a direct run."""
+    from vggt_fsdp.train.build import PREEMPTED_MARKER
+    from vggt_fsdp.train.faults import PREEMPTED_EXIT_CODE
+
+    marker = output_dir / PREEMPTED_MARKER
+    if code != 0 and signalled and marker.is_file() and marker.stat().st_mtime >= started:
+        info = json.loads(marker.read_text())
+        print(f"[vggt-fsdp] preempted at step {info['step']}; checkpoint {info['checkpoint']} saved. "
+              "Run the same command again to resume.", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
+    return code
+
+
+def _run_forwarding_signals(command: list[str], env: dict[str, str]) -> tuple[int, bool]:
     child = subprocess.Popen(command, env=env)
+    signalled = False
 
     def forward(signum, frame):
+        nonlocal signalled
+        signalled = True
         child.send_signal(signum)
 
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    # SIGTERM only: a Ctrl-C (SIGINT) already reaches every process of the terminal's group.
+    previous = signal.signal(signal.SIGTERM, forward)
     try:
-        return child.wait()
+        return child.wait(), signalled
+    except KeyboardInterrupt:
+        return child.wait(), False
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        signal.signal(signal.SIGTERM, previous)

@@ -12,7 +12,7 @@ Order matters and is the point of this module:
 from __future__ import annotations
 
 import fnmatch
-import os
+import json
 import random
 import sys
 from dataclasses import dataclass
@@ -26,6 +26,9 @@ from torch import nn
 from vggt_fsdp.train.faults import StepShape
 from vggt_fsdp.train.loop import Trainer
 from vggt_fsdp.train.optim import build_optimizer, build_scheduler, clip_groups, resolve_fused
+
+
+PREEMPTED_MARKER = "preempted.json"  # in output_dir after a run stopped by SIGTERM saved its checkpoint
 
 
 def log(text: str) -> None:
@@ -251,8 +254,15 @@ def run(recipe) -> int:
         out.mkdir(parents=True, exist_ok=True)
         from vggt_fsdp.recipe import dump_recipe
         (out / "recipe.yaml").write_text(dump_recipe(recipe))
+    marker = out / PREEMPTED_MARKER
+    if trainer.rank == 0:
+        marker.unlink(missing_ok=True)  # only this run's preemption may be reported
     trainer.resume()
     outcome = trainer.fit()
+    if outcome.preempted and trainer.rank == 0:
+        # Read by `vggt-fsdp train`: the launcher (torchrun's agent) exits non-zero when signalled
+        # even though every rank saved and exited cleanly.
+        marker.write_text(json.dumps({"step": outcome.step, "checkpoint": str(outcome.last_checkpoint)}))
     if not outcome.preempted and recipe.train.export_final and outcome.last_checkpoint is not None:
         if trainer.rank == 0:
             count = ckpt.export_safetensors(outcome.last_checkpoint, out / "model.safetensors")
