@@ -14,8 +14,9 @@ Sources: `synthetic` (the built-in world, rendered at the target size) and `fold
 format: a scene rendered once at 4:3 with 1.2x the target width, written as PNG images and 16-bit
 PNG depth, then read back, cropped and resized: the cost of a real-data loader on decoded PNGs).
 
-Writes benchmarks/results/data-throughput-<date>-<device>.json by default, with the command, the
-device, the date and the library versions. On a CPU this is a CPU measurement, nothing else.
+Writes benchmarks/results/data-throughput-<date>-cpu.json by default, with the command, the CPU,
+the date and the library versions. Loader workers run on CPU cores, so this is a CPU figure on any
+machine; it is never a GPU result.
 """
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--width", type=int, default=518)
     parser.add_argument("--aspects", type=float, nargs="+", default=[1.0, 0.5], help="height / width")
     parser.add_argument("--sources", nargs="+", choices=("synthetic", "folder"), default=["synthetic", "folder"])
-    parser.add_argument("--json", default=None, help="output path (default: benchmarks/results/data-throughput-<date>-<device>.json)")
+    parser.add_argument("--json", default=None, help="output path (default: benchmarks/results/data-throughput-<date>-cpu.json)")
     return parser.parse_args(argv)
 
 
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         pillow = None
     report = {
         "benchmark": "data loader throughput per worker (one process, one thread)",
-        "command": "python -m benchmarks.bench_data " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+        "command": " ".join(["python -m benchmarks.bench_data"] + [shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])]),
         "device": device_description(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__, "numpy": np.__version__, "pillow": pillow,
@@ -146,8 +147,8 @@ def main(argv: list[str] | None = None) -> int:
                 "installed, else the numpy decoder (slower).",
         "results": results,
     }
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    out = Path(args.json) if args.json else RESULTS / f"data-throughput-{datetime.date.today().isoformat()}-{device}.json"
+    # Loader workers run on CPU cores whatever the training device, so this is always a CPU figure.
+    out = Path(args.json) if args.json else RESULTS / f"data-throughput-{datetime.date.today().isoformat()}-cpu.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"# wrote {out}")
