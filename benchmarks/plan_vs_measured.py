@@ -97,12 +97,14 @@ def run(args: argparse.Namespace) -> dict:
             acts = predicted.total("activation")
             row = {
                 "policy": spec, "frames_per_gpu": scenes * per_scene, "scenes": scenes, "frames_per_scene": per_scene,
+                "predicted_peak_bytes": predicted.peak_bytes,
+                "measured_peak_bytes": measured.peak_bytes,
                 "predicted_peak_GiB": round(predicted.peak_bytes / GiB, 3),
                 "measured_peak_GiB": round(measured.peak_bytes / GiB, 3),
                 "peak_error_pct": round(100 * (predicted.peak_bytes - measured.peak_bytes) / measured.peak_bytes, 2),
                 "predicted_phase": predicted.peak_phase,
-                "predicted_activations_GiB": round(acts / GiB, 3),
-                "saved_tensor_GiB": round(measured.saved.total_bytes / GiB, 3),
+                "predicted_activation_bytes": acts,
+                "saved_tensor_bytes": measured.saved.total_bytes,
                 "activation_error_pct": round(100 * (acts - measured.saved.total_bytes)
                                               / max(measured.saved.total_bytes, 1), 2),
                 "measured_reserved_GiB": round(measured.cuda.get("peak_reserved_bytes", 0) / GiB, 3),
@@ -133,6 +135,12 @@ def _free(device: torch.device) -> None:
 
 
 def markdown(result: dict) -> str:
+    small = max(r["measured_peak_bytes"] for r in result["rows"]) < GiB
+    unit, scale = ("MiB", 2**20) if small else ("GiB", GiB)
+
+    def fmt(n: int) -> str:
+        return f"{n / scale:.3f}"
+
     lines = [
         f"# Planner vs measured peak memory ({result['device']})",
         "",
@@ -142,15 +150,15 @@ def markdown(result: dict) -> str:
         f"{result['world_size']} (fake process group, rank 0), image {result['image_hw'][0]}x{result['image_hw'][1]}",
         f"- measured: {result['measured_with']} over one step after a warm-up step",
         "",
-        "| policy (blocks/heads) | frames | scenes x S | predicted GiB | measured GiB | error | predicted phase "
-        "| activations predicted / saved GiB |",
+        f"| policy (blocks/heads) | frames | scenes x S | predicted {unit} | measured {unit} | error | predicted phase "
+        f"| activations predicted / saved {unit} |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in result["rows"]:
         lines.append(
             f"| {r['policy']} | {r['frames_per_gpu']} | {r['scenes']} x {r['frames_per_scene']} | "
-            f"{r['predicted_peak_GiB']} | {r['measured_peak_GiB']} | {r['peak_error_pct']:+.1f}% | "
-            f"{r['predicted_phase']} | {r['predicted_activations_GiB']} / {r['saved_tensor_GiB']} |")
+            f"{fmt(r['predicted_peak_bytes'])} | {fmt(r['measured_peak_bytes'])} | {r['peak_error_pct']:+.1f}% | "
+            f"{r['predicted_phase']} | {fmt(r['predicted_activation_bytes'])} / {fmt(r['saved_tensor_bytes'])} |")
     return "\n".join(lines) + "\n"
 
 

@@ -230,7 +230,7 @@ class CameraShape:
     target_dim: int
 
 
-def camera_head_saved(s: CameraShape, k: Kernels, trunk_policy: BlockPolicy) -> int:
+def camera_head_saved(s: CameraShape, k: Kernels, trunk_policies: tuple[BlockPolicy, ...]) -> int:
     """`CameraHead.forward` (fp32) on the last layer's camera tokens, M = batch * frames tokens of D.
 
     token_norm: mean+rstd (its input is a view of the kept last layer, counted there) and its output
@@ -239,8 +239,10 @@ def camera_head_saved(s: CameraShape, k: Kernels, trunk_policy: BlockPolicy) -> 
     a view of a parameter), SiLU input and output (2 M D), the modulation output (3 M D; `gate` is a
     view of it), 1 + scale (M D), the modulated tokens (M D), the trunk blocks (`block_saved`, batch
     = scenes, seq = frames), trunk_norm input, mean+rstd and output (2 M D), pose_branch fc1 output and
-    GELU output (2 M D/2), the relu'd focal part (M x 2).
+    GELU output (2 M D/2), the relu'd focal part (M x 2). `trunk_policies`: one per trunk block.
     """
+    if len(trunk_policies) != s.trunk_depth:
+        raise ValueError(f"{len(trunk_policies)} trunk policies for a trunk of {s.trunk_depth} blocks")
     M, D = s.batch * s.frames, s.dim
     stats = 2 * M * k.ln_stats(FP32)
     once = 2 * stats + 2 * M * D * FP32
@@ -253,6 +255,6 @@ def camera_head_saved(s: CameraShape, k: Kernels, trunk_policy: BlockPolicy) -> 
         + 2 * M * D  # trunk_norm input and output
         + M * D  # pose_branch fc1 and GELU outputs (D/2 each)
         + M * (s.target_dim - 7)  # relu'd focal part
-    ) * FP32 + stats + s.trunk_depth * block_saved(block, k, trunk_policy)
+    ) * FP32 + stats + sum(block_saved(block, k, policy) for policy in trunk_policies)
     first_iter_discount = M * 9 * FP32  # the first embed_pose input is a view of a parameter
     return once + s.iterations * per_iter - first_iter_discount

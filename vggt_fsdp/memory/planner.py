@@ -512,13 +512,11 @@ def _head_terms(model_cfg: VGGTConfig, units, b: Batch, k: F.Kernels, policies, 
     # -- camera head.
     if model_cfg.enable_camera:
         cam = model_cfg.camera_head
-        trunk = {policies[f"camera_head.trunk.{i}"] for i in range(cam.trunk_depth)}
-        if len(trunk) != 1:
-            raise ValueError(f"camera trunk blocks with mixed checkpoint policies {sorted(trunk)} are not modelled")
+        trunk = tuple(policies[f"camera_head.trunk.{i}"] for i in range(cam.trunk_depth))
         shape = F.CameraShape(b.scenes, b.frames, D, cam.num_heads, cam.trunk_depth, cam.num_iterations, 9)
         own_copy = b.images * D * 4 if mode == "chunk" else 0  # its fp32 camera tokens
         terms.append(Term("camera head", "activation",
-                          F.camera_head_saved(shape, k, trunk.pop()) + own_copy if flow["camera_head"] else 0,
+                          F.camera_head_saved(shape, k, trunk) + own_copy if flow["camera_head"] else 0,
                           "formulas.camera_head_saved: M = scenes x frames tokens of 2C, fp32, "
                           f"{cam.num_iterations} iterations x {cam.trunk_depth} trunk blocks", group="camera"))
 
