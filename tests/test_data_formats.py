@@ -311,3 +311,14 @@ def test_frames_are_picked_near_an_anchor_as_upstream():
     assert max(max(ids) - min(ids) for ids in spread) > 400
     short = pick_frames(rng, 3, 5, window=8)  # fewer frames than asked: repeats, as upstream
     assert len(short) == 5 and set(short) <= {0, 1, 2}
+
+
+def test_hold_out_split_is_disjoint_complete_and_stable():
+    from vggt_fsdp.data.base import split_by_name
+
+    names = [f"Scene{i:02d}/clone/frames/rgb/Camera_{i % 2}" for i in range(200)]
+    train, val = split_by_name(names, "train", 0.1), split_by_name(names, "val", 0.1)
+    assert set(train).isdisjoint(val) and sorted(train + val) == sorted(names)
+    assert 5 < len(val) < 40  # about 10%
+    assert split_by_name(names[::-1], "val", 0.1) == val[::-1]  # by name, not position
+    assert split_by_name(names, "val", 0.0) == []

@@ -7,6 +7,7 @@ them as upstream. All randomness comes from the spec's seed, so a sample is repr
 from __future__ import annotations
 
 import logging
+import zlib
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -174,6 +175,5 @@ class FileSceneSource:
 
 def split_by_name(names: list[str], split: str, val_fraction: float) -> list[str]:
     """Hold out scenes whose name hashes below val_fraction: stable under added or removed scenes."""
-    from vggt_fsdp.data.io import stable_fraction
-    held_out = [stable_fraction(n) < val_fraction for n in names]
+    held_out = [(zlib.crc32(n.encode()) % 10_000) / 10_000 < val_fraction for n in names]
     return [n for n, h in zip(names, held_out) if h == (split == "val")]

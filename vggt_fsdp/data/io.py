@@ -113,9 +113,3 @@ def as_matrix(value, shape: tuple[int, ...], where: str) -> torch.Tensor:
     if tuple(tensor.shape) != shape or not torch.isfinite(tensor).all():
         raise DataError(f"{where}: got shape {list(tensor.shape)}; expected a finite {list(shape)} matrix")
     return tensor.float()
-
-
-def stable_fraction(name: str) -> float:
-    """A number in [0, 1) fixed by `name` alone, for holding scenes out of training reproducibly."""
-    import zlib
-    return (zlib.crc32(name.encode()) % 10_000) / 10_000
