@@ -47,25 +47,7 @@ ALLOWED_FSDP_CONFIG = {"fsdp_version": 2}
 def check_accelerate_section(section: dict[str, Any], parallel: ParallelConfig) -> None:
     """Reject an `accelerate:` section that Accelerate's config loader would refuse, or that disagrees
     with `parallel:`. Messages name the dotted key."""
-    from accelerate.commands.config.config_args import ClusterConfig
-
-    data = ClusterConfig.process_config(copy.deepcopy(section)) if "distributed_type" in section else None
-    if data is None:
-        raise ValueError("accelerate.distributed_type is required (FSDP)")
-    valid = set(ClusterConfig.__dataclass_fields__)
-    for key in data:
-        if key not in valid:
-            close = difflib.get_close_matches(key, sorted(valid), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"accelerate.{key}: unknown Accelerate config key{hint}; valid keys: "
-                             f"{', '.join(sorted(valid))}")
-    if data.get("compute_environment") not in ("LOCAL_MACHINE",):
-        raise ValueError(f"accelerate.compute_environment={data.get('compute_environment')!r}: only "
-                         "'LOCAL_MACHINE' is supported")
-    try:
-        ClusterConfig(**data)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"accelerate: Accelerate rejects this section: {err}") from None
+    data = _loaded_by_accelerate(section)
     if data["distributed_type"] != "FSDP":
         raise ValueError(f"accelerate.distributed_type={data['distributed_type']!r}: recipes shard with FSDP2; "
                          "set it to 'FSDP' (the CPU path runs FSDP2 over gloo too)")
@@ -81,6 +63,30 @@ def check_accelerate_section(section: dict[str, Any], parallel: ParallelConfig) 
                          f"parallel.precision.param_dtype={parallel.precision.param_dtype!r}; set it to "
                          f"{expected!r}")
     _check_topology(data, parallel)
+
+
+def _loaded_by_accelerate(section: dict[str, Any]) -> dict[str, Any]:
+    """The section as Accelerate's config loader reads a file (its defaults filled in), or a ValueError
+    where the loader would refuse it."""
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    if "distributed_type" not in section:
+        raise ValueError("accelerate.distributed_type is required (FSDP)")
+    data = ClusterConfig.process_config(copy.deepcopy(section))
+    valid = sorted(ClusterConfig.__dataclass_fields__)
+    for key in data:
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"accelerate.{key}: unknown Accelerate config key{hint}; valid keys: {', '.join(valid)}")
+    if data["compute_environment"] != "LOCAL_MACHINE":
+        raise ValueError(f"accelerate.compute_environment={data['compute_environment']!r}: only "
+                         "'LOCAL_MACHINE' is supported")
+    try:
+        ClusterConfig(**data)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"accelerate: Accelerate rejects this section: {err}") from None
+    return data
 
 
 def _check_topology(data: dict[str, Any], parallel: ParallelConfig) -> None:

@@ -85,8 +85,7 @@ def plan_parallelism(model: nn.Module, cfg: ParallelConfig) -> ParallelPlan:
     """The plan for `model` under `cfg`; reads only the module tree (works on the meta device)."""
     blocks = find_blocks(model, cfg)
     groups = [_group_of(path, cfg.layout.groups) for path in blocks]
-    modules = [path for path, _ in model.named_modules()
-               if path and path not in blocks and any(fnmatchcase(path, p) for p in cfg.layout.units)]
+    modules = _module_units(model, cfg, blocks)
     owners = _param_owners(model, blocks + modules)
 
     wrapped: list[str] = []
@@ -109,6 +108,18 @@ def plan_parallelism(model: nn.Module, cfg: ParallelConfig) -> ParallelPlan:
     # The root is not resharded after forward: backward starts with it, so it would be gathered again at once.
     units.append(_unit("", "root", None, cfg, False, "none", owners))
     return ParallelPlan(units=units, checkpoint_wrapped=wrapped, chunk_checkpointed=chunked)
+
+
+def _module_units(model: nn.Module, cfg: ParallelConfig, blocks: list[str]) -> list[str]:
+    """Modules named by layout.units, inner before outer (FSDP2 shards nested units bottom-up)."""
+    found = [path for path, _ in model.named_modules()
+             if path and path not in blocks and any(fnmatchcase(path, p) for p in cfg.layout.units)]
+    for path in found:
+        block = next((b for b in blocks if path.startswith(b + ".")), None)
+        if block is not None:
+            raise ValueError(f"parallel.layout.units names {path}, inside block {block}: blocks are the "
+                             "smallest units; narrow the pattern")
+    return sorted(found, key=lambda path: -path.count("."))  # stable: model order within a depth
 
 
 def _group_of(path: str, groups: dict[str, str]) -> str | None:
