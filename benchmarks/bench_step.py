@@ -363,58 +363,85 @@ def _peak_rss_bytes() -> int:
 
 
 def run_benchmark(spec: BenchSpec) -> dict:
-    """Measure one configuration. Out of memory gives status "oom"; any other failure status "error"."""
-    from vggt_fsdp.memory.accounting import count_saved_bytes, measure_model_state
-    from vggt_fsdp.memory.fake_pg import fake_process_group
-
+    """Measure one configuration. Out of memory gives status "oom"; any other failure status "error";
+    `phase` says how far the run got."""
     device = resolve_device(spec.device)
     result: dict = {"name": spec.name, "spec": asdict(spec), "device": describe_device(device), "status": "ok"}
-    phase = "setup"
     try:
-        recipe = _recipe(spec)
-        result["parallel"] = _parallel_summary(recipe, spec)
-        phase = "flop count"
-        result["flops"] = count_flops(spec, recipe, device)
-        if spec.gpu_memory_gib is not None:
-            result["memory_cap"] = cap_device_memory(device, spec.gpu_memory_gib)
-        # Hybrid sharding shards over the GPUs of a node, which a launcher announces; the fake group's
-        # "node" is up to GPUS_PER_NODE of its ranks.
-        os.environ.setdefault("LOCAL_WORLD_SIZE", str(min(spec.world_size, GPUS_PER_NODE)))
-        with fake_process_group(spec.world_size, device):
-            phase = "build"
-            workload = build_workload(spec, recipe, device)
-            result["model"] = {"preset": recipe.model.preset, "params": workload.params_total,
-                               "trainable_params": workload.params_trainable}
-            result["comm_units"] = [asdict(v) for v in unit_volumes(workload.model)]
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-                torch.cuda.reset_peak_memory_stats(device)
-            phase = "steps"
-            times = time_steps(workload.step, spec.warmup, spec.steps, device)
-            result["memory"] = _memory(device)
-            if "memory_cap" in result:
-                # The cap binds the caching allocator; a run that reserved more did not emulate the card.
-                cap = result["memory_cap"]["cap_bytes"]
-                result["memory"]["cap_respected"] = result["memory"]["peak_reserved_bytes"] <= cap
-            if device.type == "cpu":
-                # No device allocator to read. Instead, exactly: the activations one forward keeps for
-                # backward, and the model states one rank holds (FSDPMemTracker over one more step).
-                phase = "model-state count"
-                states = measure_model_state(workload.model, workload.optimizer, workload.update, device)
-                result["memory"]["model_state_bytes"] = (states.sharded_params + states.sharded_grads
-                                                         + states.optimizer_state)
-                workload.optimizer.zero_grad(set_to_none=True)
-                phase = "saved-tensor count"  # last: a forward without its backward
-                report, _ = count_saved_bytes(workload.forward)
-                result["memory"]["saved_tensor_bytes"] = report.total_bytes
-        result.update(_throughput(spec, result, times, workload.tokens_per_frame, device))
+        _measure(spec, device, result)
     except torch.OutOfMemoryError as err:
-        result.update(status="oom", phase=phase, error=str(err).splitlines()[0])
+        result.update(status="oom", error=str(err).splitlines()[0])
         result["memory"] = _memory(device)
     except Exception as err:  # recorded, so that one broken configuration does not hide the others
-        result.update(status="error", phase=phase, error=f"{type(err).__name__}: {err}",
-                      traceback=traceback.format_exc())
+        result.update(status="error", error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc())
     return result
+
+
+def _measure(spec: BenchSpec, device: torch.device, result: dict) -> None:
+    from vggt_fsdp.memory.fake_pg import fake_process_group
+
+    result["phase"] = "setup"
+    recipe = _recipe(spec)
+    result["parallel"] = _parallel_summary(recipe, spec)
+    result["phase"] = "flop count"
+    result["flops"] = _flops_or_none(spec, recipe, device)
+    if spec.gpu_memory_gib is not None:
+        result["memory_cap"] = cap_device_memory(device, spec.gpu_memory_gib)
+    # Hybrid sharding shards over the GPUs of a node, which a launcher announces; the fake group's
+    # "node" is up to GPUS_PER_NODE of its ranks.
+    os.environ.setdefault("LOCAL_WORLD_SIZE", str(min(spec.world_size, GPUS_PER_NODE)))
+    with fake_process_group(spec.world_size, device):
+        result["phase"] = "build"
+        workload = build_workload(spec, recipe, device)
+        result["model"] = {"preset": recipe.model.preset, "params": workload.params_total,
+                           "trainable_params": workload.params_trainable}
+        result.update(_comm_units(workload.model))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        result["phase"] = "steps"
+        times = time_steps(workload.step, spec.warmup, spec.steps, device)
+        result["memory"] = _memory(device)
+        if "memory_cap" in result:
+            # The cap binds the caching allocator; a run that reserved more did not emulate the card.
+            result["memory"]["cap_respected"] = result["memory"]["peak_reserved_bytes"] <= result["memory_cap"]["cap_bytes"]
+        if device.type == "cpu":
+            result["phase"] = "CPU memory counts"
+            result["memory"].update(_cpu_memory(workload, device))
+    result.update(_throughput(spec, result, times, workload.tokens_per_frame, device))
+    result["phase"] = "done"
+
+
+def _flops_or_none(spec: BenchSpec, recipe, device: torch.device) -> dict:
+    """The FLOP count, or why there is none: a count that runs out of memory (its un-checkpointed model
+    is larger than the measured one) leaves the run without MFU, not without a measurement."""
+    try:
+        return count_flops(spec, recipe, device)
+    except torch.OutOfMemoryError as err:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return {"forward": None, "backward": None, "total": None,
+                "error": f"out of memory while counting: {str(err).splitlines()[0]}"}
+
+
+def _comm_units(model: torch.nn.Module) -> dict:
+    """The units' communication volumes, or why they could not be read (FSDP2 internals changed)."""
+    try:
+        return {"comm_units": [asdict(v) for v in unit_volumes(model)]}
+    except (AttributeError, ValueError) as err:
+        return {"comm_units": None, "comm_units_error": f"{type(err).__name__}: {err}"}
+
+
+def _cpu_memory(workload: Workload, device: torch.device) -> dict:
+    """No device allocator to read on the CPU. Instead, exactly: the model states one rank holds
+    (FSDPMemTracker over one more step) and the activations one forward keeps for backward."""
+    from vggt_fsdp.memory.accounting import count_saved_bytes, measure_model_state
+
+    states = measure_model_state(workload.model, workload.optimizer, workload.update, device)
+    workload.optimizer.zero_grad(set_to_none=True)
+    saved, _ = count_saved_bytes(workload.forward)  # last: a forward without its backward
+    return {"model_state_bytes": states.sharded_params + states.sharded_grads + states.optimizer_state,
+            "saved_tensor_bytes": saved.total_bytes}
 
 
 def _parallel_summary(recipe, spec: BenchSpec) -> dict:
@@ -452,6 +479,7 @@ def _throughput(spec: BenchSpec, result: dict, times: list[float], tokens_per_fr
     peak = spec.peak_tflops if spec.peak_tflops is not None else (
         peak_tflops(result["device"]["name"]) if device.type == "cuda" else None)
     flops = result["flops"]["total"]
+    achieved = None if flops is None else flops / median / 1e12
     return {
         "timing": timing,
         "shape": {"frames_per_gpu": spec.frames_per_gpu, "scenes": spec.scenes,
@@ -460,9 +488,9 @@ def _throughput(spec: BenchSpec, result: dict, times: list[float], tokens_per_fr
         "throughput": {
             "frames_per_s": spec.frames_per_gpu / median,
             "tokens_per_s": spec.frames_per_gpu * tokens_per_frame / median,
-            "achieved_tflops": flops / median / 1e12,
+            "achieved_tflops": achieved,
             "peak_tflops": peak,
-            "mfu": mfu(flops, median, peak),
+            "mfu": None if flops is None else mfu(flops, median, peak),
         },
     }
 

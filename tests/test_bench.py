@@ -184,6 +184,19 @@ def test_cuda_device_gets_an_index_and_the_cap_a_fraction(monkeypatch):
     assert bench_step.device_slug(bench_step.describe_device(device)) == "nvidia-h200"
 
 
+def test_a_flop_count_out_of_memory_leaves_the_measurement(monkeypatch):
+    def boom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory.")
+
+    monkeypatch.setattr(bench_step, "count_flops", boom)
+    spec = bench_step.BenchSpec(recipe=CPU_RECIPE, frames_per_gpu=1, height=56, width=56, device="cpu",
+                                warmup=0, steps=1)
+    result = bench_step.run_benchmark(spec)
+    assert result["status"] == "ok" and result["phase"] == "done"
+    assert result["flops"]["total"] is None and "out of memory" in result["flops"]["error"]
+    assert result["throughput"]["achieved_tflops"] is None and result["throughput"]["frames_per_s"] > 0
+
+
 def test_spec_rejects_partial_scenes_and_cpu_memory_cap():
     with pytest.raises(ValueError, match="multiple of frames_per_scene"):
         bench_step.BenchSpec(recipe=CPU_RECIPE, frames_per_gpu=30, frames_per_scene=24, height=56, width=56)
