@@ -79,3 +79,22 @@ def test_loader_resumes_mid_epoch_from_its_state(workers):
         assert torch.equal(again[key], second[key]), key
     assert not torch.equal(first["images"][:, :1, :, :14, :14], second["images"][:, :1, :, :14, :14])
     assert loader.state_dict()["step"] == 3
+
+
+@pytest.mark.parametrize("override, field_name", [
+    ({"co3d": {"min_frames": 0}}, "data.co3d.min_frames"),
+    ({"vkitti": {"max_depth": -1.0}}, "data.vkitti.max_depth"),
+    ({"augment": {"crop_scale_range": [0.9, 0.5]}}, "data.augment.crop_scale_range"),
+    ({"synthetic": {"num_scenes": 0}}, "data.synthetic.num_scenes"),
+    ({"frame_window": -1}, "data.frame_window"),
+])
+def test_nested_settings_are_validated_with_their_dotted_name(override, field_name):
+    cfg = DataConfig()
+    for key, value in override.items():
+        if isinstance(value, dict):
+            for sub, v in value.items():
+                setattr(getattr(cfg, key), sub, v)
+        else:
+            setattr(cfg, key, value)
+    with pytest.raises(ValueError, match=field_name):
+        cfg.validate()

@@ -71,12 +71,24 @@ class Co3dConfig:
     depth_max_percentile: float = 98.0  # depths above this percentile of a map are dropped, as upstream
     mask_threshold: int = 128  # depth-mask pixels above this value are valid, as upstream
 
+    def validate(self) -> None:
+        if self.min_frames < 1:
+            raise ValueError(f"data.co3d.min_frames={self.min_frames} must be >= 1")
+        if not 0 < self.depth_max_percentile <= 100:
+            raise ValueError(f"data.co3d.depth_max_percentile={self.depth_max_percentile} must be in (0, 100]")
+        if not 0 <= self.mask_threshold < 255:
+            raise ValueError(f"data.co3d.mask_threshold={self.mask_threshold} must be in [0, 255)")
+
 
 @dataclass
 class VKittiConfig:
     """source: vkitti (Virtual KITTI 2). Layout as upstream: root/<Scene>/<variation>/frames/rgb/Camera_<k>/."""
 
     max_depth: float = 80.0  # metres; farther depth (sky) is invalid, as upstream
+
+    def validate(self) -> None:
+        if self.max_depth <= 0:
+            raise ValueError(f"data.vkitti.max_depth={self.max_depth} must be > 0")
 
 
 @dataclass
@@ -129,13 +141,8 @@ class DataConfig:
             raise ValueError(f"data.frame_window={self.frame_window} must be >= 0 (0: anywhere in the sequence)")
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers={self.num_workers} must be >= 0")
-        if self.co3d.min_frames < 1 or not 0 < self.co3d.depth_max_percentile <= 100:
-            raise ValueError(f"data.co3d.min_frames={self.co3d.min_frames} must be >= 1 and "
-                             f"data.co3d.depth_max_percentile={self.co3d.depth_max_percentile} in (0, 100]")
-        if self.vkitti.max_depth <= 0:
-            raise ValueError(f"data.vkitti.max_depth={self.vkitti.max_depth} must be > 0")
-        self.augment.validate()
-        self.synthetic.validate()
+        for section in (self.augment, self.synthetic, self.co3d, self.vkitti):
+            section.validate()
 
 
 def _check_range(name: str, value: list, lo: float, hi: float) -> None:
