@@ -59,6 +59,10 @@ class Trainer:
                  task: Task, clip: list[ClipGroup], device: torch.device, fused: bool,
                  static_metrics: dict[str, Any] | None = None, recipe=None,
                  validate: Callable[[int], dict[str, float]] | None = None):
+        if accelerator.gradient_accumulation_steps != cfg.grad_accum_steps:
+            # The Accelerator scales the loss and skips gradient syncs by its own count.
+            raise ValueError(f"train.grad_accum_steps={cfg.grad_accum_steps} but the Accelerator was built "
+                             f"with gradient_accumulation_steps={accelerator.gradient_accumulation_steps}")
         self.cfg = cfg
         self.accelerator = accelerator
         self.model = model
