@@ -101,7 +101,7 @@ def plan(profile: Profile, include_baseline: bool = True, include_sweep: bool = 
     configs = [
         # The 80GB recipe's own model (VGGT-1B whatever the profile) sharded on the meta device at the
         # target world size: the communication volumes of the scaling model (seconds, no memory).
-        Config("communication volumes (80GB recipe, VGGT-1B)", "volumes", RECIPE_80G, 1, VOLUMES_WORLD_SIZE),
+        Config("80GB recipe (VGGT-1B units)", "volumes", RECIPE_80G, 1, VOLUMES_WORLD_SIZE),
         Config("40GB recipe", "recipe_40g", RECIPE_40G, profile.frames_40g, profile.world_size,
                list(common), profile.cap_40g),
         Config("80GB recipe", "recipe_80g", RECIPE_80G, profile.frames_80g, profile.world_size,

@@ -213,51 +213,65 @@ def frontier_rows(results: list[dict], cpu: bool) -> list[dict]:
     return sorted(rows, key=lambda row: (row["policy"], row["frames"]))
 
 
+@dataclass
+class CommSource:
+    """Unit volumes to model, and the measured compute time to overlap them with (None on the CPU)."""
+
+    label: str
+    volumes: list
+    compute_s: float | None
+    frames: int | None
+    device_name: str
+
+
+def comm_sources(results: list[dict]) -> list[CommSource]:
+    """Each recipe measured on a GPU (its own units and step time); otherwise the VGGT-1B volumes job."""
+    sources = []
+    for role_name in ("recipe_40g", "recipe_80g"):
+        r = next((r for r in results if role(r) == role_name and ok(r) and r.get("comm_units")
+                  and r["device"]["type"] == "cuda"), None)
+        if r is not None:
+            sources.append(CommSource(r["config"]["name"], [comm_model.UnitVolume(**u) for u in r["comm_units"]],
+                                      r["timing"]["median"], r["spec"]["frames_per_gpu"], r["device"]["name"]))
+    if not sources:
+        r = next((r for r in results if role(r) == "volumes" and ok(r)), None)
+        if r is not None:
+            sources.append(CommSource(r["config"]["name"], [comm_model.UnitVolume(**u) for u in r["comm_units"]],
+                                      None, None, ""))
+    return sources
+
+
 def comm_section(results: list[dict], cpu: bool) -> list[str]:
     lines = ["## Communication at scale (a model, not a measurement)", ""]
-    source = next((r for r in results if role(r) == "volumes" and ok(r)), None)
-    source = source or next((r for r in results if ok(r) and r.get("comm_units")), None)
-    if source is None:
+    sources = comm_sources(results)
+    if not sources:
         return lines + ["No FSDP unit volumes were recorded (no configuration succeeded).", ""]
-    volumes = [comm_model.UnitVolume(**u) for u in source["comm_units"]]
-    # Compute time: the 80GB recipe measured on a GPU with the same model; otherwise none (CPU runs).
-    measured = next((r for r in results if role(r) == "recipe_80g" and ok(r)
-                     and r["device"]["type"] == "cuda" and r["model"]["preset"] == source["model"]["preset"]), None)
-    device_name = measured["device"]["name"] if measured else ""
-    cluster = comm_model.cluster_for(device_name)
-    compute = measured["timing"]["median"] if measured else None
-    frames = measured["spec"]["frames_per_gpu"] if measured else None
-    ag = sum(v.all_gather_bytes for v in volumes) / 1e9
-    rs = sum(v.reduce_bytes_total for v in volumes) / 1e9
+    cluster = comm_model.cluster_for(sources[0].device_name)
     lines += [
-        f"From the FSDP units of the **{source['config']['name'] if 'config' in source else source['name']}** "
-        f"({source['model']['preset']}, "
-        f"{len(volumes)} units, {sum(v.numel for v in volumes):,} parameters): per step each unit's parameters "
-        f"are all-gathered before forward, and again before backward where the unit is resharded after "
-        f"forward ({ag:.2f} GB unsharded in all), and its gradients reduce-scattered ({rs:.2f} GB); each GPU "
-        "moves (n-1)/n of that over the ring.",
+        "Per step each FSDP unit's parameters are all-gathered before forward, and again before backward where "
+        "the unit is resharded after forward, and its gradients are reduce-scattered (hybrid sharding: "
+        "all-reduced across nodes too); each GPU moves (n-1)/n of each over the ring. "
         f"Cluster assumed: {cluster.name}; NVLink {cluster.nvlink_gbs:g} GB/s and InfiniBand "
         f"{cluster.nic_gbs:g} GB/s per GPU per direction, at {cluster.efficiency:.0%} efficiency; "
-        f"{cluster.latency_intra_s * 1e6:g}/{cluster.latency_inter_s * 1e6:g} us per collective inside/across nodes. "
-        "Step time = compute + communication that cannot overlap with it (see benchmarks/comm_model.py).",
+        f"{cluster.latency_intra_s * 1e6:g}/{cluster.latency_inter_s * 1e6:g} us per collective inside/across "
+        "nodes. Step time = measured compute (world size 8 over a fake process group, so no communication) + "
+        "the communication that cannot overlap with it (benchmarks/comm_model.py).",
         "",
     ]
-    if compute is None:
-        lines += ["No GPU measurement of the 80GB recipe with this model: there is no compute time to overlap "
-                  "with, so only the communication time per step is predicted.", ""]
-    else:
-        lines += [f"Compute time per step: {compute:.3f} s, the 80GB recipe measured at world size "
-                  f"{measured['spec']['world_size']} over a fake process group (no communication), "
-                  f"{frames} frames/GPU.", ""]
-    header = ["GPUs", "sharding", "all-gather GB/GPU", "reduce GB/GPU", "comm (s)", "exposed (s)",
+    header = ["source", "GPUs", "sharding", "all-gather GB/GPU", "reduce GB/GPU", "comm (s)", "exposed (s)",
               "step (s)", "scaling efficiency", "frames/s (all GPUs)"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in comm_model.scaling_table(volumes, cluster, compute, frames):
-        lines.append("| " + " | ".join([
-            str(row["gpus"]), row["sharding"], f"{row['all_gather_gb']:.2f}", f"{row['reduce_gb']:.2f}",
-            f"{row['comm_s']:.3f}", f"{row['exposed_s']:.3f}", num(row["step_s"], "{:.3f}"),
-            num(row["efficiency"], "{:.0%}"), num(row["frames_per_s_total"], "{:.1f}")]) + " |")
-    return lines + [""]
+    for src in sources:
+        for row in comm_model.scaling_table(src.volumes, cluster, src.compute_s, src.frames):
+            lines.append("| " + " | ".join([
+                src.label, str(row["gpus"]), row["sharding"], f"{row['all_gather_gb']:.2f}", f"{row['reduce_gb']:.2f}",
+                f"{row['comm_s']:.3f}", f"{row['exposed_s']:.3f}", num(row["step_s"], "{:.3f}"),
+                num(row["efficiency"], "{:.0%}"), num(row["frames_per_s_total"], "{:.1f}")]) + " |")
+    lines.append("")
+    if all(src.compute_s is None for src in sources):
+        lines += ["No GPU measurement: there is no compute time to overlap with, so only the communication time "
+                  "per step is predicted.", ""]
+    return lines
 
 
 # --------------------------------------------------------------------------------------- charts
