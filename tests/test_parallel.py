@@ -191,36 +191,49 @@ def test_checkpointing_changes_no_gradient():
         assert max_rel_err(got, want) <= 1e-6, name
 
 
+class ToyAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.proj(x).softmax(-1) * x
+
+
+class ToyLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attention = ToyAttention()
+        self.ffn = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return x + self.ffn(x + self.attention(x))
+
+
+def toy_model() -> nn.Module:
+    """Another project's model: its own block and attention classes, a head as module "2"."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 8), *[ToyLayer() for _ in range(3)], nn.Linear(8, 2))
+
+
+def toy_parallel() -> ParallelConfig:
+    cfg = ParallelConfig()
+    cfg.layout.block_types = ["ToyLayer"]
+    cfg.layout.attention_types = [f"{ToyAttention.__module__}.{ToyAttention.__qualname__}"]
+    cfg.layout.units, cfg.layout.groups, cfg.precision.fp32_modules = ["4"], {}, ["4"]
+    return cfg
+
+
 def test_layout_names_for_another_model():
     """A model with its own block / attention classes is planned once the layout names them."""
-
-    class MyAttention(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.proj = nn.Linear(8, 8)
-
-        def forward(self, x):
-            return self.proj(x)
-
-    class MyLayer(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.attention = MyAttention()
-            self.ffn = nn.Linear(8, 8)
-
-        def forward(self, x):
-            return self.ffn(x + self.attention(x))
-
-    model = nn.Sequential(nn.Linear(8, 8), nn.ModuleList([MyLayer(), MyLayer()]), nn.Linear(8, 2))
-    cfg = ParallelConfig()
+    model = toy_model()
     with pytest.raises(ValueError, match="no module of the model matches parallel.layout.block_types"):
-        plan_parallelism(model, cfg)
-    cfg.layout.block_types, cfg.layout.attention_types = ["MyLayer"], [f"{__name__}.{MyAttention.__qualname__}"]
-    cfg.layout.units, cfg.layout.groups, cfg.precision.fp32_modules = ["2"], {}, ["2"]
+        plan_parallelism(model, ParallelConfig())
+    cfg = toy_parallel()
     plan = plan_parallelism(model, cfg)
-    assert [(u.path, u.param_dtype) for u in plan.units] == [("1.0", "bf16"), ("1.1", "bf16"), ("2", "fp32"),
-                                                               ("", "bf16")]
-    assert plan.checkpoint_wrapped == ["1.0.attention", "1.1.attention"]
+    assert [(u.path, u.param_dtype) for u in plan.units] == [("1", "bf16"), ("2", "bf16"), ("3", "bf16"),
+                                                               ("4", "fp32"), ("", "bf16")]
+    assert plan.checkpoint_wrapped == ["1.attention", "2.attention", "3.attention"]
     cfg.layout.attention_types = ["Attention"]
     with pytest.raises(ValueError, match="has no sub-module of parallel.layout.attention_types"):
         plan_parallelism(model, cfg)
@@ -294,6 +307,15 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     result["hybrid_local_numel"] = sum(p.to_local().numel() for p in model.parameters())
     result["hybrid_losses"] = global_loss(train(model, images[rank:rank + 1]))
     result["hybrid_params"] = full_params(model)
+
+    # 1c. another project's model: sharded by its layout; per-rank gradients of the full batch.
+    model, toy_inputs = toy_model(), torch.randn(4, 8, generator=torch.Generator().manual_seed(2))
+    toy_cfg = toy_parallel()
+    toy_cfg.precision.param_dtype = "fp32"
+    apply_parallelism(model, toy_cfg, build_mesh(toy_cfg.sharding, "cpu"))
+    model(toy_inputs[2 * rank:2 * rank + 2]).square().mean().backward()
+    result["toy_grads"] = {canonical_name(n): p.grad.full_tensor() for n, p in model.named_parameters()}
+    result["toy_wrapped"] = wrapped_paths(model)
 
     # 2. bf16 (the recipe's policy) through Accelerate: prepare, backward, clipping, save_state.
     model = tiny_model()
@@ -377,6 +399,15 @@ def test_hybrid_sharded_run_equals_single_process_run(two_ranks, fp32_reference)
         assert rank["hybrid_mesh"] == (2, 1) and rank["hybrid_local_numel"] == total
         assert rank["hybrid_losses"] == pytest.approx(ref_losses, rel=1e-5)
         assert params_rel_err(rank["hybrid_params"], ref_params) <= 1e-5
+
+
+def test_another_projects_model_is_sharded_by_its_layout(two_ranks):
+    model, toy_inputs = toy_model(), torch.randn(4, 8, generator=torch.Generator().manual_seed(2))
+    model(toy_inputs).square().mean().backward()
+    want = {name: p.grad for name, p in model.named_parameters()}
+    for rank in two_ranks:
+        assert rank["toy_wrapped"] == ["1.attention", "2.attention", "3.attention"]
+        assert max_rel_err(rank["toy_grads"], want) <= 1e-6
 
 
 def test_every_rank_sees_the_same_loss(two_ranks):
