@@ -90,14 +90,16 @@ def test_camera_loss_weights_iterations_by_gamma():
         assert loss == pytest.approx(0.1 * 0.6 ** (3 - i) / 4, rel=1e-4)
 
 
-def test_camera_loss_skips_frames_without_enough_valid_points():
+def test_camera_loss_skips_scenes_whose_first_frame_has_too_few_valid_points():
     batch = _batch()
-    batch["point_masks"][:, 1] = False
     gt = extrinsics_intrinsics_to_pose_encoding(batch["extrinsics"], batch["intrinsics"], (H, W))
     pred = gt.clone()
-    pred[:, 1] += 5.0  # garbage on the unsupervised frame only
+    pred[0] += 5.0  # garbage on every frame of scene 0
+    pred[1, 2, :3] += 1.0  # scene 1: frame 2's translation off by 1
+    batch["point_masks"][0, 0] = False  # scene 0's reference frame has no valid points
+    batch["point_masks"][1, 2] = False  # a later frame without depth still has a valid pose
     terms = camera_loss([pred], batch, CameraLossConfig(min_valid_points=10))
-    assert terms["loss_camera"] == 0
+    assert terms["loss_T"] == pytest.approx(3 * 1.0 / (S * 3), rel=1e-5)  # only scene 1, all frames
 
 
 def test_losses_are_finite_and_zero_with_empty_masks_even_with_nonfinite_unmasked_values():

@@ -23,7 +23,7 @@ class CameraLossConfig:
     weight_trans: float = 1.0
     weight_rot: float = 1.0
     weight_focal: float = 0.5
-    min_valid_points: int = 100  # a frame with fewer valid GT points gives no camera supervision
+    min_valid_points: int = 100  # a scene whose first frame has no more valid GT points is skipped
     trans_clamp: float = 100.0  # per-element translation error cap (upstream's outlier guard)
 
 
@@ -149,12 +149,14 @@ def camera_loss(
 ) -> dict[str, torch.Tensor]:
     """L1 (or L2) on the pose encoding of every refinement iteration, later iterations weighted more.
 
-    Frames with fewer than `min_valid_points` valid ground-truth pixels are excluded (their pose is
-    unreliable: upstream drops them too).
+    As upstream, a scene whose first frame has at most `min_valid_points` valid ground-truth pixels is
+    left out entirely: its ground truth is expressed in that frame and scaled by its points, so too
+    few of them make the whole scene's targets unreliable. Every frame of the other scenes counts.
     """
     image_hw = tuple(batch["images"].shape[-2:])
     gt = extrinsics_intrinsics_to_pose_encoding(batch["extrinsics"].float(), batch["intrinsics"].float(), image_hw)
-    valid = batch["point_masks"].flatten(-2).sum(-1) > cfg.min_valid_points  # (B, S)
+    valid_scene = batch["point_masks"][:, 0].flatten(1).sum(-1) > cfg.min_valid_points  # (B,)
+    valid = valid_scene[:, None].expand(gt.shape[:2])  # (B, S)
     n = len(pose_enc_list)
     sums = [gt.new_zeros(()) for _ in range(3)]
     for i, pred in enumerate(pose_enc_list):
