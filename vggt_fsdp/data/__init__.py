@@ -4,9 +4,15 @@ Entry point: `build_dataloader(cfg, rank=..., world_size=..., split="train", fra
 It returns a `SceneLoader`: an iterable of batch dicts (CPU tensors) with upstream's keys
 
     images (B,S,3,H,W) in [0,1], depths (B,S,H,W), extrinsics (B,S,3,4) OpenCV camera-from-world,
-    intrinsics (B,S,3,3), world_points / cam_points (B,S,H,W,3), point_masks (B,S,H,W) bool,
-    tracks (B,S,N,2), track_vis_mask (B,S,N), query_points (B,N,2) when the source has tracks,
-    skipped_frames (B,) and scene_scale (B,),
+    intrinsics (B,S,3,3) in pixels (pixel (u, v) centred at (u + 0.5, v + 0.5), see geometry.py),
+    world_points / cam_points (B,S,H,W,3), point_masks (B,S,H,W) bool,
+    tracks (B,S,N,2) in pixel-index coordinates (column, row), track_vis_mask (B,S,N) bool and
+    query_points (B,N,2) = tracks[:, 0] when the source has tracks (synthetic),
+    skipped_frames (B,) (bad frames replaced under data.skip_bad_frames) and scene_scale (B,) (the
+    normalisation divisor),
+
+Geometry is normalised as upstream: expressed in each scene's first camera frame and divided by the
+mean distance of its valid points.
 
 plus `state_dict()` / `load_state_dict()` for resuming mid-epoch. Shapes agree across ranks at every
 step (S and H are drawn from (seed, step)), B = floor(frames_per_gpu / S).
