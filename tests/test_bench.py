@@ -114,10 +114,16 @@ def test_unit_volumes_read_from_fully_sharded_model():
 
 
 # --------------------------------------------------------------------------------------- one configuration
-def test_bench_step_measures_a_sharded_tiny_step_on_cpu():
+@pytest.fixture(scope="module")
+def tiny_result() -> dict:
+    """One measured configuration of the tiny model, sharded over a fake group of 2, on the CPU."""
     spec = bench_step.BenchSpec(recipe=CPU_RECIPE, frames_per_gpu=2, height=56, width=56, world_size=2,
                                 warmup=0, steps=2, device="cpu", name="tiny")
-    result = bench_step.run_benchmark(spec)
+    return bench_step.run_benchmark(spec)
+
+
+def test_bench_step_measures_a_sharded_tiny_step_on_cpu(tiny_result):
+    result = tiny_result
     assert result["status"] == "ok", result.get("traceback")
     timing, thr = result["timing"], result["throughput"]
     assert len(timing["all"]) == 2 and timing["min"] <= timing["median"] <= timing["max"]
@@ -253,10 +259,8 @@ def test_targets_are_judged_from_matching_measurements_only():
     assert report.judge_targets(slow)[3].status == "not met"  # 0.7 < 0.8
 
 
-def test_report_labels_cpu_results_and_notes_missing_charts(tmp_path, monkeypatch):
-    spec = bench_step.BenchSpec(recipe=CPU_RECIPE, frames_per_gpu=2, height=56, width=56, world_size=2,
-                                warmup=0, steps=1, device="cpu")
-    result = bench_step.run_benchmark(spec)
+def test_report_labels_cpu_results_and_notes_missing_charts(tmp_path, monkeypatch, tiny_result):
+    result = dict(tiny_result)
     result["config"] = {"role": "recipe_80g", "name": "80GB recipe", "frames": 2, "world_size": 2}
     result["command"] = "python -m benchmarks.bench_step ..."
     doc = {"command": "python -m benchmarks.compare_recipes --profile cpu", "date_utc": "2026-01-01T00:00:00+00:00",
