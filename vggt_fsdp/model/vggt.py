@@ -105,6 +105,7 @@ class VGGT(nn.Module):
             tracks, vis, conf = self.track_head(
                 tokens_list, images=images, patch_start_idx=patch_start_idx, query_points=query_points)
             predictions["track"] = tracks[-1]
+            predictions["track_list"] = tracks  # every iteration, for the per-iteration track loss
             predictions["vis"] = vis
             predictions["conf"] = conf
 
