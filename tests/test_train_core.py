@@ -176,6 +176,7 @@ def test_grad_accumulation_equals_the_concatenated_batch(tmp_path):
     assert norms[0] == pytest.approx(norms[1], rel=1e-5)
 
 
+@pytest.mark.slow  # test_train_e2e.py kills the real VGGT run in the same place
 def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setenv("VGGT_FSDP_CRASH_IN_SAVE", "6")
     with pytest.raises(Exception):

@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from vggt_fsdp.parallel.accelerate import accelerate_config_yaml
+from vggt_fsdp.recipe import load_recipe
 from vggt_fsdp.train import checkpoint as ckpt
 from vggt_fsdp.train.metrics import read_metrics
 
@@ -66,8 +68,7 @@ def runs(tmp_path_factory):
                  f"train.output_dir={root / 'a'}"])
     _check(a)
     acc_cfg = root / "accelerate.yaml"
-    _check(_launch([sys.executable, "-m", "vggt_fsdp.cli", "accelerate-config", RECIPE, *TINY,
-                    "--output", str(acc_cfg)]))
+    acc_cfg.write_text(accelerate_config_yaml(load_recipe(RECIPE, TINY)))
     b1 = _launch([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(acc_cfg),
                   "-m", "vggt_fsdp.train", RECIPE, *common, f"train.output_dir={root / 'b'}"],
                  VGGT_FSDP_CRASH_IN_SAVE="4")
@@ -103,7 +104,7 @@ def test_resume_is_exact(runs):
 
 def test_export_loads_strictly_and_equals_checkpoint(runs, tmp_path):
     from vggt_fsdp.model import build_model, load_weights
-    from vggt_fsdp.recipe import load_recipe, model_config
+    from vggt_fsdp.recipe import model_config
 
     out = tmp_path / "exported.safetensors"
     result = _launch([sys.executable, "-m", "vggt_fsdp.cli", "export", str(runs["root"] / "a"), str(out)])
