@@ -2,17 +2,18 @@
 
 One GPU measures what one GPU of an N-GPU run holds: the model is sharded over a fake process group of
 world size N (rank 0; collectives do nothing, buffers have their true sizes), built on the meta device
-and initialised on the device, then runs a warm-up step and one measured step (bf16 forward, backward,
-fused AdamW) under the recipe's sharding and precision with the checkpoint policy under test. Measured:
+and initialised on the device, its AdamW state created, then runs one measured step (bf16 forward,
+backward, fused AdamW) under the recipe's sharding and precision with the checkpoint policy under test. Measured:
 `torch.cuda.max_memory_allocated` on CUDA (FSDPMemTracker's peak on the CPU) and the exact saved-tensor
 bytes of the forward pass. Writes `plan_vs_measured.json` and `.md` (command, device, date, versions).
 
-GPU run (VGGT-1B, world size 8, 3 frame counts x 2 policies; a few minutes on an H100):
+GPU run (VGGT-1B, world size 8, 3 frame counts x 2 policies, the 24 frames as 12 scenes of 2 frames, the
+recipe's worst split; about 2 minutes on an H100):
     python benchmarks/plan_vs_measured.py --recipe recipes/a100_40g.yaml --world-size 8 \\
-        --frames 8,16,24 --policies block/chunks,every_2/chunks --out benchmarks/results/plan_vs_measured
+        --frames 8,16,24:2 --policies block/chunks,block/none --out benchmarks/results/plan_vs_measured
 CPU smoke run (tiny preset):
     python benchmarks/plan_vs_measured.py --recipe recipes/cpu_tiny.yaml --preset vggt-tiny --world-size 8 \\
-        --frames 2,4 --policies attention/none,block/chunks --image 56x56 --out /tmp/pvm
+        --frames 2,4:2 --policies attention/none,block/chunks --image 56x56 --out /tmp/pvm
 """
 from __future__ import annotations
 
@@ -44,10 +45,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--recipe", default="recipes/a100_40g.yaml")
     p.add_argument("--preset", default=None, help="model preset instead of the recipe's (e.g. vggt-tiny)")
     p.add_argument("--world-size", type=int, default=8)
-    p.add_argument("--frames", default="8,16,24", help="comma-separated frames per GPU")
-    p.add_argument("--frames-per-scene", type=int, default=None,
-                   help="scene length (default: the recipe's data.frames_range[1], capped at the frames)")
-    p.add_argument("--policies", default="block/chunks,every_2/chunks",
+    p.add_argument("--frames", default="8,16,24:2",
+                   help="comma-separated frames per GPU, each F or F:S (scenes of S frames; default S: the "
+                        "recipe's data.frames_range[1], capped at F)")
+    p.add_argument("--policies", default="block/chunks,block/none",
                    help="comma-separated BLOCKS/HEADS, BLOCKS in none|attention|every_N|block, HEADS in none|chunks")
     p.add_argument("--image", default=None, help="HxW (default: the recipe's largest image)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -86,8 +87,10 @@ def run(args: argparse.Namespace) -> dict:
     rows = []
     for spec in args.policies.split(","):
         parallel_cfg = with_policy(recipe.parallel, spec.strip())
-        for frames in (int(f) for f in args.frames.split(",")):
-            per_scene = min(args.frames_per_scene or shape.frames_range[1], frames)
+        for entry in args.frames.split(","):
+            frames, _, per_scene = entry.partition(":")
+            frames = int(frames)
+            per_scene = min(int(per_scene) if per_scene else shape.frames_range[1], frames)
             scenes = frames // per_scene
             predicted = planner.plan(shape.model_cfg, parallel_cfg, args.world_size, scenes * per_scene,
                                      shape.image_hw, kind, frames_range=(per_scene, per_scene), freeze=shape.freeze)
@@ -148,7 +151,7 @@ def markdown(result: dict) -> str:
         f"- date: {result['date']}; torch {result['torch']}; commit {result['git_commit']}",
         f"- model: {result['preset']} ({result['model']}), recipe {result['recipe']}, world size "
         f"{result['world_size']} (fake process group, rank 0), image {result['image_hw'][0]}x{result['image_hw'][1]}",
-        f"- measured: {result['measured_with']} over one step after a warm-up step",
+        f"- measured: {result['measured_with']} over one training step (AdamW state already created)",
         "",
         f"| policy (blocks/heads) | frames | scenes x S | predicted {unit} | measured {unit} | error | predicted phase "
         f"| activations predicted / saved {unit} |",

@@ -157,11 +157,21 @@ def test_cheapest_policy_fits_and_no_cheaper_candidate_does():
         assert not planner.plan(ONE_B, candidate, 8, 16, (518, 518)).fits(memory), lbl
 
 
-def test_split_frames_takes_the_largest_batch_the_sampler_can_draw():
-    assert planner.split_frames(48, (2, 24)) == (2, 24)
-    assert planner.split_frames(30, (2, 24)) == (2, 15)
+def test_scene_splits_are_the_batches_the_sampler_can_draw():
+    assert planner.scene_splits(8, (2, 4)) == [(2, 3), (2, 4), (4, 2)]
     with pytest.raises(ValueError, match="frames_per_gpu"):
-        planner.split_frames(1, (2, 24))
+        planner.scene_splits(1, (2, 24))
+
+
+def test_plan_is_the_worst_scene_split():
+    # DPT chunks take every scene of the batch: 12 scenes of 2 frames (or 3 of 8) make one 24-image chunk,
+    # worse than one scene of 24 frames in chunks of 8.
+    pc = _parallel("block", "chunks")
+    worst = planner.plan(ONE_B, pc, 8, 24, (518, 518), frames_range=(2, 24))
+    one_scene = planner.plan(ONE_B, pc, 8, 24, (518, 518), frames_range=(24, 24))
+    chunk = ONE_B.dpt_head.frames_chunk_size
+    assert worst.scenes * min(chunk, worst.frames_per_scene) == 24  # one chunk holds all 24 images
+    assert worst.peak_bytes > one_scene.peak_bytes
 
 
 def test_planner_refuses_the_track_head():

@@ -19,17 +19,17 @@ def _load_script():
 def test_plan_vs_measured_smoke_on_cpu(tmp_path):
     script = _load_script()
     argv = ["--recipe", str(REPO / "recipes" / "cpu_tiny.yaml"), "--preset", "vggt-tiny", "--world-size", "2",
-            "--frames", "2,3", "--policies", "block/chunks", "--image", "28x42", "--device", "cpu",
+            "--frames", "2,4:2", "--policies", "block/chunks", "--image", "28x42", "--device", "cpu",
             "--out", str(tmp_path)]
     assert script.main(argv) == 0
     result = json.loads((tmp_path / "plan_vs_measured.json").read_text())
     for key in ("command", "date", "device", "torch", "git_commit", "measured_with"):
         assert result[key]
     assert result["measured_with"].startswith("FSDPMemTracker")  # a CPU figure is labelled as such
-    assert [r["frames_per_gpu"] for r in result["rows"]] == [2, 3]
+    assert [(r["frames_per_gpu"], r["scenes"]) for r in result["rows"]] == [(2, 1), (4, 2)]
     for row in result["rows"]:
         assert row["measured_peak_bytes"] > 0 and row["saved_tensor_bytes"] > 0
         assert abs(row["activation_error_pct"]) <= 5
         assert abs(row["peak_error_pct"]) <= 20
     markdown = (tmp_path / "plan_vs_measured.md").read_text()
-    assert "| block/chunks | 3 |" in markdown
+    assert "| block/chunks | 4 | 2 x 2 |" in markdown

@@ -1,8 +1,9 @@
 """Measure one GPU's share of an N-GPU training step on one device, for checking the planner.
 
 `measure_step` builds VGGT on the meta device, shards it with the recipe's `parallel:` policy over a fake
-process group of `world_size` ranks (rank 0), materialises it on `device`, runs one warm-up step and then
-one measured step (forward, backward, AdamW step, zero_grad) and returns:
+process group of `world_size` ranks (rank 0), materialises it on `device`, creates the AdamW state (a
+zero-gradient step: the steady state of training, without spending a real step on it), then runs one
+measured step (forward, backward, AdamW step, zero_grad) and returns:
 
 - the exact saved-tensor bytes of the forward pass (total and per block group),
 - on the CPU, FSDPMemTracker's model-state terms and peak,
@@ -61,6 +62,16 @@ def _loss(outputs: dict) -> torch.Tensor:
     return sum(t.float().mean() for t in tensors)
 
 
+def _create_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """One AdamW step on zero gradients: the state every later step has, at no compute cost."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if param.requires_grad:
+                param.grad = torch.zeros_like(param)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def measure_step(
     model_cfg: VGGTConfig,
     parallel_cfg,
@@ -99,8 +110,7 @@ def measure_step(
             del outputs
             optimizer.step()
 
-        step()  # warm-up: optimizer state exists from here on, as in every later step
-        optimizer.zero_grad(set_to_none=True)
+        _create_optimizer_state(optimizer)
         counter = SavedTensorCounter(block_groups(model))
         result = StepMeasurement(saved=counter.report)
         if device.type == "cuda":

@@ -131,15 +131,14 @@ class Batch:
         return self.scenes * self.frames
 
 
-def split_frames(frames_per_gpu: int, frames_range: tuple[int, int]) -> tuple[int, int]:
-    """(scenes, frames per scene) of the largest batch the sampler can draw: batch = floor(budget / S)
-    scenes for S in frames_range; the most frames wins, the longest scenes on a tie (longer global
-    attention, larger RoPE tables)."""
+def scene_splits(frames_per_gpu: int, frames_range: tuple[int, int]) -> list[tuple[int, int]]:
+    """Every (scenes, frames per scene) batch the sampler can draw: S in frames_range, floor(budget / S)
+    scenes. Memory depends on the split, not only on the frame count: the DPT heads chunk the frames of
+    each scene but take all scenes of the batch at once, so short scenes make large chunks."""
     lo, hi = frames_range
     if frames_per_gpu < lo:
         raise ValueError(f"frames_per_gpu={frames_per_gpu} is below the smallest scene ({lo} frames)")
-    best = max(range(lo, min(hi, frames_per_gpu) + 1), key=lambda s: ((frames_per_gpu // s) * s, s))
-    return frames_per_gpu // best, best
+    return sorted({(frames_per_gpu // s, s) for s in range(lo, min(hi, frames_per_gpu) + 1)})
 
 
 @dataclass(frozen=True)
@@ -260,8 +259,9 @@ def plan(
 ) -> MemoryPlan:
     """Predict one GPU's peak for a training step (forward, backward, AdamW step).
 
-    `frames_range` (the recipe's data.frames_range) decides how the frames split into scenes; None: one
-    scene of `frames_per_gpu` frames. The model's track head, if enabled, is not modelled (raises).
+    `frames_range` (the recipe's data.frames_range): the plan is the worst over every scene split the
+    sampler can draw from it (`scene_splits`); None: one scene of `frames_per_gpu` frames. The track head,
+    if enabled, is not modelled (raises).
     """
     if model_cfg.enable_track:
         raise ValueError("the memory planner does not model the track head; plan with model.heads.track false")
@@ -273,10 +273,16 @@ def plan(
     patch = model_cfg.aggregator.patch_size
     if height % patch or width % patch:
         raise ValueError(f"image {height}x{width} is not a multiple of the patch size {patch}")
-    scenes, frames = split_frames(frames_per_gpu, frames_range or (frames_per_gpu, frames_per_gpu))
-    batch = Batch(scenes, frames, height, width, patch)
+    splits = scene_splits(frames_per_gpu, frames_range or (frames_per_gpu, frames_per_gpu))
+    plans = [_plan_batch(model_cfg, parallel_cfg, world_size, frames_per_gpu, Batch(b, s, height, width, patch),
+                         device_kind, tuple(freeze), gpus_per_node) for b, s in splits]
+    return max(plans, key=lambda p: p.peak_bytes)
+
+
+def _plan_batch(model_cfg, parallel_cfg, world_size, frames_per_gpu, batch: Batch, device_kind, freeze,
+                gpus_per_node) -> MemoryPlan:
     kernels = F.Kernels(device_kind)
-    units = unit_layout(model_cfg, parallel_cfg, tuple(freeze))
+    units = unit_layout(model_cfg, parallel_cfg, freeze)
     shard = shard_size(parallel_cfg, world_size, gpus_per_node)
 
     states = _state_terms(units, shard, parallel_cfg.sharding.cpu_offload, device_kind)
@@ -293,8 +299,9 @@ def plan(
     }
     return MemoryPlan(
         model=model_name(model_cfg), world_size=world_size, shard_size=shard, frames_per_gpu=frames_per_gpu,
-        scenes=scenes, frames_per_scene=frames, image_hw=(height, width), device_kind=device_kind,
-        policy=policy, terms=terms, peak_phase=peak_phase, peak_bytes=peak, device_bytes=device, phases=phases,
+        scenes=batch.scenes, frames_per_scene=batch.frames, image_hw=(batch.height, batch.width),
+        device_kind=device_kind, policy=policy, terms=terms, peak_phase=peak_phase, peak_bytes=peak,
+        device_bytes=device, phases=phases,
     )
 
 
