@@ -116,7 +116,6 @@ def describe_device(device: torch.device) -> dict:
         "type": device.type,
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "host": platform.node(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
