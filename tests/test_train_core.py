@@ -316,3 +316,24 @@ def test_oom_report_names_size_and_settings():
         assert setting in text
     recipe.parallel.checkpoint.policy = "block"
     assert "parallel.checkpoint.policy" not in oom_report(1, None, recipe)  # already the saving value
+
+
+def test_auto_frames_per_gpu_is_the_largest_that_fits():
+    from vggt_fsdp.data.sampler import image_hw_for
+    from vggt_fsdp.memory.planner import plan
+    from vggt_fsdp.recipe import load_recipe, model_config
+    from vggt_fsdp.train.build import fit_frames_per_gpu
+
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "a100_80g.yaml")
+    budget = 80 * 2**30
+    frames = fit_frames_per_gpu(recipe, world=8, device_bytes=budget, gpus_per_node=8)
+    hw = image_hw_for(max(recipe.data.aspect_range), recipe.data.image_width, recipe.data.patch_size)
+
+    def peak_fits(n: int) -> bool:
+        return plan(model_config(recipe.model), recipe.parallel, 8, n, hw, "cuda",
+                    frames_range=tuple(recipe.data.frames_range), freeze=tuple(recipe.model.freeze),
+                    gpus_per_node=8).fits(budget)
+
+    assert frames >= recipe.data.frames_range[1] and peak_fits(frames) and not peak_fits(frames + 1)
+    with pytest.raises(ValueError, match="not even"):
+        fit_frames_per_gpu(recipe, world=8, device_bytes=2**30, gpus_per_node=8)

@@ -8,6 +8,7 @@ launcher that starts what the recipe asks for.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -21,6 +22,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # As upstream trains: fewer fragmentation OOMs with varying batch shapes; the memory planner
+    # assumes it. Must be set before CUDA's allocator starts; a user's own setting wins.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     from vggt_fsdp.recipe import RecipeError, load_recipe
 
     try:

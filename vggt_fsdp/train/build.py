@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import random
 import sys
 from dataclasses import dataclass
@@ -152,12 +153,49 @@ def prepare_with_accelerator(accelerator, model: nn.Module, optimizer: torch.opt
     return model, prepared
 
 
-def frames_per_gpu(recipe) -> int:
+def fit_frames_per_gpu(recipe, world: int, device_bytes: int, gpus_per_node: int) -> int:
+    """The largest frames per GPU whose predicted peak (memory planner, worst scene split of
+    data.frames_range at the tallest aspect) fits `device_bytes`; the peak grows with the frames, so
+    doubling then bisection finds it in a few dozen plans."""
+    from vggt_fsdp.data.sampler import image_hw_for
+    from vggt_fsdp.memory.planner import plan
+    from vggt_fsdp.recipe import model_config
+
+    data = recipe.data
+    model_cfg = model_config(recipe.model)
+    hw = image_hw_for(max(data.aspect_range), data.image_width, data.patch_size)
+
+    def fits(frames: int) -> bool:
+        return plan(model_cfg, recipe.parallel, world, frames, hw, "cuda", frames_range=tuple(data.frames_range),
+                    freeze=tuple(recipe.model.freeze), gpus_per_node=gpus_per_node).fits(device_bytes)
+
+    low = data.frames_range[1]  # the sampler needs room for its largest scene
+    if not fits(low):
+        raise ValueError(f"data.frames_per_gpu=auto: not even {low} frames (data.frames_range[1]) fit "
+                         f"{device_bytes / 2**30:.1f} GiB per GPU; `vggt-fsdp plan RECIPE` shows the terms")
+    high = low * 2
+    while fits(high) and high < 1 << 14:
+        low, high = high, high * 2
+    while high - low > 1:  # invariant: fits(low), not fits(high)
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low
+
+
+def frames_per_gpu(recipe, device: torch.device, world: int) -> int:
     value = recipe.data.frames_per_gpu
     if value != "auto":
         return value
-    raise ValueError("data.frames_per_gpu=auto: run `vggt-fsdp plan RECIPE` and set the number it fits "
-                     "(data.frames_per_gpu=N)")
+    if device.type != "cuda":
+        raise ValueError("data.frames_per_gpu=auto plans GPU memory and needs a CUDA device; on "
+                         f"{device.type} set data.frames_per_gpu=N")
+    gpus_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", torch.cuda.device_count()))
+    total = torch.cuda.get_device_properties(device).total_memory
+    frames = torch.tensor(fit_frames_per_gpu(recipe, world, total, gpus_per_node), device=device)
+    if dist.is_initialized():  # every rank must take the same batch shapes: the smallest GPU decides
+        dist.all_reduce(frames, op=dist.ReduceOp.MIN)
+    log(f"data.frames_per_gpu=auto: the memory planner fits {int(frames)} frames per GPU")
+    return int(frames)
 
 
 def topology_notice(recipe, world: int) -> str | None:
@@ -204,7 +242,7 @@ def build_trainer(recipe) -> Built:
     model, optimizer = prepare_with_accelerator(accelerator, model, optimizer)
     seed_everything(cfg.seed + rank)  # per-rank streams from here on (saved in checkpoints)
 
-    budget = frames_per_gpu(recipe)
+    budget = frames_per_gpu(recipe, device, world)
     loader = build_dataloader(recipe.data, rank=rank, world_size=world, split="train",
                               frames_per_gpu=budget, pin_memory=device.type == "cuda")
     agg = model_cfg.aggregator

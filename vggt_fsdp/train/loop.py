@@ -85,6 +85,7 @@ class Trainer:
         self.writer: MetricsWriter | None = None
         self.progress = ProgressLine(cfg.max_steps, cfg.progress_bar and self.rank == 0)
         self.last_shape: StepShape | None = None
+        self.resumed_from: Path | None = None
 
     # ------------------------------------------------------------------------------------ public
     def log(self, text: str) -> None:
@@ -96,6 +97,7 @@ class Trainer:
         if path is None:
             return None
         notice = ckpt.load_checkpoint(path, self.model, self.optimizer_inner, self.state, self.device)
+        self.resumed_from = path
         self.log(f"resumed from {path} at step {self.state.step}")
         if notice:
             self.log(notice)
@@ -112,6 +114,11 @@ class Trainer:
         cfg = self.cfg
         stop = stop or StopSignal()
         outcome = RunOutcome(step=self.state.step)
+        if self.state.step >= cfg.max_steps:
+            self.log(f"already at step {self.state.step} >= train.max_steps={cfg.max_steps}: nothing to train "
+                     "(raise train.max_steps, or train.resume=none / another train.output_dir to start over)")
+            outcome.last_checkpoint = self.resumed_from
+            return outcome
         if self.rank == 0:
             self.writer = MetricsWriter(self.output_dir, cfg.tensorboard, self.static_metrics)
         batches = self.task.batches()
