@@ -451,3 +451,33 @@ def test_accelerate_takes_the_fsdp_path(two_ranks):
                                       "distributed_type": "DistributedType.FSDP"}
         assert rank["clip_norm"] == pytest.approx(rank["manual_norm"], rel=1e-5)
         assert "pytorch_model_fsdp_0" in rank["state_files"] and "optimizer_0" in rank["state_files"]
+
+
+LONE_PROCESS = """
+import torch
+from vggt_fsdp.model.vggt import VGGT
+from vggt_fsdp.parallel import build_accelerator, prepare_model
+from vggt_fsdp.recipe import load_recipe, model_config
+recipe = load_recipe("recipes/cpu_tiny.yaml", ["accelerate.num_processes=1"])
+accelerator = build_accelerator(recipe)
+model = VGGT(model_config(recipe.model))
+plan = prepare_model(accelerator, model, recipe.parallel)
+optimizer = torch.optim.AdamW(model.parameters())
+model, optimizer = accelerator.prepare(model, optimizer)
+accelerator.backward(model(torch.rand(1, 2, 3, 28, 28))["depth"].mean())
+optimizer.step()
+print(accelerator.is_fsdp2, torch.distributed.get_world_size(), len(plan.units), type(model).__name__)
+"""
+
+
+def test_a_lone_process_is_bridged_to_fsdp_too():
+    """Started without a launcher, Accelerate leaves a process undistributed; the bridge gives it a 1-rank
+    group so the same FSDP2 code runs (e.g. one GPU, or `python -m vggt_fsdp.train` on a laptop)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    result = subprocess.run([sys.executable, "-c", LONE_PROCESS], cwd=REPO, env={**env, "PYTHONPATH": str(REPO)},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["True", "1", "15", "FSDPVGGT"]
