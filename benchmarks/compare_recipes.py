@@ -13,8 +13,8 @@ Configurations, in the order they run (the most important first, so a tight budg
 0. the communication volumes of the 80GB recipe's model at world size 8 (meta device, seconds);
 1. the 40GB recipe at its target shape, capped at 40 GiB of device memory;
 2. the 80GB recipe at its target shape, capped at 80 GiB;
-3. the upstream-style baseline at the same two shapes and caps, and at a smaller frame count under the
-   80 GiB cap (where it does fit): no sharding (world size 1, every GPU holds the full fp32
+3. the upstream-style baseline at the same two shapes and caps (and, after the sweep, at a smaller
+   frame count under the 80 GiB cap, where it does fit): no sharding (world size 1, every GPU holds the full fp32
    parameters, gradients and AdamW state, as DDP does), every transformer block checkpointed, all 24
    aggregator layer outputs kept, the DPT heads' chunks not checkpointed;
 4. the sweep: the 80GB recipe over frames per GPU and checkpoint policies of the transformer blocks
@@ -39,10 +39,11 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPE_40G = "recipes/a100_40g.yaml"
 RECIPE_80G = "recipes/a100_80g.yaml"
 
-# Upstream's training choices, as overrides of a recipe (the model and data stay the recipe's).
+# Upstream's training choices, as overrides of a recipe (the model and data stay the recipe's): the DINO,
+# frame and global blocks checkpointed whole (its 72 checkpointed blocks), the camera trunk not.
 UPSTREAM_BASELINE = [
     "parallel.checkpoint.policy=block",
-    "parallel.checkpoint.groups={}",
+    "parallel.checkpoint.groups={camera_trunk: {policy: none}}",
     "parallel.checkpoint.heads=none",
     "model.overrides.keep_all_layers=true",
 ]
@@ -107,12 +108,11 @@ def plan(profile: Profile, include_baseline: bool = True, include_sweep: bool = 
         Config("80GB recipe", "recipe_80g", RECIPE_80G, profile.frames_80g, profile.world_size,
                list(common), profile.cap_80g),
     ]
+    baseline = [*common, *UPSTREAM_BASELINE]
     if include_baseline:
-        shapes = [(profile.frames_40g, profile.cap_40g), (profile.frames_80g, profile.cap_80g)]
-        shapes += [(frames, profile.cap_80g) for frames in profile.baseline_probe_frames]
-        for frames, cap in shapes:
+        for frames, cap in ((profile.frames_40g, profile.cap_40g), (profile.frames_80g, profile.cap_80g)):
             configs.append(Config(f"upstream-style baseline @{frames}", "baseline", RECIPE_80G, frames, 1,
-                                  [*common, *UPSTREAM_BASELINE], cap))
+                                  baseline, cap))
     if include_sweep:  # by frames, then policy: a budget cut drops the largest shapes, not a policy
         for frames in profile.sweep_frames:
             for policy in profile.sweep_policies:
@@ -120,6 +120,10 @@ def plan(profile: Profile, include_baseline: bool = True, include_sweep: bool = 
                                       profile.world_size,
                                       [*common, f"parallel.checkpoint.policy={policy}",
                                        "parallel.checkpoint.groups={}"], None, policy))
+    if include_baseline:  # last: where upstream's choices do fit, under the 80 GiB cap
+        for frames in profile.baseline_probe_frames:
+            configs.append(Config(f"upstream-style baseline @{frames}", "baseline", RECIPE_80G, frames, 1,
+                                  baseline, profile.cap_80g))
     return configs
 
 
