@@ -17,8 +17,8 @@ Configurations, in the order they run (the most important first, so a tight budg
    frame count under the 80 GiB cap, where it does fit): no sharding (world size 1, every GPU holds the full fp32
    parameters, gradients and AdamW state, as DDP does), every transformer block checkpointed, all 24
    aggregator layer outputs kept, the DPT heads' chunks not checkpointed;
-4. the sweep: the 80GB recipe over frames per GPU and checkpoint policies of the transformer blocks
-   (the memory/throughput frontier), without a memory cap (the card's own memory).
+4. the sweep: the 80GB recipe over frames per GPU and the checkpoint policy of its DINO, frame and
+   global blocks (the memory/throughput frontier), without a memory cap (the card's own memory).
 The recipes themselves are not edited: a configuration is a recipe plus `key=value` overrides.
 """
 from __future__ import annotations
@@ -118,8 +118,7 @@ def plan(profile: Profile, include_baseline: bool = True, include_sweep: bool = 
             for policy in profile.sweep_policies:
                 configs.append(Config(f"80GB recipe, {policy} @{frames}", "sweep", RECIPE_80G, frames,
                                       profile.world_size,
-                                      [*common, f"parallel.checkpoint.policy={policy}",
-                                       "parallel.checkpoint.groups={}"], None, policy))
+                                      [*common, f"parallel.checkpoint.policy={policy}"], None, policy))
     if include_baseline:  # last: where upstream's choices do fit, under the 80 GiB cap
         for frames in profile.baseline_probe_frames:
             configs.append(Config(f"upstream-style baseline @{frames}", "baseline", RECIPE_80G, frames, 1,
