@@ -337,3 +337,21 @@ def test_auto_frames_per_gpu_is_the_largest_that_fits():
     assert frames >= recipe.data.frames_range[1] and peak_fits(frames) and not peak_fits(frames + 1)
     with pytest.raises(ValueError, match="not even"):
         fit_frames_per_gpu(recipe, world=8, device_bytes=2**30, gpus_per_node=8)
+
+
+def test_progress_line_and_tensorboard_error(tmp_path):
+    import importlib.util
+    import io
+
+    from vggt_fsdp.train.metrics import MetricsWriter, ProgressLine
+
+    stream = io.StringIO()  # not a terminal: one line per update
+    line = ProgressLine(max_steps=20, enabled=True, stream=stream)
+    for step, mem in ((10, None), (20, 1.5)):
+        line.update({"step": step, "loss": 0.25, "lr": 1e-4, "frames_per_s": 12.0, "peak_allocated_gib": mem})
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2 and "step 10/20" in lines[0] and "loss 0.2500" in lines[0]
+    assert "12.0 frames/s" in lines[0] and "n/a (cpu)" in lines[0] and "1.50 GiB" in lines[1]
+    if importlib.util.find_spec("tensorboard") is None:
+        with pytest.raises(RuntimeError, match="pip install tensorboard"):
+            MetricsWriter(tmp_path, tensorboard=True, static={})

@@ -16,6 +16,7 @@ import json
 import os
 import random
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -232,7 +233,10 @@ def build_trainer(recipe) -> Built:
     model = build_model(model_cfg, device="meta")
     frozen = freeze(model, recipe.model.freeze)
     plan = prepare_model(accelerator, model, recipe.parallel)
-    materialize(model, device)
+    with warnings.catch_warnings():
+        # DTensor's CPU RNG draws each shard from the local generator; fine for a random init.
+        warnings.filterwarnings("ignore", message="DTensor random operators may not have complete support")
+        materialize(model, device)
     if recipe.model.init_weights:
         load_initial_weights(model, recipe.model.init_weights)
 

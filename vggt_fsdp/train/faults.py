@@ -67,9 +67,9 @@ class NonFiniteGuard:
         self.total = torch.zeros((), device=device)
 
     def flag(self, global_loss: torch.Tensor, grad_norm: torch.Tensor | None) -> torch.Tensor:
-        bad = ~torch.isfinite(global_loss.detach().float())
+        bad = (~torch.isfinite(global_loss.detach().float())).to(self.run.device)
         if grad_norm is not None:
-            bad = bad | ~torch.isfinite(grad_norm.detach().float())
+            bad = bad | ~torch.isfinite(grad_norm.detach().float()).to(self.run.device)
         bad = bad.float()
         self.run.mul_(bad).add_(bad)  # run = (run + 1) if bad else 0
         torch.maximum(self.worst_run, self.run, out=self.worst_run)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
@@ -47,7 +47,6 @@ class RunOutcome:
     step: int
     preempted: bool = False
     last_checkpoint: Path | None = None
-    notices: list[str] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
@@ -79,7 +78,10 @@ class Trainer:
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.state = ckpt.TrainState(step=0, scheduler=scheduler, sampler=getattr(task, "sampler", None))
-        self.guard = NonFiniteGuard(cfg.max_nonfinite_in_row, device)
+        # Where the sharded parameters (and so the optimizer's found_inf input) live: the host with
+        # parallel.sharding.cpu_offload, the compute device otherwise.
+        state_device = next(model.parameters()).device
+        self.guard = NonFiniteGuard(cfg.max_nonfinite_in_row, state_device)
         self.acc = MetricsAccumulator(device)
         self.static_metrics = {"world_size": self.world, **(static_metrics or {})}
         self.writer: MetricsWriter | None = None

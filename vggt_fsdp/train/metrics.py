@@ -36,7 +36,7 @@ class MetricsAccumulator:
 
     def add_step(self, values: dict[str, torch.Tensor], frames: int, tokens: int, data_wait: float) -> None:
         for key, value in values.items():
-            value = value.detach().float()
+            value = value.detach().float().to(self.device)  # offloaded grad norms live on the host
             if key in self.sums:
                 self.sums[key].add_(value)
             else:
