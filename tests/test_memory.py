@@ -41,23 +41,26 @@ def _cfg(preset: str, chunk: int | None = None):
     return cfg
 
 
-# (preset, world size, block policy, heads, scenes, frames per scene, image, DPT chunk size)
+# (preset, world size, block policy, heads, scenes, frames per scene, image, DPT chunk size, frozen patterns)
 CASES = [
-    ("vggt-tiny", 1, "none", "none", 2, 3, (42, 70), None),
-    ("vggt-tiny", 2, "attention", "none", 1, 3, (56, 84), None),
-    ("vggt-tiny", 8, "block", "chunks", 2, 2, (56, 56), None),
-    ("vggt-tiny", 8, "every_n", "none", 2, 3, (42, 56), 2),  # several chunks of 2 scenes: per-chunk copies
-    ("vggt-mid", 8, "attention", "chunks", 1, 2, (28, 42), None),
-    pytest.param(("vggt-mid", 2, "none", "none", 1, 2, (28, 28), None), marks=pytest.mark.slow),
+    ("vggt-tiny", 1, "none", "none", 2, 3, (42, 70), None, ()),
+    ("vggt-tiny", 2, "attention", "none", 1, 3, (56, 84), None, ()),
+    ("vggt-tiny", 8, "block", "chunks", 2, 2, (56, 56), None, ()),
+    ("vggt-tiny", 8, "every_n", "none", 2, 3, (42, 56), 2, ()),  # several chunks of 2 scenes: per-chunk copies
+    ("vggt-tiny", 2, "none", "none", 1, 2, (56, 56), None, ("aggregator.patch_embed.*",)),  # frozen backbone
+    ("vggt-mid", 8, "attention", "chunks", 1, 2, (28, 42), None, ()),
+    pytest.param(("vggt-mid", 2, "none", "none", 1, 2, (28, 28), None, ()), marks=pytest.mark.slow),
 ]
 
 
-@pytest.fixture(scope="module", params=CASES, ids=lambda c: f"{c[0]}-w{c[1]}-{c[2]}-{c[3]}-{c[4]}x{c[5]}")
+@pytest.fixture(scope="module", params=CASES,
+                ids=lambda c: f"{c[0]}-w{c[1]}-{c[2]}-{c[3]}-{c[4]}x{c[5]}" + ("-frozen" if c[8] else ""))
 def case(request):
-    preset, world, policy, heads, scenes, frames, image, chunk = request.param
+    preset, world, policy, heads, scenes, frames, image, chunk, freeze = request.param
     cfg, pc = _cfg(preset, chunk), _parallel(policy, heads)
-    measured = measure_step(cfg, pc, world, scenes, frames, image, "cpu")
-    predicted = planner.plan(cfg, pc, world, scenes * frames, image, "cpu", frames_range=(frames, frames))
+    measured = measure_step(cfg, pc, world, scenes, frames, image, "cpu", freeze=freeze)
+    predicted = planner.plan(cfg, pc, world, scenes * frames, image, "cpu", frames_range=(frames, frames),
+                             freeze=freeze)
     return predicted, measured
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 
 import torch
 
@@ -83,7 +84,9 @@ def measure_step(
     *,
     gpus_per_node: int = 8,
     seed: int = 0,
+    freeze: tuple[str, ...] = (),
 ) -> StepMeasurement:
+    """`freeze`: parameter-name patterns (fnmatch) made non-trainable, as the recipe's model.freeze."""
     from vggt_fsdp.model.init import materialize
     from vggt_fsdp.model.vggt import build_model
     from vggt_fsdp.parallel import apply_parallelism
@@ -93,10 +96,13 @@ def measure_step(
     start = time.perf_counter()
     with fake_process_group(world_size, device):
         model = build_model(model_cfg, device="meta")
+        for name, param in model.named_parameters():
+            if any(fnmatchcase(name, pattern) for pattern in freeze):
+                param.requires_grad_(False)
         apply_parallelism(model, parallel_cfg, mesh=_mesh(parallel_cfg, world_size, device.type, gpus_per_node))
         materialize(model, device)
         model.train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=device.type == "cuda",
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6, fused=device.type == "cuda",
                                       foreach=None if device.type == "cuda" else True)
         images = torch.rand(scenes, frames, 3, *image_hw, device=device)
 

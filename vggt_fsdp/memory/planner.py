@@ -383,8 +383,9 @@ def _grad_flow(model_cfg: VGGTConfig, units: list[UnitInfo]) -> dict[str, bool]:
     for i in range(model_cfg.patch_embed.depth):
         on = on or any_in((f"aggregator.patch_embed.blocks.{i}.",))
         flow[f"dino.{i}"] = on
-    on = on or any_in(("aggregator.patch_embed.norm.", "aggregator.camera_token", "aggregator.register_token"))
+    on = on or any_in(("aggregator.patch_embed.norm.",))
     flow["dino_norm"] = on
+    on = on or any_in(("aggregator.camera_token", "aggregator.register_token"))  # joined after the norm
     agg = model_cfg.aggregator
     layer = 0
     for _ in range(agg.depth // agg.aa_block_size):
