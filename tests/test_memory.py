@@ -202,3 +202,10 @@ def test_resolve_frames_per_gpu_for_auto():
     assert frames >= recipe.data.frames_range[1]
     with pytest.raises(ValueError, match="frames_per_gpu: auto"):
         planner.resolve_frames_per_gpu(recipe, 4 * planner.GiB)
+
+
+def test_plan_command_names_a_bad_image_size(capsys):
+    from vggt_fsdp.cli import main
+
+    assert main(["plan", str(RECIPES / "a100_40g.yaml"), "--image", "300x518"]) == 2
+    assert "300x518 is not a multiple of the patch size 14" in capsys.readouterr().err

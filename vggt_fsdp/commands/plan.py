@@ -88,8 +88,14 @@ def report(recipe, args) -> dict:
 def run(args: argparse.Namespace) -> int:
     from vggt_fsdp.recipe import load_recipe
 
-    recipe = load_recipe(args.recipe, args.overrides)
-    data = report(recipe, args)
+    import sys
+
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+        data = report(recipe, args)
+    except (OSError, ValueError) as err:  # a bad recipe, override, size or shape: say which, no traceback
+        print(f"vggt-fsdp plan: {err}", file=sys.stderr)
+        return 2
     result = data.pop("_plan")
     if args.json:
         print(json.dumps(data, indent=2))

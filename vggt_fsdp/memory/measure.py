@@ -92,6 +92,8 @@ def measure_step(
     from vggt_fsdp.parallel import apply_parallelism
 
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # memory statistics want an explicit index
+        device = torch.device("cuda", torch.cuda.current_device())
     torch.manual_seed(seed)
     start = time.perf_counter()
     with fake_process_group(world_size, device):

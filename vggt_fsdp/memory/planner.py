@@ -685,12 +685,12 @@ def recipe_shape(recipe, gpus: int | None = None, image_hw: tuple[int, int] | No
     """What a recipe implies for planning: its model config, the world size (accelerate num_processes,
     or `gpus`), the largest image the data section produces (width x the tallest aspect ratio, rounded
     down to patches) and the scene sizes."""
+    from vggt_fsdp.data.sampler import image_hw_for
     from vggt_fsdp.recipe import model_config
 
     data = recipe.data
     if image_hw is None:
-        height = int(data.image_width * data.aspect_range[1] / data.patch_size) * data.patch_size
-        image_hw = (height, data.image_width)
+        image_hw = image_hw_for(max(data.aspect_range), data.image_width, data.patch_size)
     world = gpus if gpus is not None else int(recipe.accelerate.get("num_processes", 1))
     return RecipeShape(model_config(recipe.model), world, image_hw, tuple(data.frames_range),
                        tuple(recipe.model.freeze))
