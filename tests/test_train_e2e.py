@@ -63,7 +63,8 @@ def _exported(path: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
-    common = [*TINY, "train.max_steps=4", "train.checkpoint_every=2", "train.keep_last=3"]
+    common = [*TINY, "train.max_steps=4", "train.checkpoint_every=2", "train.keep_last=3",
+              "train.val_every=2", "train.val_batches=1"]
     a = _launch([sys.executable, "-m", "vggt_fsdp.cli", "train", RECIPE, *common,
                  f"train.output_dir={root / 'a'}"])
     _check(a)
@@ -89,8 +90,8 @@ def test_kill_during_checkpoint_write_leaves_previous_checkpoint(runs):
 
 
 def test_resume_is_exact(runs):
-    a = read_metrics(runs["root"] / "a" / "metrics.jsonl")
-    b = read_metrics(runs["root"] / "b" / "metrics.jsonl")
+    a = [r for r in read_metrics(runs["root"] / "a" / "metrics.jsonl") if "val" not in r]
+    b = [r for r in read_metrics(runs["root"] / "b" / "metrics.jsonl") if "val" not in r]
     # b's file holds steps 1-4 of the killed run (its last step logged before the kill) and 3-4 again.
     b_by_step = {r["step"]: r["loss"] for r in b}
     assert [r["step"] for r in a] == [1, 2, 3, 4]
@@ -125,7 +126,7 @@ def test_export_loads_strictly_and_equals_checkpoint(runs, tmp_path):
 
 
 def test_metrics_records_have_the_documented_fields(runs):
-    record = read_metrics(runs["root"] / "a" / "metrics.jsonl")[-1]
+    record = [r for r in read_metrics(runs["root"] / "a" / "metrics.jsonl") if "val" not in r][-1]
     for key in ("step", "loss", "loss_terms", "lr", "grad_norm", "grad_norm_groups", "step_time_s",
                 "data_wait_s", "frames_per_s", "tokens_per_s", "peak_allocated_gib", "peak_reserved_gib",
                 "host_rss_gib", "world_size", "sharding", "checkpoint_policy", "device"):
@@ -150,3 +151,14 @@ def test_loss_falls_on_the_tiny_synthetic_task(tmp_path):
     assert [r["step"] for r in records] == list(range(10, 101, 10))
     first_ten, final = records[0]["loss"], records[-1]["loss"]
     assert final <= 0.5 * first_ten, [round(r["loss"], 3) for r in records]
+
+
+def test_validation_reports_pose_auc_and_depth_absrel(runs):
+    a = [r for r in read_metrics(runs["root"] / "a" / "metrics.jsonl") if "val" in r]
+    b = [r for r in read_metrics(runs["root"] / "b" / "metrics.jsonl") if "val" in r]
+    assert [r["step"] for r in a] == [2, 4]
+    for record in a:
+        assert 0.0 <= record["val"]["camera_auc30"] <= 1.0 and record["val"]["depth_absrel"] >= 0.0
+    # The same held-out batches every time, and validating does not disturb training's RNG streams:
+    # the resumed run's step-4 validation equals the straight run's.
+    assert b[-1]["step"] == 4 and b[-1]["val"] == pytest.approx(a[-1]["val"], rel=0, abs=1e-6)
