@@ -5,13 +5,14 @@
 
 What one run reports (as JSON, also on stdout):
 - step time after warm-up (median, min, max, standard deviation), frames/s and tokens/s per GPU;
-- model FLOPs per step (forward + backward, counted once on a meta-device copy without checkpointing,
-  so recompute is excluded: see `benchmarks.flops`), achieved TFLOP/s and MFU against the card's dense
-  BF16 peak;
-- memory. On CUDA: peak allocated and reserved device memory over the whole run (warm-up included: the
-  optimizer state appears at the first step). On the CPU there is no device allocator to read, so it
-  reports the bytes the autograd graph saves for backward in one forward (activations, exact) and the
-  process's peak resident memory; both are labelled CPU and are not GPU figures;
+- model FLOPs per step (forward + backward, counted once on a plain copy of the model without
+  checkpointing, so recompute is excluded: see `benchmarks.flops`), achieved TFLOP/s and MFU against
+  the card's dense BF16 peak;
+- memory. On CUDA: peak allocated and reserved device memory from the first step on (warm-up included:
+  the optimizer state appears at the first step; the sharded model is already there). On the CPU there
+  is no device allocator to read, so it reports one rank's model states (FSDPMemTracker), the bytes the
+  autograd graph saves for backward in one forward (activations) and the process's peak resident
+  memory; all labelled CPU, none a GPU figure;
 - the FSDP units' communication volumes, for the communication model of the report.
 
 `--world-size N` runs the model sharded as rank 0 of N over a fake process group: every buffer has its
@@ -254,7 +255,8 @@ def fixed_batch(spec: BenchSpec, recipe) -> dict[str, torch.Tensor]:
         raise ValueError(f"height {spec.height} is not a multiple of data.patch_size {data.patch_size}")
     aspect = spec.height / spec.width
     cfg = dataclasses.replace(
-        data, source="synthetic", root=None, frames_range=[spec.frames_per_scene, spec.frames_per_scene], aspect_range=[aspect, aspect],
+        data, source="synthetic", root=None, frames_range=[spec.frames_per_scene, spec.frames_per_scene],
+        aspect_range=[aspect, aspect],
         image_width=spec.width, num_workers=0, augment=dataclasses.replace(data.augment, enabled=False))
     batch = next(iter(build_dataloader(cfg, frames_per_gpu=spec.frames_per_gpu, num_workers=0)))
     got = tuple(batch["images"].shape)
@@ -403,7 +405,8 @@ def _measure(spec: BenchSpec, device: torch.device, result: dict) -> None:
         result["memory"] = _memory(device)
         if "memory_cap" in result:
             # The cap binds the caching allocator; a run that reserved more did not emulate the card.
-            result["memory"]["cap_respected"] = result["memory"]["peak_reserved_bytes"] <= result["memory_cap"]["cap_bytes"]
+            peak_reserved = result["memory"]["peak_reserved_bytes"]
+            result["memory"]["cap_respected"] = peak_reserved <= result["memory_cap"]["cap_bytes"]
         if device.type == "cpu":
             result["phase"] = "CPU memory counts"
             result["memory"].update(_cpu_memory(workload, device))
@@ -514,7 +517,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("overrides", nargs="*", help="recipe overrides, key=value")
     parser.add_argument("--frames", type=int, required=True, help="frames per GPU per step")
     parser.add_argument("--frames-per-scene", type=int, default=None,
-                        help=f"frames per scene (default: the largest divisor of --frames up to {MAX_FRAMES_PER_SCENE})")
+                        help="frames per scene (default: the largest divisor of --frames up to "
+                             f"{MAX_FRAMES_PER_SCENE})")
     parser.add_argument("--image", type=parse_image, default=(518, 518), help="HxW (default 518x518)")
     parser.add_argument("--world-size", type=int, default=1,
                         help="measure one GPU's share of an N-GPU run (fake process group)")

@@ -151,7 +151,8 @@ def run_config(config: Config, profile: Profile, timeout_s: float, flops_cache: 
         start = time.monotonic()
         try:
             extra = ["--flops-cache", str(flops_cache)] if flops_cache is not None else []
-            proc = subprocess.run([sys.executable, *args, "--json", str(json_path), *extra], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s)
+            proc = subprocess.run([sys.executable, *args, "--json", str(json_path), *extra], cwd=REPO, env=env,
+                                  capture_output=True, text=True, timeout=timeout_s)
         except subprocess.TimeoutExpired as err:
             stderr = err.stderr.decode() if isinstance(err.stderr, bytes) else (err.stderr or "")
             result = {"status": "timeout", "error": f"no result within {timeout_s:.0f} s",
@@ -190,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results",
                         help="directory for the JSON, report and charts (default benchmarks/results)")
     parser.add_argument("--profile", choices=sorted(PROFILES), default=None,
-                        help="gpu: VGGT-1B at 518 px, world size 8; cpu: tiny model (default: gpu when CUDA is present)")
+                        help="gpu: VGGT-1B at 518 px, world size 8; cpu: tiny model "
+                             "(default: gpu when CUDA is present)")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="stop starting configurations when less than one timeout of this budget is left")
     parser.add_argument("--timeout-s", type=float, default=None, help="per-configuration timeout")
@@ -227,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     configs = plan(profile, include_baseline=not args.no_baseline, include_sweep=not args.no_sweep)
     started = time.monotonic()
     doc = {
-        "command": shlex.join(["python", "-m", "benchmarks.compare_recipes", *(sys.argv[1:] if argv is None else argv)]),
+        "command": shlex.join(["python", "-m", "benchmarks.compare_recipes",
+                               *(sys.argv[1:] if argv is None else argv)]),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "profile": asdict(profile),
         "results": [],

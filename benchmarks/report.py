@@ -380,7 +380,8 @@ def render(doc: dict, charts: list[str] | None, charts_note: str) -> str:
         lines += ["## Memory/throughput frontier (80GB recipe, swept frames and checkpoint policy)", "",
                   f"| checkpoint | frames/GPU | {mem_name} | frames/s/GPU | on the frontier |",
                   "|---|---|---|---|---|"]
-        lines += [f"| {r['policy']} | {r['frames']} | {mib(r['memory']) if cpu else gib(r['memory'])} | {r['fps']:.2f} | "
+        size = mib if cpu else gib
+        lines += [f"| {r['policy']} | {r['frames']} | {size(r['memory'])} | {r['fps']:.2f} | "
                   f"{'yes' if r['pareto'] else ''} |" for r in rows]
         lines += [""]
     failed = [r for r in results if r.get("status") not in ("ok", "oom")]

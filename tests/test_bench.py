@@ -149,7 +149,8 @@ def test_flop_counts_are_shared_by_configurations_of_one_model_and_shape(tmp_pat
     assert "cached" not in first and first["total"] > 0
     monkeypatch.setattr(bench_step, "_count_flops", lambda *a: pytest.fail("counted again"))
     # Keeping all layer outputs changes memory, not FLOPs: the same count serves the baseline.
-    baseline = bench_step._recipe(bench_step.BenchSpec(**{**spec.__dict__, "overrides": ["model.overrides.keep_all_layers=true"]}))
+    keep_all = ["model.overrides.keep_all_layers=true"]
+    baseline = bench_step._recipe(bench_step.BenchSpec(**{**spec.__dict__, "overrides": keep_all}))
     assert bench_step.count_flops(spec, baseline, torch.device("cpu")) == {**first, "cached": True}
     other_shape = bench_step.BenchSpec(**{**spec.__dict__, "frames_per_gpu": 4, "frames_per_scene": None})
     assert bench_step.flops_key(other_shape, recipe, torch.device("cpu")) != bench_step.flops_key(
