@@ -355,3 +355,16 @@ def test_progress_line_and_tensorboard_error(tmp_path):
     if importlib.util.find_spec("tensorboard") is None:
         with pytest.raises(RuntimeError, match="pip install tensorboard"):
             MetricsWriter(tmp_path, tensorboard=True, static={})
+
+
+def test_freeze_by_name_patterns():
+    from vggt_fsdp.model import build_model, get_preset
+    from vggt_fsdp.train.build import freeze
+
+    model = build_model(get_preset("vggt-tiny"), device="meta")
+    frozen = freeze(model, ["aggregator.patch_embed.*"])
+    expected = {n for n, _ in model.named_parameters() if n.startswith("aggregator.patch_embed.")}
+    assert expected and {n for n, p in model.named_parameters() if not p.requires_grad} == expected
+    assert frozen == sum(p.numel() for n, p in model.named_parameters() if n in expected)
+    with pytest.raises(ValueError, match="matches no parameter"):
+        freeze(model, ["aggregator.patch_embeds.*"])
