@@ -340,7 +340,9 @@ def render(doc: dict, charts: list[str] | None, charts_note: str) -> str:
     lines = [f"# Recipe benchmark: {device}", ""]
     if cpu:
         lines += ["> **CPU results.** These runs check that the benchmark machinery works, with the tiny model; "
-                  "none of their figures is a GPU result, and no GPU target is judged from them.", ""]
+                  "none of their figures is a GPU result, and no GPU target is judged from them. "
+                  "The GPU comparison is run with `python -m benchmarks.compare_recipes --profile gpu "
+                  "--out DIR --budget-s 270` (VGGT-1B, 518 px, world size 8).", ""]
     lines += [
         f"- Date (UTC): {doc['date_utc']}",
         f"- Device: {device}",
