@@ -362,9 +362,10 @@ def test_freeze_by_name_patterns():
     from vggt_fsdp.train.build import freeze
 
     model = build_model(get_preset("vggt-tiny"), device="meta")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     frozen = freeze(model, ["aggregator.patch_embed.*"])
-    expected = {n for n, _ in model.named_parameters() if n.startswith("aggregator.patch_embed.")}
-    assert expected and {n for n, p in model.named_parameters() if not p.requires_grad} == expected
-    assert frozen == sum(p.numel() for n, p in model.named_parameters() if n in expected)
+    expected = {n for n in trainable if n.startswith("aggregator.patch_embed.")}
+    assert expected and {n for n, p in model.named_parameters() if n in trainable and not p.requires_grad} == expected
+    assert frozen == sum(p.numel() for n, p in model.named_parameters() if n in expected)  # newly frozen
     with pytest.raises(ValueError, match="matches no parameter"):
         freeze(model, ["aggregator.patch_embeds.*"])
