@@ -10,7 +10,7 @@ The JSON and the report are rewritten after every configuration, so a run cut sh
 measured.
 
 Configurations, in the order they run (the most important first, so a tight budget drops the sweep):
-0. the communication volumes of the 80GB recipe's model at world size 8 (meta device, seconds);
+0. (CPU profile) the communication volumes of the 80GB recipe's VGGT-1B at world size 8 (meta device);
 1. the 40GB recipe at its target shape, capped at 40 GiB of device memory;
 2. the 80GB recipe at its target shape, capped at 80 GiB;
 3. the upstream-style baseline at the same two shapes and caps (and, after the sweep, at a smaller
@@ -85,24 +85,31 @@ class Profile:
     warmup: int
     steps: int
     timeout_s: float
+    # The VGGT-1B units job: for the communication model where no recipe is measured with VGGT-1B (the
+    # CPU profile); a GPU comparison reads the units of its measured recipes instead.
+    volumes_job: bool = False
 
 
 PROFILES = {
     # The targets of issue 7: VGGT-1B, 518 px, world size 8, 24 frames on 40 GB, 48 on 80 GB.
-    "gpu": Profile("gpu", (518, 518), 8, 24, 48, 40.0, 80.0, [8], [16, 64], ["attention", "block"],
-                   [], warmup=1, steps=3, timeout_s=120),
+    "gpu": Profile("gpu", image=(518, 518), world_size=8, frames_40g=24, frames_80g=48, cap_40g=40.0, cap_80g=80.0,
+                   baseline_probe_frames=[8], sweep_frames=[16, 64], sweep_policies=["attention", "block"],
+                   overrides=[], warmup=1, steps=3, timeout_s=120),
     # The same scripts on the CPU with the tiny model: checks the machinery, measures nothing of a GPU.
-    "cpu": Profile("cpu", (112, 112), 8, 2, 4, None, None, [1], [2, 8], ["attention", "block"],
-                   ["model.preset=vggt-tiny"], warmup=1, steps=2, timeout_s=240),
+    "cpu": Profile("cpu", image=(112, 112), world_size=8, frames_40g=2, frames_80g=4, cap_40g=None, cap_80g=None,
+                   baseline_probe_frames=[1], sweep_frames=[2, 8], sweep_policies=["attention", "block"],
+                   overrides=["model.preset=vggt-tiny"], warmup=1, steps=2, timeout_s=240, volumes_job=True),
 }
 
 
 def plan(profile: Profile, include_baseline: bool = True, include_sweep: bool = True) -> list[Config]:
     common = profile.overrides
-    configs = [
+    configs = []
+    if profile.volumes_job:
         # The 80GB recipe's own model (VGGT-1B whatever the profile) sharded on the meta device at the
         # target world size: the communication volumes of the scaling model (seconds, no memory).
-        Config("80GB recipe (VGGT-1B units)", "volumes", RECIPE_80G, 1, VOLUMES_WORLD_SIZE),
+        configs.append(Config("80GB recipe (VGGT-1B units)", "volumes", RECIPE_80G, 1, VOLUMES_WORLD_SIZE))
+    configs += [
         Config("40GB recipe", "recipe_40g", RECIPE_40G, profile.frames_40g, profile.world_size,
                list(common), profile.cap_40g),
         Config("80GB recipe", "recipe_80g", RECIPE_80G, profile.frames_80g, profile.world_size,
