@@ -162,3 +162,30 @@ def test_validation_reports_pose_auc_and_depth_absrel(runs):
     # The same held-out batches every time, and validating does not disturb training's RNG streams:
     # the resumed run's step-4 validation equals the straight run's.
     assert b[-1]["step"] == 4 and b[-1]["val"] == pytest.approx(a[-1]["val"], rel=0, abs=1e-6)
+
+
+def test_sigterm_to_vggt_fsdp_train_saves_and_exits_zero(tmp_path):
+    """Preemption through the real launcher chain: `vggt-fsdp train` -> accelerate launch -> 2 ranks."""
+    import json
+    import time
+
+    out = tmp_path / "pre"
+    command = [sys.executable, "-m", "vggt_fsdp.cli", "train", RECIPE, *TINY, "train.max_steps=10000",
+               "train.checkpoint_every=0", f"train.output_dir={out}"]
+    proc = subprocess.Popen(command, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while not (out / "metrics.jsonl").is_file() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+        assert (out / "metrics.jsonl").is_file(), "training did not start"
+        proc.send_signal(signal.SIGTERM)  # to the command only; it passes the signal on
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, err[-3000:]
+    info = json.loads((out / "preempted.json").read_text())
+    assert info["step"] >= 1 and "preempted at step" in err
+    assert [s for s, _ in ckpt.complete_checkpoints(out / "checkpoints")] == [info["step"]]
+    assert not (out / "model.safetensors").exists()  # a preempted run is not finished

@@ -52,7 +52,11 @@ def run(args: argparse.Namespace) -> int:
             print(config_file.read_text(), file=sys.stderr)
             return 0
         started = time.time()
-        code, signalled = _run_forwarding_signals(command, dict(os.environ))
+        env = dict(os.environ)
+        # After a SIGTERM the launcher's agent SIGKILLs its workers once this many seconds pass; they
+        # need a step and a checkpoint save (torch's default is 30 s). A user's own value wins.
+        env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "300")
+        code, signalled = _run_forwarding_signals(command, env)
     return _exit_code(code, signalled, Path(recipe.train.output_dir), started)
 
 
