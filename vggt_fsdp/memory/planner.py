@@ -486,11 +486,13 @@ def _head_terms(model_cfg: VGGTConfig, units, b: Batch, k: F.Kernels, policies, 
     dpt_heads = [h for h in ("depth_head", "point_head") if getattr(model_cfg, f"enable_{h.split('_')[0]}")]
     chunk = dpt.frames_chunk_size or b.frames
     chunks = [min(chunk, b.frames - s) for s in range(0, b.frames, chunk)]
-    # A chunk's token slice (B, s, P, 2C) reshaped to (B s, P, 2C) is a view only for one scene or one
-    # chunk; the DPT norm then saves a view of the whole layer, else its own per-chunk copy. Heads that
-    # cast per chunk always save their fp32 copy.
-    view = b.scenes == 1 or len(chunks) == 1
-    token_copy = mode == "chunk" or not view
+    # A chunk's token slice (B, s, P, 2C) reshaped to (B s, P, 2C) is a view only when B = 1, s = 1 or the
+    # chunk spans the scene; the DPT norm then saves a view of the whole layer, else its own copy of the
+    # chunk. Heads that cast per chunk always save their fp32 copy.
+    def token_copy(s: int) -> bool:
+        return mode == "chunk" or not (b.scenes == 1 or s == 1 or s == b.frames)
+
+    any_view = not all(token_copy(c) for c in chunks)
     dpt_layers = sorted({i % agg.depth for i in dpt.intermediate_layer_idx}) if dpt_heads else []
     ckpt = {h: next(u.checkpoint for u in units if u.path == h) == "chunks" for h in dpt_heads}
     layer_elems = b.images * tokens * D
@@ -508,7 +510,7 @@ def _head_terms(model_cfg: VGGTConfig, units, b: Batch, k: F.Kernels, policies, 
         if ckpt[head]:  # the checkpoint saves its chunk inputs: views of the layers as the head received them
             for layer in dpt_layers:
                 whole[("bf16" if mode == "chunk" else owner(head), layer)] = token_bytes if mode == "chunk" else 4
-        elif not token_copy:
+        elif any_view:
             for layer in dpt_layers:
                 whole[(owner(head), layer)] = 4
     kept = sum(whole.values()) * layer_elems
@@ -534,7 +536,8 @@ def _head_terms(model_cfg: VGGTConfig, units, b: Batch, k: F.Kernels, policies, 
 
         def shape(frames_in_chunk: int) -> F.DPTShape:
             return F.DPTShape(b.scenes * frames_in_chunk, b.ph, b.pw, model_cfg.aggregator.patch_size, D,
-                              tuple(dpt.out_channels), dpt.features, output_dim, act, dpt.pos_embed, token_copy)
+                              tuple(dpt.out_channels), dpt.features, output_dim, act, dpt.pos_embed,
+                              token_copy(frames_in_chunk))
 
         saved = 0 if ckpt[head] or not flow[head] else sum(F.dpt_chunk_saved(shape(c)) for c in chunks)
         name = head.replace("_", " ")
@@ -547,12 +550,15 @@ def _head_terms(model_cfg: VGGTConfig, units, b: Batch, k: F.Kernels, policies, 
                      recompute + F.dpt_chunk_backward_work(shape(max(chunks))),
                      ("dpt_chunk_saved + " if ckpt[head] else "") + "dpt_chunk_backward_work of the largest chunk"))
     if dpt_heads:
-        # The gradient of each layer a head read accumulates over all its chunks (fp32 where the head got an
-        # fp32 tensor) and, cast back, in the aggregator's dtype until the aggregator's backward reaches it.
+        # The gradient of each layer a DPT head read accumulates over all its chunks in the dtype the head
+        # received it in; after the head (per-head fp32 copies) it is cast back and waits in the
+        # aggregator's dtype until the aggregator's backward reaches the layer.
         head_grad = 4 if mode != "chunk" else token_bytes
-        extra = token_bytes if mode == "per_head" else 0
-        work.append(("gradients of the kept layers", len(dpt_layers) * layer_elems * (head_grad + extra),
-                     f"{len(dpt_layers)} layers x scenes x frames x (P + 5) x 2C x ({head_grad} + {extra}) B"))
+        layers = f"{len(dpt_layers)} layers x scenes x frames x (P + 5) x 2C"
+        work.append(("gradients of the kept layers (in a head)", len(dpt_layers) * layer_elems * head_grad,
+                     f"{layers} x {head_grad} B"))
+        work.append(("gradients of the kept layers (aggregator dtype)", len(dpt_layers) * layer_elems * token_bytes,
+                     f"{layers} x {token_bytes} B"))
     return terms, work
 
 
@@ -591,19 +597,19 @@ def _phases(terms: list[Term], units: list[UnitInfo], shard: int) -> dict[str, i
     unit = by["running unit + prefetch all-gather"]
     unit_grads = by["unit backward: prefetched params, unsharded grads, reduce-scatter"]
     head_work = max((t.bytes for t in terms if t.name.endswith("(recompute + grads of one chunk)")), default=0)
-    kept_grads = by.get("gradients of the kept layers", 0)
+    head_kept_grads = by.get("gradients of the kept layers (in a head)", 0)
+    agg_kept_grads = by.get("gradients of the kept layers (aggregator dtype)", 0)
     block_work = max((t.bytes for t in terms if t.name.endswith("recompute + grads of one block")), default=0)
     kept = by.get("kept layer outputs (as the heads hold them)", 0)
     head_grads = sum(p.shard_numel(shard) * 4 for u in units if u.kind == "module" for p in u.params if p.trainable)
     dpt_acts = sum(t.bytes for t in terms if t.category == "activation" and t.group in ("depth", "point"))
     return {
         "end of forward": state + acts + unit,
-        "first head backward": state + acts + unit + head_work + kept_grads,
+        "first head backward": state + acts + unit + head_work + head_kept_grads,
         # The DPT heads are done: their activations are freed, the kept layers' gradients wait.
-        "largest unit backward": state + head_grads + acts - dpt_acts + kept_grads + unit + unit_grads,
-        # The heads' activations and kept copies are freed; the kept layers' gradients (about half, in the
-        # aggregator's dtype) remain.
-        "first block backward": state + head_grads + acts - head_acts - kept + kept_grads // 2 + unit + unit_grads
+        "largest unit backward": state + head_grads + acts - dpt_acts + agg_kept_grads + unit + unit_grads,
+        # The heads' activations and kept copies are freed; the kept layers' gradients remain.
+        "first block backward": state + head_grads + acts - head_acts - kept + agg_kept_grads + unit + unit_grads
         + block_work,
         "optimizer step": state + grads + by["optimizer step temporaries"],
     }
