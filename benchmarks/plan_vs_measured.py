@@ -18,7 +18,6 @@ CPU smoke run (tiny preset):
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import gc
 import json
@@ -118,7 +117,8 @@ def run(args: argparse.Namespace) -> dict:
     return {
         "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})",
+        "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else f"CPU ({platform.processor() or platform.machine()})"),
         "measured_with": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "FSDPMemTracker peak (CPU)",
         "torch": torch.__version__,
         "git_commit": _git_commit(),

@@ -40,8 +40,8 @@ class SavedTensorReport:
 class SavedTensorCounter:
     """Counts the distinct storages saved for backward while the context is active.
 
-    `groups` maps a name to a module or a list of modules; a saved storage is charged to the innermost group whose forward is
-    running when it is first saved, or to "other". Use it around the forward pass only; the report is in
+    `groups` maps a name to a module or a list of modules; a saved storage is charged to the innermost
+    group whose forward is running when it is first saved, or to "other". Use it around the forward pass only; the report is in
     `.report` after exit::
 
         counter = SavedTensorCounter({"frame": model.aggregator.frame_blocks[0]})
@@ -104,9 +104,9 @@ class SavedTensorCounter:
         self._handles.clear()
 
 
-def count_saved_bytes(fn: Callable[[], object], groups: Mapping[str, nn.Module | Sequence[nn.Module]] | None = None) -> tuple[
-    SavedTensorReport, object
-]:
+def count_saved_bytes(
+    fn: Callable[[], object], groups: Mapping[str, nn.Module | Sequence[nn.Module]] | None = None
+) -> tuple[SavedTensorReport, object]:
     """Run `fn()` (a forward pass) under a `SavedTensorCounter`; return the report and `fn`'s result."""
     counter = SavedTensorCounter(groups)
     with counter:

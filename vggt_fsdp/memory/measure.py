@@ -20,7 +20,13 @@ from fnmatch import fnmatchcase
 
 import torch
 
-from vggt_fsdp.memory.accounting import ModelStateMeasurement, SavedTensorCounter, SavedTensorReport, measure_model_state
+from vggt_fsdp.memory.accounting import (
+    ModelStateMeasurement,
+    SavedTensorCounter,
+    SavedTensorReport,
+    cuda_peak_memory,
+    measure_model_state,
+)
 from vggt_fsdp.memory.fake_pg import fake_process_group
 from vggt_fsdp.model.config import VGGTConfig
 
@@ -104,8 +110,10 @@ def measure_step(
         apply_parallelism(model, parallel_cfg, mesh=_mesh(parallel_cfg, world_size, device.type, gpus_per_node))
         materialize(model, device)
         model.train()
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6, fused=device.type == "cuda",
-                                      foreach=None if device.type == "cuda" else True)
+        # Fused AdamW on CUDA as the trainer uses it; foreach on the CPU (no fused CPU kernel assumed).
+        cuda = device.type == "cuda"
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6,
+                                      fused=cuda, foreach=None if cuda else True)
         images = torch.rand(scenes, frames, 3, *image_hw, device=device)
 
         def step(counter: SavedTensorCounter | None = None) -> None:
@@ -121,9 +129,7 @@ def measure_step(
         _create_optimizer_state(optimizer)
         counter = SavedTensorCounter(block_groups(model))
         result = StepMeasurement(saved=counter.report)
-        if device.type == "cuda":
-            from vggt_fsdp.memory.accounting import cuda_peak_memory
-
+        if cuda:
             with cuda_peak_memory(device) as cuda:
                 step(counter)
                 optimizer.zero_grad(set_to_none=True)

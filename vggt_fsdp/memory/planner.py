@@ -286,7 +286,7 @@ def _plan_batch(model_cfg, parallel_cfg, world_size, frames_per_gpu, batch: Batc
     shard = shard_size(parallel_cfg, world_size, gpus_per_node)
 
     states = _state_terms(units, shard, parallel_cfg.sharding.cpu_offload, device_kind)
-    acts, work = _activation_terms(model_cfg, units, batch, kernels, freeze)
+    acts, work = _activation_terms(model_cfg, units, batch, kernels)
     params_live = _unsharded_terms(units, shard, fused_adamw=device_kind == "cuda")
     terms = states + _io_terms(model_cfg, batch) + acts + params_live + work
     phases = _phases(terms, units, shard)
@@ -400,15 +400,11 @@ def _grad_flow(model_cfg: VGGTConfig, units: list[UnitInfo]) -> dict[str, bool]:
     return flow
 
 
-def _block_policies(units: list[UnitInfo]) -> dict[str, str]:
-    return {u.path: u.checkpoint for u in units if u.kind == "block"}
-
-
-def _activation_terms(model_cfg: VGGTConfig, units, b: Batch, k: F.Kernels, freeze) -> tuple[list[Term], list[Term]]:
+def _activation_terms(model_cfg: VGGTConfig, units, b: Batch, k: F.Kernels) -> tuple[list[Term], list[Term]]:
     """Saved activations (category activation) and the backward transients of activations."""
     agg, pe = model_cfg.aggregator, model_cfg.patch_embed
     C, D = agg.embed_dim, model_cfg.token_dim
-    policies = _block_policies(units)
+    policies = {u.path: u.checkpoint for u in units if u.kind == "block"}
     dtype = {u.path: u.param_bytes for u in units}
     flow = _grad_flow(model_cfg, units)
     terms: list[Term] = []
@@ -647,7 +643,10 @@ def policy_candidates(parallel_cfg) -> list:
     for heads in HEAD_POLICIES:
         for name in BLOCK_POLICIES:
             cfg = dataclasses.replace(parallel_cfg, checkpoint=dataclasses.replace(parallel_cfg.checkpoint))
-            policy, n = (("every_n", int(name.split("_")[1])) if name.startswith("every_") else (name, cfg.checkpoint.n))
+            if name.startswith("every_"):
+                policy, n = "every_n", int(name.split("_")[1])
+            else:
+                policy, n = name, cfg.checkpoint.n
             groups = {g: GroupCheckpoint(policy=policy, n=n) for g in ("dino", "frame", "global")}
             if "camera_trunk" in parallel_cfg.checkpoint.groups:
                 groups["camera_trunk"] = parallel_cfg.checkpoint.groups["camera_trunk"]
