@@ -266,7 +266,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import FSDPModule
 
-    from vggt_fsdp.parallel import apply_parallelism, build_accelerator, build_mesh, prepare_model
+    from vggt_fsdp.parallel import apply_parallelism, build_accelerator, build_mesh, prepare_model, prepare_optimizer
 
     torch.set_num_threads(1)
     # The DPT heads return views of one tensor (depth and confidence); harmless for this loss.
@@ -321,9 +321,14 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     model = tiny_model()
     prepare_model(accelerator, model, recipe.parallel)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
-    prepared, optimizer = accelerator.prepare(model, optimizer)
+    prepared, optimizer = prepare_optimizer(accelerator, model, optimizer)
+    inner = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
+    optimizer_params = [p for group in inner.param_groups for p in group["params"]]
     result["accelerate"] = {"is_fsdp2": accelerator.is_fsdp2, "same_model": prepared is model,
-                            "distributed_type": str(accelerator.distributed_type)}
+                            "distributed_type": str(accelerator.distributed_type),
+                            # Accelerate's own re-mapping confuses parameters with empty local shards.
+                            "optimizer_holds_model_params": all(
+                                a is b for a, b in zip(optimizer_params, model.parameters(), strict=True))}
     losses = []
     for step in range(STEPS):
         loss = loss_fn(prepared(images[rank]))
@@ -448,7 +453,8 @@ def test_sharded_storage_per_rank_is_half(two_ranks):
 def test_accelerate_takes_the_fsdp_path(two_ranks):
     for rank in two_ranks:
         assert rank["accelerate"] == {"is_fsdp2": True, "same_model": True,
-                                      "distributed_type": "DistributedType.FSDP"}
+                                      "distributed_type": "DistributedType.FSDP",
+                                      "optimizer_holds_model_params": True}
         assert rank["clip_norm"] == pytest.approx(rank["manual_norm"], rel=1e-5)
         assert "pytorch_model_fsdp_0" in rank["state_files"] and "optimizer_0" in rank["state_files"]
 
@@ -456,14 +462,14 @@ def test_accelerate_takes_the_fsdp_path(two_ranks):
 LONE_PROCESS = """
 import torch
 from vggt_fsdp.model.vggt import VGGT
-from vggt_fsdp.parallel import build_accelerator, prepare_model
+from vggt_fsdp.parallel import build_accelerator, prepare_model, prepare_optimizer
 from vggt_fsdp.recipe import load_recipe, model_config
 recipe = load_recipe("recipes/cpu_tiny.yaml", ["accelerate.num_processes=1"])
 accelerator = build_accelerator(recipe)
 model = VGGT(model_config(recipe.model))
 plan = prepare_model(accelerator, model, recipe.parallel)
 optimizer = torch.optim.AdamW(model.parameters())
-model, optimizer = accelerator.prepare(model, optimizer)
+model, optimizer = prepare_optimizer(accelerator, model, optimizer)
 accelerator.backward(model(torch.rand(1, 2, 3, 28, 28))["depth"].mean())
 optimizer.step()
 print(accelerator.is_fsdp2, torch.distributed.get_world_size(), len(plan.units), type(model).__name__)

@@ -2,9 +2,9 @@
 
 `apply_parallelism(model, parallel_cfg, mesh=None)` is the one place that wraps and shards a model;
 `plan_parallelism` computes the same plan as data (meta-device model, no process group needed);
-`build_accelerator` / `prepare_model` connect it to Accelerate (see parallel/accelerate.py).
+`build_accelerator` / `prepare_model` / `prepare_optimizer` connect it to Accelerate (see parallel/accelerate.py).
 """
-from vggt_fsdp.parallel.accelerate import build_accelerator, prepare_model
+from vggt_fsdp.parallel.accelerate import build_accelerator, prepare_model, prepare_optimizer
 from vggt_fsdp.parallel.checkpointing import canonical_name
 from vggt_fsdp.parallel.config import ParallelConfig
 from vggt_fsdp.parallel.sharding import ParallelPlan, UnitPlan, apply_parallelism, build_mesh, plan_parallelism
@@ -19,4 +19,5 @@ __all__ = [
     "canonical_name",
     "plan_parallelism",
     "prepare_model",
+    "prepare_optimizer",
 ]

@@ -5,7 +5,7 @@ The trainer creates its `Accelerator` here and shards the model here:
     accelerator = build_accelerator(recipe)
     plan = prepare_model(accelerator, model, recipe.parallel)     # checkpoint wrappers + fully_shard
     optimizer = AdamW(model.parameters(), ...)                      # over the sharded (DTensor) params
-    model, optimizer, ... = accelerator.prepare(model, optimizer, ...)
+    model, optimizer = prepare_optimizer(accelerator, model, optimizer)
 
 Accelerate then treats the model as FSDP2 (`accelerator.is_fsdp2`): its prepare leaves an already
 sharded model alone, and save/load_state, clip_grad_norm_ and no_sync/accumulate take the FSDP path.
@@ -179,8 +179,27 @@ def _enable_fsdp(accelerator: Accelerator, plugin) -> None:
 
 def prepare_model(accelerator: Accelerator, model: nn.Module, parallel: ParallelConfig) -> ParallelPlan:
     """Shard `model` in place on the accelerator's device as `parallel` says; returns the applied plan.
-    Create the optimizer afterwards, then call `accelerator.prepare(model, optimizer, ...)`."""
+    Create the optimizer afterwards, then call `prepare_optimizer`."""
     if not accelerator.is_fsdp2:
         raise RuntimeError("prepare_model needs an Accelerator from build_accelerator (FSDP2)")
     mesh = build_mesh(parallel.sharding, accelerator.device.type)
     return apply_parallelism(model, parallel, mesh)
+
+
+def prepare_optimizer(accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer):
+    """`accelerator.prepare(model, optimizer)` for a model that `prepare_model` already sharded.
+
+    Accelerate 1.15 re-maps the optimizer's parameters to the sharded ones by the `data_ptr()` of their
+    local shards. A parameter whose shard on this rank is empty (dim 0 smaller than the world size,
+    e.g. VGGT's (1, 2, 1, C) camera token on rank 1) has data_ptr 0, several of them collide, and the
+    optimizer ends up holding the wrong tensors. The model is already sharded, so the correct mapping
+    is the identity: the original parameter lists are put back.
+    """
+    params = [list(group["params"]) for group in optimizer.param_groups]
+    model, prepared = accelerator.prepare(model, optimizer)
+    inner = prepared
+    while hasattr(inner, "optimizer"):
+        inner = inner.optimizer
+    for group, original in zip(inner.param_groups, params):
+        group["params"] = original
+    return model, prepared

@@ -7,7 +7,7 @@ Order matters and is the point of this module:
 4. materialise only each rank's shards on the device and initialise them;
 5. initial weights, if any: rank 0 reads the file and streams it to the other ranks' shards
    (`set_model_state_dict(broadcast_from_rank0=True)`), so no other rank ever holds the full model;
-6. optimizer over the sharded parameters, then `accelerator.prepare(model, optimizer)`.
+6. optimizer over the sharded parameters, then `prepare_optimizer` (the Accelerate bridge).
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from vggt_fsdp.parallel import prepare_optimizer
 from vggt_fsdp.train.faults import StepShape
 from vggt_fsdp.train.loop import Trainer
 from vggt_fsdp.train.optim import build_optimizer, build_scheduler, clip_groups, resolve_fused
@@ -135,25 +136,6 @@ class VGGTTask:
         return move_batch(batch, device)
 
 
-def prepare_with_accelerator(accelerator, model: nn.Module, optimizer: torch.optim.Optimizer):
-    """`accelerator.prepare(model, optimizer)` for a model that is already FSDP2-sharded.
-
-    Accelerate 1.15 re-maps the optimizer's parameters to the sharded ones by the `data_ptr()` of their
-    local shards. A parameter whose shard on this rank is empty (dim 0 smaller than the world size,
-    e.g. VGGT's (1, 2, 1, C) camera token on rank 1) has data_ptr 0, several of them collide, and the
-    optimizer ends up holding the wrong tensors. The model is already sharded, so the correct mapping
-    is the identity: we put the original parameter lists back.
-    """
-    params = [list(group["params"]) for group in optimizer.param_groups]
-    model, prepared = accelerator.prepare(model, optimizer)
-    inner = prepared
-    while hasattr(inner, "optimizer"):
-        inner = inner.optimizer
-    for group, original in zip(inner.param_groups, params):
-        group["params"] = original
-    return model, prepared
-
-
 def fit_frames_per_gpu(recipe, world: int, device_bytes: int, gpus_per_node: int) -> int:
     """The largest frames per GPU whose predicted peak (memory planner, worst scene split of
     data.frames_range at the tallest aspect) fits `device_bytes`; the peak grows with the frames, so
@@ -243,7 +225,7 @@ def build_trainer(recipe) -> Built:
     optimizer = build_optimizer(model, recipe.optim, device.type)
     fused = resolve_fused(recipe.optim, device.type)
     scheduler = build_scheduler(optimizer, recipe.schedule, recipe.optim.lr, cfg.max_steps)
-    model, optimizer = prepare_with_accelerator(accelerator, model, optimizer)
+    model, optimizer = prepare_optimizer(accelerator, model, optimizer)
     seed_everything(cfg.seed + rank)  # per-rank streams from here on (saved in checkpoints)
 
     budget = frames_per_gpu(recipe, device, world)
