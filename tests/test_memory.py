@@ -167,14 +167,18 @@ def test_scene_splits_are_the_batches_the_sampler_can_draw():
 
 
 def test_plan_is_the_worst_scene_split():
-    # DPT chunks take every scene of the batch: 12 scenes of 2 frames (or 3 of 8) make one 24-image chunk,
-    # worse than one scene of 24 frames in chunks of 8.
+    # The plan covers every split the sampler can draw from frames_range; since DPT chunks run over the
+    # images of all scenes together, no split makes a chunk larger than frames_chunk_size images.
     pc = _parallel("block", "chunks")
+    splits = {fr: planner.plan(ONE_B, pc, 8, 24, (518, 518), frames_range=fr) for fr in [(2, 2), (12, 12), (24, 24)]}
     worst = planner.plan(ONE_B, pc, 8, 24, (518, 518), frames_range=(2, 24))
-    one_scene = planner.plan(ONE_B, pc, 8, 24, (518, 518), frames_range=(24, 24))
-    chunk = ONE_B.dpt_head.frames_chunk_size
-    assert worst.scenes * min(chunk, worst.frames_per_scene) == 24  # one chunk holds all 24 images
-    assert worst.peak_bytes > one_scene.peak_bytes
+    assert worst.peak_bytes == max(p.peak_bytes for p in splits.values())
+
+    def head_work(p):
+        return next(t.bytes for t in p.terms if t.name.startswith("depth head backward"))
+
+    assert head_work(splits[(2, 2)]) == head_work(splits[(24, 24)])  # 12 scenes x 2 frames: still chunks of 8
+    assert splits[(2, 2)].scenes == 12 and splits[(24, 24)].scenes == 1
 
 
 def test_planner_refuses_the_track_head():

@@ -480,15 +480,13 @@ def _head_terms(model_cfg: VGGTConfig, units, b: Batch, k: F.Kernels, policies, 
     token_bytes = next(u.param_bytes for u in units if u.path.startswith("aggregator.global_blocks."))
     mode = _head_input_mode(units)
     dpt_heads = [h for h in ("depth_head", "point_head") if getattr(model_cfg, f"enable_{h.split('_')[0]}")]
-    chunk = dpt.frames_chunk_size or b.frames
-    chunks = [min(chunk, b.frames - s) for s in range(0, b.frames, chunk)]
-    # A chunk's token slice (B, s, P, 2C) reshaped to (B s, P, 2C) is a view only when B = 1, s = 1 or the
-    # chunk spans the scene; the DPT norm then saves a view of the whole layer, else its own copy of the
-    # chunk. Heads that cast per chunk always save their fp32 copy.
-    def token_copy(s: int) -> bool:
-        return mode == "chunk" or not (b.scenes == 1 or s == 1 or s == b.frames)
-
-    any_view = not all(token_copy(c) for c in chunks)
+    # DPTHead chunks the scenes' frames together: (B S, P, 2C) sliced into chunks of frames_chunk_size images.
+    chunk = dpt.frames_chunk_size or b.images
+    chunks = [min(chunk, b.images - s) for s in range(0, b.images, chunk)]
+    # A chunk's slice of the flattened layer is a view; the DPT norm saves it as such (the whole layer
+    # stays alive) unless the head casts it, which makes the chunk its own fp32 copy.
+    copies_chunks = mode == "chunk"
+    any_view = not copies_chunks
     dpt_layers = sorted({i % agg.depth for i in dpt.intermediate_layer_idx}) if dpt_heads else []
     ckpt = {h: next(u.checkpoint for u in units if u.path == h) == "chunks" for h in dpt_heads}
     layer_elems = b.images * tokens * D
@@ -530,10 +528,10 @@ def _head_terms(model_cfg: VGGTConfig, units, b: Batch, k: F.Kernels, policies, 
     for head in dpt_heads:
         output_dim, act = (2, dpt.depth_activation) if head == "depth_head" else (4, dpt.point_activation)
 
-        def shape(frames_in_chunk: int) -> F.DPTShape:
-            return F.DPTShape(b.scenes * frames_in_chunk, b.ph, b.pw, model_cfg.aggregator.patch_size, D,
+        def shape(images_in_chunk: int) -> F.DPTShape:
+            return F.DPTShape(images_in_chunk, b.ph, b.pw, model_cfg.aggregator.patch_size, D,
                               tuple(dpt.out_channels), dpt.features, output_dim, act, dpt.pos_embed,
-                              token_copy(frames_in_chunk))
+                              copies_chunks)
 
         saved = 0 if ckpt[head] or not flow[head] else sum(F.dpt_chunk_saved(shape(c)) for c in chunks)
         name = head.replace("_", " ")

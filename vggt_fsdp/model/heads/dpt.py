@@ -180,31 +180,37 @@ class DPTHead(nn.Module):
                 raise ValueError(f"DPTHead reads aggregator layer {idx}, but that layer was not kept (None)")
             layers.append(tokens)
 
-        chunk = self.frames_chunk_size or num_frames
+        # Chunks run over the frames of all scenes together (B * S images), not over each scene's
+        # frames with the whole batch inside: with many short scenes (12 scenes of 2 frames) the latter
+        # would make one huge chunk, and a chunk's recompute sets the head's memory peak.
+        batch = images.shape[0]
+        flat_layers = [t.flatten(0, 1) for t in layers]  # (B * S, P, C) views of the kept layers
+        num_images = batch * num_frames
+        chunk = self.frames_chunk_size or num_images
         outputs = []
-        for start in range(0, num_frames, chunk):
+        for start in range(0, num_images, chunk):
             # Slicing here (not inside the chunk function) makes the chunk's inputs plain views of the
             # tokens, which the aggregator output keeps alive anyway: checkpointing stores nothing new.
-            chunk_layers = [t[:, start:start + chunk, patch_start_idx:] for t in layers]
+            chunk_layers = [t[start:start + chunk, patch_start_idx:] for t in flat_layers]
             if self.checkpoint_chunks and torch.is_grad_enabled():
                 outputs.append(checkpoint(self._forward_chunk, height, width, *chunk_layers, use_reentrant=False))
             else:
                 outputs.append(self._forward_chunk(height, width, *chunk_layers))
 
+        def join(parts: list[Tensor]) -> Tensor:
+            return (torch.cat(parts) if len(parts) > 1 else parts[0]).unflatten(0, (batch, num_frames))
+
         if self.feature_only:
-            return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
-        if len(outputs) == 1:
-            return outputs[0]
-        return torch.cat([o[0] for o in outputs], dim=1), torch.cat([o[1] for o in outputs], dim=1)
+            return join(outputs)
+        return join([o[0] for o in outputs]), join([o[1] for o in outputs])
 
     def _forward_chunk(self, height: int, width: int, *layers: Tensor) -> Tensor | tuple[Tensor, Tensor]:
-        """One chunk of frames: `layers` are the 4 stages' patch tokens (B, s, patch_h * patch_w, dim_in)."""
-        batch, frames = layers[0].shape[:2]
+        """One chunk of images: `layers` are the 4 stages' patch tokens (n, patch_h * patch_w, dim_in)."""
         patch_h, patch_w = height // self.patch_size, width // self.patch_size
         stages = []
         for project, resize, tokens in zip(self.projects, self.resize_layers, layers):
             # Tokens may arrive in bf16 from an autocast aggregator; the head computes in its own dtype.
-            x = self.norm(tokens.reshape(batch * frames, -1, tokens.shape[-1]).to(self.norm.weight.dtype))
+            x = self.norm(tokens.to(self.norm.weight.dtype))
             x = x.permute(0, 2, 1).reshape(x.shape[0], x.shape[-1], patch_h, patch_w)
             x = project(x)
             if self.pos_embed:
@@ -217,10 +223,8 @@ class DPTHead(nn.Module):
         if self.pos_embed:
             out = self._add_pos_embed(out, width, height)
         if self.feature_only:
-            return out.unflatten(0, (batch, frames))
-
-        values, conf = activate_head(self.scratch.output_conv2(out), self.activation, self.conf_activation)
-        return values.unflatten(0, (batch, frames)), conf.unflatten(0, (batch, frames))
+            return out
+        return activate_head(self.scratch.output_conv2(out), self.activation, self.conf_activation)
 
     @staticmethod
     def _add_pos_embed(x: Tensor, width: int, height: int) -> Tensor:
