@@ -7,10 +7,10 @@ backward, fused AdamW) under the recipe's sharding and precision with the checkp
 `torch.cuda.max_memory_allocated` on CUDA (FSDPMemTracker's peak on the CPU) and the exact saved-tensor
 bytes of the forward pass. Writes `plan_vs_measured.json` and `.md` (command, device, date, versions).
 
-GPU run (VGGT-1B, world size 8, 3 frame counts x 2 policies, the 24 frames as 12 scenes of 2 frames, the
-recipe's worst split; about 2 minutes on an H100):
+GPU run (VGGT-1B, world size 8, 3 frame counts x 2 policies, the 24 frames as 12 scenes of 2 frames;
+benchmarks/gpu_session.sh runs it):
     python benchmarks/plan_vs_measured.py --recipe recipes/a100_40g.yaml --world-size 8 \\
-        --frames 8,16,24:2 --policies block/chunks,block/none --out benchmarks/results/plan_vs_measured
+        --frames 8,24:2,48 --policies block/chunks,block/none --out benchmarks/results
 CPU smoke run (tiny preset):
     python benchmarks/plan_vs_measured.py --recipe recipes/cpu_tiny.yaml --preset vggt-tiny --world-size 8 \\
         --frames 2,4:2 --policies attention/none,block/chunks --image 56x56 --out /tmp/pvm
@@ -74,7 +74,9 @@ def _git_commit() -> str:
         return "unknown"
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, write=lambda result: None) -> dict:
+    """Measure every (policy, frames) pair; `write(result)` is called after each row, so a run cut short
+    by a time limit keeps what it measured. An out-of-memory step is a row too (status "oom")."""
     from vggt_fsdp.recipe import load_recipe
 
     overrides = [f"model.preset={args.preset}"] if args.preset else []
@@ -84,6 +86,21 @@ def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     kind = "cuda" if device.type == "cuda" else "cpu"
     rows = []
+    result = {
+        "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else f"CPU ({platform.processor() or platform.machine()})"),
+        "measured_with": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "FSDPMemTracker peak (CPU)",
+        "torch": torch.__version__,
+        "git_commit": _git_commit(),
+        "recipe": args.recipe,
+        "model": planner.model_name(shape.model_cfg),
+        "preset": args.preset or recipe.model.preset,
+        "world_size": args.world_size,
+        "image_hw": list(shape.image_hw),
+        "rows": rows,
+    }
     for spec in args.policies.split(","):
         parallel_cfg = with_policy(recipe.parallel, spec.strip())
         for entry in args.frames.split(","):
@@ -94,11 +111,19 @@ def run(args: argparse.Namespace) -> dict:
             predicted = planner.plan(shape.model_cfg, parallel_cfg, args.world_size, scenes * per_scene,
                                      shape.image_hw, kind, frames_range=(per_scene, per_scene), freeze=shape.freeze)
             _free(device)
-            measured = measure_step(shape.model_cfg, parallel_cfg, args.world_size, scenes, per_scene,
-                                    shape.image_hw, device)
+            try:
+                measured = measure_step(shape.model_cfg, parallel_cfg, args.world_size, scenes, per_scene,
+                                        shape.image_hw, device)
+            except torch.OutOfMemoryError:
+                rows.append({"policy": spec, "frames_per_gpu": scenes * per_scene, "scenes": scenes,
+                             "frames_per_scene": per_scene, "status": "oom",
+                             "predicted_peak_GiB": round(predicted.peak_bytes / GiB, 3)})
+                print(json.dumps(rows[-1]), flush=True)
+                write(result)
+                continue
             acts = predicted.total("activation")
             row = {
-                "policy": spec, "frames_per_gpu": scenes * per_scene, "scenes": scenes, "frames_per_scene": per_scene,
+                "status": "ok", "policy": spec, "frames_per_gpu": scenes * per_scene, "scenes": scenes, "frames_per_scene": per_scene,
                 "predicted_peak_bytes": predicted.peak_bytes,
                 "measured_peak_bytes": measured.peak_bytes,
                 "predicted_peak_GiB": round(predicted.peak_bytes / GiB, 3),
@@ -114,21 +139,8 @@ def run(args: argparse.Namespace) -> dict:
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
-    return {
-        "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                   else f"CPU ({platform.processor() or platform.machine()})"),
-        "measured_with": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "FSDPMemTracker peak (CPU)",
-        "torch": torch.__version__,
-        "git_commit": _git_commit(),
-        "recipe": args.recipe,
-        "model": planner.model_name(shape.model_cfg),
-        "preset": args.preset or recipe.model.preset,
-        "world_size": args.world_size,
-        "image_hw": list(shape.image_hw),
-        "rows": rows,
-    }
+            write(result)
+    return result
 
 
 def _free(device: torch.device) -> None:
@@ -138,7 +150,7 @@ def _free(device: torch.device) -> None:
 
 
 def markdown(result: dict) -> str:
-    small = max(r["measured_peak_bytes"] for r in result["rows"]) < GiB
+    small = max((r["measured_peak_bytes"] for r in result["rows"] if r["status"] == "ok"), default=GiB) < GiB
     unit, scale = ("MiB", 2**20) if small else ("GiB", GiB)
 
     def fmt(n: int) -> str:
@@ -158,6 +170,10 @@ def markdown(result: dict) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in result["rows"]:
+        if r["status"] != "ok":
+            lines.append(f"| {r['policy']} | {r['frames_per_gpu']} | {r['scenes']} x {r['frames_per_scene']} | "
+                         f"{r['predicted_peak_GiB'] * GiB / scale:.3f} | out of memory | | | |")
+            continue
         lines.append(
             f"| {r['policy']} | {r['frames_per_gpu']} | {r['scenes']} x {r['frames_per_scene']} | "
             f"{fmt(r['predicted_peak_bytes'])} | {fmt(r['measured_peak_bytes'])} | {r['peak_error_pct']:+.1f}% | "
@@ -167,12 +183,14 @@ def markdown(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    result = run(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "plan_vs_measured.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "plan_vs_measured.md").write_text(markdown(result))
-    print(markdown(result))
+
+    def write(result: dict) -> None:
+        (out / "plan_vs_measured.json").write_text(json.dumps(result, indent=2) + "\n")
+        (out / "plan_vs_measured.md").write_text(markdown(result))
+
+    print(markdown(run(args, write)))
     return 0
 
 
