@@ -72,6 +72,7 @@ class BenchSpec:
     peak_tflops: float | None = None  # None: from the device name (benchmarks.flops table)
     name: str = ""
     flops_cache: str | None = None  # JSON file of FLOP counts shared by the runs of one comparison
+    profile: str | None = None  # CUDA only: profile one extra step, kernel time by kind, to this JSON file
 
     def __post_init__(self) -> None:
         if self.frames_per_scene is None and self.frames_per_gpu >= 1:
@@ -407,6 +408,11 @@ def _measure(spec: BenchSpec, device: torch.device, result: dict) -> None:
             # The cap binds the caching allocator; a run that reserved more did not emulate the card.
             peak_reserved = result["memory"]["peak_reserved_bytes"]
             result["memory"]["cap_respected"] = peak_reserved <= result["memory_cap"]["cap_bytes"]
+        if spec.profile is not None:
+            from benchmarks.kernel_profile import profile_step
+
+            result["phase"] = "profile"
+            result["profile"] = profile_step(workload.step, device, Path(spec.profile))
         if device.type == "cpu":
             result["phase"] = "CPU memory counts"
             result["memory"].update(_cpu_memory(workload, device))
@@ -533,6 +539,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--json", type=Path, default=None, help="also write the result to this file")
     parser.add_argument("--flops-cache", default=None, metavar="JSON",
                         help="reuse/record FLOP counts in this file (same model and shape: counted once)")
+    parser.add_argument("--profile", default=None, metavar="JSON",
+                        help="CUDA: profile one more step and write its device time by kernel kind here")
     parser.add_argument("--volumes-only", action="store_true",
                         help="only the FSDP units' communication volumes at --world-size (meta device, no steps)")
     return parser
@@ -543,7 +551,7 @@ def spec_from_args(args: argparse.Namespace) -> BenchSpec:
                      frames_per_scene=args.frames_per_scene, height=args.image[0], width=args.image[1],
                      world_size=args.world_size, gpu_memory_gib=args.gpu_memory, warmup=args.warmup,
                      steps=args.steps, device=args.device, peak_tflops=args.peak_tflops, name=args.name,
-                     flops_cache=args.flops_cache)
+                     flops_cache=args.flops_cache, profile=args.profile)
 
 
 def main(argv: list[str] | None = None) -> int:

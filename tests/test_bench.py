@@ -344,3 +344,21 @@ def test_compare_stops_after_errors_in_a_row(tmp_path, monkeypatch):
     assert len(calls) == compare_recipes.MAX_ERRORS_IN_ROW
     doc = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert doc["results"][-1]["status"] == "skipped" and "in a row" in doc["results"][-1]["error"]
+
+
+def test_kernel_kinds_cover_the_kernels_a_step_runs():
+    from benchmarks.kernel_profile import kind_of
+
+    assert kind_of("void pytorch_flash::flash_bwd_dq_dk_dv_loop_kernel<...>") == "attention"
+    assert kind_of("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64") == "matmul"
+    assert kind_of("cudnn::detail::dgrad2d_alg1_1<float>") == "convolution"
+    assert kind_of("void at::native::vectorized_layer_norm_kernel<c10::BFloat16>") == "layer norm"
+    assert kind_of("void at::native::vectorized_elementwise_kernel<4, GeluCUDAKernelImpl>") == "elementwise / reduce"
+    assert kind_of("some_kernel_nobody_named") == "other"
+
+
+def test_profiling_refuses_the_cpu(tmp_path):
+    from benchmarks.kernel_profile import profile_step
+
+    with pytest.raises(ValueError, match="CUDA"):
+        profile_step(lambda: None, torch.device("cpu"), tmp_path / "p.json")
