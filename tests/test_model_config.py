@@ -305,10 +305,11 @@ def test_portrait_images_through_all_heads():
     assert all(torch.isfinite(v).all() for v in out.values() if torch.is_tensor(v))
 
 
-def test_rope_tables_are_gathered_once_per_positions_tensor():
-    """All blocks of a pass get the same positions object; autograd then saves one set of tables."""
+def test_rope_tables_gathered_once_are_shared_by_every_call():
+    """The aggregator gathers the tables once a pass; autograd then saves one set for all blocks."""
     rope = RotaryPositionEmbedding2D(100)
     pos = patch_positions(3, 4, 5, torch.device("cpu"))
+    tables = rope.tables(pos, 8)
     saved_per_call = []
     for _ in range(2):
         x = torch.randn(1, 2, 17, 16, requires_grad=True)
@@ -319,10 +320,18 @@ def test_rope_tables_are_gathered_once_per_positions_tensor():
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            rope(x, pos)
+            out = rope(x, tables)
         saved_per_call.append(ptrs)
+        assert torch.equal(out, rope(x, pos))  # gathering inside forward gives the same rotation
     assert len(saved_per_call[0]) == 4  # cos/sin for rows and columns
     assert saved_per_call[0] == saved_per_call[1]
-    fresh = patch_positions(3, 4, 5, torch.device("cpu"))
-    assert rope._tables(fresh, 8, torch.float32)[0] is not rope._tables(pos, 8, torch.float32)[0]
-    assert torch.equal(rope._tables(fresh, 8, torch.float32)[0], rope._tables(pos, 8, torch.float32)[0])
+
+
+def test_aggregator_gathers_rope_tables_once_per_pass(monkeypatch):
+    model = make_model(small_config())
+    calls = []
+    gather = model.aggregator.rope.tables
+    monkeypatch.setattr(model.aggregator.rope, "tables", lambda *a: calls.append(a) or gather(*a))
+    with torch.no_grad():
+        model(torch.rand(1, 2, 3, 28, 28))
+    assert len(calls) == 2  # frame positions and global positions, not once per block

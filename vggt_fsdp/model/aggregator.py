@@ -55,6 +55,7 @@ class Aggregator(nn.Module):
                 interpolate_offset=patch_cfg.interpolate_offset,
             )
         self.rope = RotaryPositionEmbedding2D(cfg.rope_freq) if cfg.rope_freq > 0 else None
+        self.rope_half_dim = C // cfg.num_heads // 2  # each of the row and column halves of a head
 
         def make_block() -> Block:
             return Block(
@@ -114,9 +115,11 @@ class Aggregator(nn.Module):
 
         frame_pos = global_pos = None
         if self.rope is not None:
-            # Batch dim 1: every frame has the same positions; broadcasting avoids B*S copies.
-            frame_pos = patch_positions(H // self.patch_size, W // self.patch_size, self.patch_start_idx, images.device)
-            global_pos = frame_pos.repeat(1, S, 1)
+            # Batch dim 1: every frame has the same positions; broadcasting avoids B*S copies. The tables
+            # are gathered once here and shared by every block (see RotaryPositionEmbedding2D).
+            positions = patch_positions(H // self.patch_size, W // self.patch_size, self.patch_start_idx, images.device)
+            frame_pos = self.rope.tables(positions, self.rope_half_dim)
+            global_pos = self.rope.tables(positions.repeat(1, S, 1), self.rope_half_dim)
 
         outputs: list[torch.Tensor | None] = [None] * self.depth
         layer = 0

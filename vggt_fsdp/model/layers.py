@@ -5,52 +5,58 @@ transformer block of the model is a `Block` and every self-attention an `Attenti
 """
 from __future__ import annotations
 
-import weakref
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
+class RopeTables(NamedTuple):
+    """cos/sin for the row and column halves of the head dim, each (B or 1, 1, N, half_dim), fp32."""
+
+    cos_row: torch.Tensor
+    sin_row: torch.Tensor
+    cos_col: torch.Tensor
+    sin_col: torch.Tensor
+
+
 class RotaryPositionEmbedding2D(nn.Module):
     """2-D RoPE: the first half of the head dim rotates with the row, the second with the column.
 
     Each half uses the rotate-half form with frequencies base^(-2i/d). It has no parameters and no
-    buffers. cos/sin are computed in fp32, cast to the query dtype, and gathered once per positions
-    tensor: every block of a forward pass receives the same positions object, so all of them share
-    one set of gathered tables. That avoids a host sync per call (the table length needs
-    positions.max()) and, in training, lets autograd save the tables once instead of once per block.
+    buffers. The aggregator gathers the tables once per forward pass (`tables`) and hands the same
+    `RopeTables` to every block: the host sync that sizing the table needs (positions.max()) happens once
+    and outside the blocks (so a compiled block has no graph break), and autograd saves one set of tables
+    for all blocks. Given a positions tensor instead, `forward` gathers the tables itself.
     """
 
     def __init__(self, frequency: float = 100.0):
         super().__init__()
         self.frequency = float(frequency)
-        self._gathered: dict[tuple, tuple[weakref.ref, tuple[torch.Tensor, ...]]] = {}
 
-    def _tables(self, positions: torch.Tensor, dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        """(cos_row, sin_row, cos_col, sin_col), each (B or 1, 1, N, dim), for these positions."""
-        key = (id(positions), dim, dtype)
-        hit = self._gathered.get(key)
-        if hit is not None and hit[0]() is positions:
-            return hit[1]
-        self._gathered = {k: v for k, v in self._gathered.items() if v[0]() is not None}
-        inv_freq = 1.0 / (self.frequency ** (torch.arange(0, dim, 2, device=positions.device).float() / dim))
+    def tables(self, positions: torch.Tensor, half_dim: int) -> RopeTables:
+        """The tables for integer (row, col) `positions` of shape (B or 1, N, 2)."""
+        inv_freq = 1.0 / (self.frequency ** (torch.arange(0, half_dim, 2, device=positions.device).float() / half_dim))
         length = int(positions.max()) + 1
         angles = torch.outer(torch.arange(length, device=positions.device, dtype=torch.float32), inv_freq)
         angles = torch.cat((angles, angles), dim=-1)
-        cos_t, sin_t = angles.cos().to(dtype), angles.sin().to(dtype)
-        tables = tuple(F.embedding(positions[..., axis], t)[:, None] for axis in (0, 1) for t in (cos_t, sin_t))
-        self._gathered[key] = (weakref.ref(positions), tables)
-        return tables
+        cos_t, sin_t = angles.cos(), angles.sin()
+        return RopeTables(*(F.embedding(positions[..., axis], t)[:, None] for axis in (0, 1) for t in (cos_t, sin_t)))
 
     @staticmethod
     def _rotate_half(x: torch.Tensor) -> torch.Tensor:
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat((-x2, x1), dim=-1)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x: (B, heads, N, head_dim); positions: (B or 1, N, 2) integer (row, col)."""
-        cos_r, sin_r, cos_c, sin_c = self._tables(positions, x.shape[-1] // 2, x.dtype)
+    def prepare(self, pos: RopeTables | torch.Tensor, like: torch.Tensor) -> RopeTables:
+        """Tables for `pos` (tables, or positions to gather) in the dtype of `like` (no copy if it is fp32)."""
+        tables = pos if isinstance(pos, RopeTables) else self.tables(pos, like.shape[-1] // 2)
+        return RopeTables(*(t.to(like.dtype) for t in tables))
+
+    def forward(self, x: torch.Tensor, pos: RopeTables | torch.Tensor) -> torch.Tensor:
+        """x: (B, heads, N, head_dim); pos: `RopeTables`, or (B or 1, N, 2) integer (row, col) positions."""
+        cos_r, sin_r, cos_c, sin_c = self.prepare(pos, x)
         rows, cols = x.chunk(2, dim=-1)
         rows = rows * cos_r + self._rotate_half(rows) * sin_r
         cols = cols * cos_c + self._rotate_half(cols) * sin_c
@@ -93,7 +99,7 @@ class Attention(nn.Module):
         # Shared, parameter-free; kept out of the module tree so it never appears in any state dict.
         self.__dict__["rope"] = rope
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pos: RopeTables | torch.Tensor | None = None) -> torch.Tensor:
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
@@ -101,7 +107,8 @@ class Attention(nn.Module):
         if self.rope is not None:
             if pos is None:
                 raise ValueError("this attention uses RoPE and needs token positions (pos)")
-            q, k = self.rope(q, pos), self.rope(k, pos)
+            tables = self.rope.prepare(pos, q)  # q and k share one cast of the tables
+            q, k = self.rope(q, tables), self.rope(k, tables)
         x = F.scaled_dot_product_attention(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
@@ -155,6 +162,6 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), bias=ffn_bias)
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pos: RopeTables | torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.ls1(self.attn(self.norm1(x), pos=pos))
         return x + self.ls2(self.mlp(self.norm2(x)))

@@ -116,6 +116,9 @@ class ParallelConfig:
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # torch.compile each transformer block's forward (parallel/compiling.py); off by default: compiling
+    # costs minutes at start and on every new shape, and is measured, not assumed, to pay off.
+    compile: bool = False
 
     def validate(self) -> None:
         self.sharding.validate()

@@ -21,6 +21,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 
 from vggt_fsdp.parallel.checkpointing import apply_checkpointing, block_policies
+from vggt_fsdp.parallel.compiling import compile_blocks
 from vggt_fsdp.parallel.config import ParallelConfig, ShardingConfig
 from vggt_fsdp.parallel.precision import autocast_forward, mp_policy, unit_dtypes
 
@@ -166,6 +167,8 @@ def apply_parallelism(model: nn.Module, cfg: ParallelConfig, mesh: DeviceMesh | 
     """
     plan = plan_parallelism(model, cfg)
     apply_checkpointing(model, plan.checkpoint_wrapped, plan.chunk_checkpointed)
+    if cfg.compile:
+        compile_blocks(model, [unit.path for unit in plan.units if unit.kind == "block"])
     mesh = mesh if mesh is not None else build_mesh(cfg.sharding, default_device_type())
     offload = CPUOffloadPolicy(pin_memory=mesh.device_type == "cuda") if cfg.sharding.cpu_offload else None
     for unit in plan.units:
