@@ -7,8 +7,8 @@ One worker is one process building scenes one at a time, single-threaded: what e
 worker of the trainer does (`torch.set_num_threads(1)` in workers). Each scene goes through the same
 `build_sample` as training (camera drawing, rendering or file decoding, crop/zoom augmentation,
 colour jitter, normalisation and, for synthetic scenes, tracks). A GPU needs
-frames_per_gpu / step_time frames per second; a loader with W workers gives about W times the
-figure below, when W cores are free.
+frames_per_gpu / step_time frames per second; a loader with W workers gives at most W times the
+figure below (scaling with W is not measured here), and only when W cores are free.
 
 Sources: `synthetic` (the built-in world, rendered at the target size) and `folder` (the scene-folder
 format: a scene rendered once at 4:3 with 1.2x the target width, written as PNG images and 16-bit

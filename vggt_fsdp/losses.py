@@ -23,7 +23,7 @@ class CameraLossConfig:
     weight_trans: float = 1.0
     weight_rot: float = 1.0
     weight_focal: float = 0.5
-    min_valid_points: int = 100  # a scene whose first frame has no more valid GT points is skipped
+    min_valid_points: int = 100  # a scene whose first frame has at most this many valid GT points is skipped
     trans_clamp: float = 100.0  # per-element translation error cap (upstream's outlier guard)
 
 
@@ -41,7 +41,7 @@ class DenseLossConfig:
     gradient_conf: bool = False  # confidence-weight the gradient term too (upstream's "+conf" variants)
     min_valid_points: int = 100  # fewer valid GT pixels in the batch: the loss is zero
     quantile: float = 0.98  # drop per-pixel errors above this quantile (<= 0 disables)
-    quantile_min_elements: int = 1000  # fewer valid pixels than this: no quantile cut
+    quantile_min_elements: int = 1000  # at most this many valid pixels, before or after the cut: no cut
     hard_max: float = 100.0  # per-pixel error cap before the quantile
 
 
@@ -206,8 +206,7 @@ def dense_loss(
     pred = torch.where(mask[..., None], pred, torch.zeros_like(pred))
     conf = torch.where(mask, conf, torch.ones_like(conf))
     err = (pred - gt).norm(dim=-1)
-    conf_term = cfg.conf_gamma * err * conf - cfg.conf_alpha * torch.log(conf)
-    loss_conf = _quantile_filtered_mean(conf_term, mask, cfg)
+    loss_conf = _quantile_filtered_mean(_conf_weight(err, conf, cfg), mask, cfg)
     loss_reg = _quantile_filtered_mean(err, mask, cfg)
     grad_conf = conf if cfg.gradient_conf else None
     if cfg.gradient == "grad":

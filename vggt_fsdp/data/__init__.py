@@ -11,11 +11,11 @@ It returns a `SceneLoader`: an iterable of batch dicts (CPU tensors) with upstre
     skipped_frames (B,) (bad frames replaced under data.skip_bad_frames) and scene_scale (B,) (the
     normalisation divisor),
 
-Geometry is normalised as upstream: expressed in each scene's first camera frame and divided by the
-mean distance of its valid points.
-
 plus `state_dict()` / `load_state_dict()` for resuming mid-epoch. Shapes agree across ranks at every
 step (S and H are drawn from (seed, step)), B = floor(frames_per_gpu / S).
+
+Geometry is normalised as upstream: expressed in each scene's first camera frame and divided by the
+mean distance of its valid points.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from vggt_fsdp.data.base import DataError, SampleSpec, SceneSource, build_sample
 from vggt_fsdp.data.config import AugmentConfig, DataConfig, SyntheticConfig
-from vggt_fsdp.data.sampler import DynamicBatchSampler
+from vggt_fsdp.data.sampler import DynamicBatchSampler, StepShape
 
 __all__ = ["AugmentConfig", "DataConfig", "DataError", "SceneLoader", "SyntheticConfig",
            "build_dataloader", "build_source", "move_batch"]
@@ -96,7 +96,7 @@ class SceneLoader:
             self._state = {"step": int(step), "position": int(position)}
             yield batch
 
-    def shape_at(self, step: int):
+    def shape_at(self, step: int) -> StepShape:
         return self.sampler.shape_at(step)
 
     def state_dict(self) -> dict[str, int]:

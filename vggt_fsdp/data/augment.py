@@ -64,9 +64,9 @@ def crop_resize(image: torch.Tensor, depth: torch.Tensor, mask: torch.Tensor, bo
                 out_hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Crop and resize one frame: image (3, H, W) bilinear with antialiasing; depth and mask nearest
     (interpolating depth across an occlusion edge would invent surfaces that do not exist)."""
-    x0, y0, x1, y1 = int(box.x0), int(box.y0), int(box.x0 + box.width), int(box.y0 + box.height)
     if box != rounded_box(box):
         raise ValueError(f"crop_resize needs a whole-pixel box (see rounded_box), got {box}")
+    x0, y0, x1, y1 = int(box.x0), int(box.y0), int(box.x0 + box.width), int(box.y0 + box.height)
     image = image[:, y0:y1, x0:x1][None]
     image = F.interpolate(image, size=out_hw, mode="bilinear", align_corners=False, antialias=True)[0]
     both = torch.stack([depth[y0:y1, x0:x1], mask[y0:y1, x0:x1].to(depth.dtype)])[None]
@@ -82,6 +82,8 @@ def rounded_box(box: CropBox) -> CropBox:
 
 
 _LUMA = torch.tensor([0.299, 0.587, 0.114])
+_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_FROM_YIQ = torch.linalg.inv(_TO_YIQ)
 
 
 def photometric_frames(images: list[torch.Tensor], rng: np.random.Generator,
@@ -115,9 +117,8 @@ def photometric(image: torch.Tensor, rng: np.random.Generator, cfg: AugmentConfi
 
 def _rotate_hue(image: torch.Tensor, turns: float) -> torch.Tensor:
     """Hue shift by rotating chroma in YIQ space: a 3x3 colour matrix, cheap enough for every frame."""
-    to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
     angle = 2 * math.pi * turns
     c, s = math.cos(angle), math.sin(angle)
     rot = torch.tensor([[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]])
-    matrix = (torch.linalg.inv(to_yiq) @ rot @ to_yiq).to(image)
+    matrix = (_FROM_YIQ @ rot @ _TO_YIQ).to(image)
     return torch.einsum("ij,jhw->ihw", matrix, image)

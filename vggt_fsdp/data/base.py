@@ -97,9 +97,9 @@ def pick_frames(rng: np.random.Generator, available: int, num_frames: int, windo
     else:
         lo, hi = 0, available
     others = [i for i in range(lo, hi) if i != anchor]
-    replace = len(others) < num_frames - 1
     if not others:
         return [anchor] * num_frames
+    replace = len(others) < num_frames - 1
     return [anchor] + [int(i) for i in rng.choice(others, num_frames - 1, replace=replace)]
 
 
@@ -112,10 +112,7 @@ class FrameLoader:
     errors: list[str] = field(default_factory=list)
 
     def load(self, read, frame_ids: list[int], available: int, rng: np.random.Generator) -> list[RawFrame]:
-        frames = []
-        for frame_id in frame_ids:
-            frames.append(self._load_one(read, frame_id, available, rng))
-        return frames
+        return [self._load_one(read, frame_id, available, rng) for frame_id in frame_ids]
 
     def _load_one(self, read, frame_id: int, available: int, rng: np.random.Generator) -> RawFrame:
         tries = 0

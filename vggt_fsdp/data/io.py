@@ -7,6 +7,7 @@ the `real-data` extra (`pip install 'vggt-fsdp[real-data]'`).
 from __future__ import annotations
 
 import gzip
+import io
 import json
 from pathlib import Path
 
@@ -54,7 +55,6 @@ def decode_array(path: Path, what: str) -> np.ndarray:
     if image_lib is None:
         raise DataError(f"{path}: decoding JPEG needs Pillow, which is not installed; "
                         f"run `pip install 'vggt-fsdp[real-data]'` (expected {what})")
-    import io
     try:
         with image_lib.open(io.BytesIO(data)) as img:
             if img.mode == "P":
