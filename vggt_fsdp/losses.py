@@ -265,7 +265,7 @@ def _gradient_loss(pred, gt, mask, conf, cfg: DenseLossConfig) -> torch.Tensor:
     """L1 of the spatial differences of the error map: penalises error that varies between neighbours,
     i.e. wrong local shape, regardless of a constant offset. Normalised by the valid pixel count."""
     m = mask[..., None].expand_as(pred)
-    diff = torch.where(m, pred - gt, torch.zeros_like(pred))
+    diff = pred - gt  # zero outside the mask: dense_loss already replaced both there
     grad_x = (diff[:, :, 1:] - diff[:, :, :-1]).abs().clamp(max=cfg.hard_max)
     grad_y = (diff[:, 1:] - diff[:, :-1]).abs().clamp(max=cfg.hard_max)
     mask_x = m[:, :, 1:] & m[:, :, :-1]
