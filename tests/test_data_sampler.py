@@ -98,3 +98,12 @@ def test_nested_settings_are_validated_with_their_dotted_name(override, field_na
             setattr(cfg, key, value)
     with pytest.raises(ValueError, match=field_name):
         cfg.validate()
+
+
+def test_state_at_is_the_state_after_iterating_that_many_steps():
+    sampler = _sampler(rank=1)
+    states = [sampler.state_dict()]
+    for _, _ in zip(range(6), sampler):
+        states.append(sampler.state_dict())
+    assert [_sampler(rank=1).state_at(step) for step in range(7)] == states
+    assert states[-1]["position"] > 0

@@ -41,8 +41,7 @@ def run(args: argparse.Namespace) -> int:
                          "(for example the number `vggt-fsdp plan RECIPE` fits)")
     loader = build_dataloader(recipe.data, rank=args.rank, world_size=args.world_size, split=args.split,
                               frames_per_gpu=budget, num_workers=0)
-    position = sum(loader.shape_at(s).scenes_per_rank for s in range(args.step)) * args.world_size
-    loader.load_state_dict({"step": args.step, "position": position})
+    loader.load_state_dict(loader.sampler.state_at(args.step))
     batch = next(iter(loader))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

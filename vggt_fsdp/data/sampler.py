@@ -70,7 +70,7 @@ class DynamicBatchSampler:
     def specs_at(self, step: int, position: int) -> list[SampleSpec]:
         shape = self.shape_at(step)
         per_rank = shape.scenes_per_rank
-        next_position = position + per_rank * self.world_size
+        next_position = position + self._consumed(shape)
         first = position + self.rank * per_rank
         return [
             SampleSpec(index=self.scene_at(first + b), num_frames=shape.num_frames, image_hw=shape.image_hw,
@@ -78,6 +78,10 @@ class DynamicBatchSampler:
                        next_position=next_position)
             for b in range(per_rank)
         ]
+
+    def _consumed(self, shape: StepShape) -> int:
+        """Scenes all ranks together take in a step of this shape."""
+        return shape.scenes_per_rank * self.world_size
 
     # -- iteration and resumption --------------------------------------------------------------------
     def __iter__(self) -> Iterator[list[SampleSpec]]:
@@ -89,6 +93,10 @@ class DynamicBatchSampler:
 
     def state_dict(self) -> dict[str, int]:
         return {"step": self.step, "position": self.position}
+
+    def state_at(self, step: int) -> dict[str, int]:
+        """The state a run that started at step 0 has before `step` (to look at any step's batch)."""
+        return {"step": step, "position": sum(self._consumed(self.shape_at(s)) for s in range(step))}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.step, self.position = int(state["step"]), int(state["position"])
