@@ -322,3 +322,10 @@ def test_hold_out_split_is_disjoint_complete_and_stable():
     assert 5 < len(val) < 40  # about 10%
     assert split_by_name(names[::-1], "val", 0.1) == val[::-1]  # by name, not position
     assert split_by_name(names, "val", 0.0) == []
+
+
+@pytest.mark.parametrize("source,expected", [("co3d", "Co3D"), ("vkitti", "Virtual KITTI 2"), ("folder", "scene.json")])
+def test_a_missing_root_names_the_path_and_what_the_source_expects(tmp_path, source, expected):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(DataError, match=f"{missing}: data.root is not a directory; expected .*{expected}"):
+        build_source(DataConfig(source=source, root=str(missing)), "train")

@@ -9,13 +9,14 @@ from __future__ import annotations
 import logging
 import zlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
 
 from vggt_fsdp.data.augment import crop_intrinsics, crop_resize, draw_crop, photometric_frames, rounded_box
-from vggt_fsdp.data.config import AugmentConfig
+from vggt_fsdp.data.config import AugmentConfig, DataConfig
 from vggt_fsdp.data.normalize import normalize_scene
 from vggt_fsdp.geometry import depth_to_points
 
@@ -142,15 +143,22 @@ def build_sample(source: SceneSource, spec: SampleSpec, augment: AugmentConfig |
 class FileSceneSource:
     """Base of the real formats: scenes are lists of frames on disk, read one frame at a time.
 
-    Subclasses fill `self.scene_names` and `self.frame_counts` and implement `read_frame`. A frame
-    that fails to load raises DataError, or with data.skip_bad_frames is replaced by another frame of
-    its scene; the batch's `skipped_frames` counts those, and each one is logged.
+    Subclasses call `super().__init__(cfg, expected)` (expected: what data.root should hold, for
+    the error when it is not a directory), fill `self.scene_names` and `self.frame_counts` and
+    implement `read_frame`. A frame that fails to load raises DataError, or with
+    data.skip_bad_frames is replaced by another frame of its scene; the batch's `skipped_frames`
+    counts those, and each one is logged.
     """
 
     scene_names: list[str]
     frame_counts: list[int]
-    skip_bad_frames: bool = False
-    frame_window: int = 0
+
+    def __init__(self, cfg: DataConfig, expected: str):
+        self.root = Path(cfg.root)
+        self.skip_bad_frames = cfg.skip_bad_frames
+        self.frame_window = cfg.frame_window
+        if not self.root.is_dir():
+            raise DataError(f"{self.root}: data.root is not a directory; expected {expected}")
 
     def __len__(self) -> int:
         return len(self.scene_names)

@@ -26,14 +26,10 @@ ANNOTATION = "upstream's Co3D annotation: gzipped JSON {sequence: [{filepath, ex
 
 class Co3dSource(FileSceneSource):
     def __init__(self, cfg: DataConfig, split: str):
-        self.root = Path(cfg.root)
+        super().__init__(cfg, "the Co3D image root")
         self.cfg = cfg.co3d
-        self.skip_bad_frames = cfg.skip_bad_frames
-        self.frame_window = cfg.frame_window
         anno_dir = Path(cfg.co3d.annotation_dir or cfg.root)
         split_name = "train" if split == "train" else "test"
-        if not self.root.is_dir():
-            raise DataError(f"{self.root}: data.root is not a directory; expected the Co3D image root")
         categories = cfg.co3d.categories
         if categories is None:
             suffix = f"_{split_name}.jgz"

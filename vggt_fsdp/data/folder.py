@@ -37,11 +37,7 @@ SCENE_FORMAT = "a scene.json as documented in vggt_fsdp/data/folder.py ({frames:
 
 class FolderSource(FileSceneSource):
     def __init__(self, cfg: DataConfig, split: str):
-        self.root = Path(cfg.root)
-        self.skip_bad_frames = cfg.skip_bad_frames
-        self.frame_window = cfg.frame_window
-        if not self.root.is_dir():
-            raise DataError(f"{self.root}: data.root is not a directory; expected folders with a {SCENE_FILE}")
+        super().__init__(cfg, f"folders with a {SCENE_FILE}")
         names = sorted(p.parent.name for p in self.root.glob(f"*/{SCENE_FILE}"))
         if not names:
             raise DataError(f"{self.root}: no <scene>/{SCENE_FILE}; expected {SCENE_FORMAT}")

@@ -23,12 +23,8 @@ from vggt_fsdp.data.io import read_bytes, read_rgb, read_uint16
 
 class VKittiSource(FileSceneSource):
     def __init__(self, cfg: DataConfig, split: str):
-        self.root = Path(cfg.root)
+        super().__init__(cfg, "the Virtual KITTI 2 root")
         self.max_depth = cfg.vkitti.max_depth
-        self.skip_bad_frames = cfg.skip_bad_frames
-        self.frame_window = cfg.frame_window
-        if not self.root.is_dir():
-            raise DataError(f"{self.root}: data.root is not a directory; expected the Virtual KITTI 2 root")
         listed = self.root / "sequence_list.txt"
         if listed.exists():
             names = [line.strip() for line in read_bytes(listed, "sequence names").decode().splitlines() if line.strip()]
