@@ -282,6 +282,20 @@ def test_resolve_resume_ignores_incomplete(tmp_path):
         ckpt.resolve_resume(str(root / "step-0000009"), root)
 
 
+def test_prune_after_a_rollback_keeps_the_checkpoint_just_written(tmp_path):
+    # A run resumed from step 4 (train.resume=PATH) while steps 6 and 9 of the abandoned run exist:
+    # keep_last counts checkpoints up to the saved step, so step 4 survives and later ones are left.
+    root = tmp_path / "checkpoints"
+    for step in (3, 4, 6, 9):
+        d = root / ckpt.step_dir_name(step)
+        d.mkdir(parents=True)
+        (d / ckpt.MARKER).write_text(json.dumps({"step": step}))
+    (root / ".tmp-step-0000005").mkdir()
+    ckpt._prune(root, keep_last=1, saved_step=4)
+    assert [s for s, _ in ckpt.complete_checkpoints(root)] == [4, 6, 9]
+    assert not (root / ".tmp-step-0000005").exists()
+
+
 def test_pose_auc_and_absrel():
     from vggt_fsdp.train.validation import abs_rel_sums, auc_from_errors, pair_errors_deg
 

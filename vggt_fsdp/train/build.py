@@ -28,7 +28,7 @@ from torch import nn
 from vggt_fsdp.parallel import prepare_optimizer
 from vggt_fsdp.train.faults import StepShape
 from vggt_fsdp.train.loop import Trainer
-from vggt_fsdp.train.optim import build_optimizer, build_scheduler, clip_groups, resolve_fused
+from vggt_fsdp.train.optim import build_optimizer, build_scheduler, clip_groups
 
 
 PREEMPTED_MARKER = "preempted.json"  # in output_dir after a run stopped by SIGTERM saved its checkpoint
@@ -55,7 +55,7 @@ def freeze(model: nn.Module, patterns: list[str]) -> int:
     names = [name for name, _ in model.named_parameters()]
     frozen = 0
     for pattern in patterns:
-        hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+        hits = {n for n in names if fnmatch.fnmatchcase(n, pattern)}
         if not hits:
             prefixes = sorted({n.split(".")[0] for n in names})
             raise ValueError(f"model.freeze: pattern {pattern!r} matches no parameter; parameter names "
@@ -223,7 +223,7 @@ def build_trainer(recipe) -> Built:
         load_initial_weights(model, recipe.model.init_weights)
 
     optimizer = build_optimizer(model, recipe.optim, device.type)
-    fused = resolve_fused(recipe.optim, device.type)
+    fused = bool(optimizer.defaults["fused"])  # as built: the trainer's skip path must match it
     scheduler = build_scheduler(optimizer, recipe.schedule, recipe.optim.lr, cfg.max_steps)
     model, optimizer = prepare_optimizer(accelerator, model, optimizer)
     seed_everything(cfg.seed + rank)  # per-rank streams from here on (saved in checkpoints)

@@ -20,6 +20,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import time
 import warnings
 from dataclasses import dataclass
@@ -138,9 +139,10 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_rank_file(path: Path, payload: dict) -> None:
+def _write_synced(path: Path, write) -> None:
+    """`write(file)` then fsync: the rename that completes a checkpoint must not outlive its data."""
     with open(path, "wb") as f:
-        torch.save(payload, f)
+        write(f)
         f.flush()
         os.fsync(f.fileno())
 
@@ -159,23 +161,24 @@ def save_checkpoint(root: Path, model: nn.Module, optimizer: torch.optim.Optimiz
 
     model_sd, optim_sd = get_state_dict(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-    _write_rank_file(tmp / f"rank{rank:05d}.pt", {
+    per_rank = {
         "step": train.step,
         "scheduler": train.scheduler.state_dict(),
         "sampler": train.sampler.state_dict() if train.sampler is not None else None,
         "rng": rng_state(device),
-    })
+    }
+    _write_synced(tmp / f"rank{rank:05d}.pt", lambda f: torch.save(per_rank, f))
     if os.environ.get(_CRASH_ENV) == str(train.step):
-        os.kill(os.getpid(), 9)
+        os.kill(os.getpid(), signal.SIGKILL)
     _barrier()
 
     if rank == 0:
-        marker = {"step": train.step, "world_size": world, "time": time.time()}
-        (tmp / MARKER).write_text(json.dumps(marker))
+        marker = json.dumps({"step": train.step, "world_size": world, "time": time.time()}).encode()
+        _write_synced(tmp / MARKER, lambda f: f.write(marker))
         _fsync_dir(tmp)
         _replace_dir(tmp, final)
         _fsync_dir(root)
-        _prune(root, keep_last)
+        _prune(root, keep_last, train.step)
     _barrier()
     return final
 
@@ -193,13 +196,16 @@ def _replace_dir(src: Path, dst: Path) -> None:
         os.rename(src, dst)
 
 
-def _prune(root: Path, keep_last: int) -> None:
-    """Drop complete checkpoints beyond the newest `keep_last` and leftovers of crashed saves."""
+def _prune(root: Path, keep_last: int, saved_step: int) -> None:
+    """Drop leftovers of crashed saves and complete checkpoints beyond the newest `keep_last` up to
+    `saved_step`. Later steps (left by a run this one rolled back from with train.resume=PATH) are
+    not counted: they would otherwise push out the checkpoint just written."""
     for child in root.iterdir():
         if child.name.startswith(_TMP_PREFIX) and child.is_dir():
             shutil.rmtree(child, ignore_errors=True)
     if keep_last > 0:
-        for _, path in complete_checkpoints(root)[:-keep_last]:
+        ours = [(step, path) for step, path in complete_checkpoints(root) if step <= saved_step]
+        for _, path in ours[:-keep_last]:
             # Remove the marker first: a crash mid-delete then leaves an incomplete, ignored dir.
             (path / MARKER).unlink()
             shutil.rmtree(path, ignore_errors=True)

@@ -27,7 +27,8 @@ class NonFiniteLossError(RuntimeError):
 
 
 class StopSignal:
-    """SIGTERM/SIGINT -> stop at the next step boundary, agreed across ranks."""
+    """`signals` (SIGTERM by default; SIGINT keeps its KeyboardInterrupt) -> stop at the next step
+    boundary, agreed across ranks."""
 
     def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)):
         self.received: int | None = None

@@ -87,6 +87,7 @@ class Trainer:
         self.writer: MetricsWriter | None = None
         self.progress = ProgressLine(cfg.max_steps, cfg.progress_bar and self.rank == 0)
         self.last_shape: StepShape | None = None
+        self.last_lr: float | None = None  # the lr of the latest optimizer step, for the log
         self.resumed_from: Path | None = None
 
     # ------------------------------------------------------------------------------------ public

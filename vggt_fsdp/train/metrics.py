@@ -130,14 +130,23 @@ class MetricsWriter:
         record = {**record, **self.static}
         self.file.write(json.dumps(record) + "\n")
         if self.tb is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
-                    self.tb.add_scalar(key.replace(".", "/"), value, record["step"])
+            for key, value in _scalars(record):
+                if key != "step":
+                    self.tb.add_scalar(key, value, record["step"])
 
     def close(self) -> None:
         self.file.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def _scalars(record: dict[str, Any], prefix: str = ""):
+    """(tag, number) pairs of a record, nested dicts (loss_terms, grad_norm_groups, val) as `a/b`."""
+    for key, value in record.items():
+        if isinstance(value, dict):
+            yield from _scalars(value, f"{prefix}{key}/")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield f"{prefix}{key}", value
 
 
 def _tensorboard_writer(path: Path):
