@@ -226,6 +226,15 @@ def test_loss_config_validate_names_the_field():
     cfg.depth.gradient_scales = 0
     with pytest.raises(ValueError, match="loss.depth.gradient_scales"):
         cfg.validate()
+    cfg = LossConfig()
+    cfg.point.hard_max = 0.0
+    with pytest.raises(ValueError, match=r"loss.point.hard_max=0.0 must be > 0"):
+        cfg.validate()
+    cfg = LossConfig()
+    for name in ("camera", "depth", "point", "track"):
+        getattr(cfg, name).enabled = False
+    with pytest.raises(ValueError, match="every loss is disabled"):
+        cfg.validate()
 
 
 def test_compute_loss_never_reads_values_on_the_host():

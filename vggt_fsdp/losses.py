@@ -67,10 +67,17 @@ class LossConfig:
     track: TrackLossConfig = field(default_factory=TrackLossConfig)
 
     def validate(self) -> None:
-        for name in ("camera", "depth", "point", "track"):
+        names = ("camera", "depth", "point", "track")
+        if not any(getattr(self, name).enabled for name in names):
+            raise ValueError("every loss is disabled (loss.camera/depth/point/track.enabled): nothing to train")
+        for name in names:
             sub = getattr(self, name)
             if sub.weight < 0:
                 raise ValueError(f"loss.{name}.weight={sub.weight} must be >= 0")
+        for field_name in ("camera.trans_clamp", "depth.hard_max", "point.hard_max", "track.conf_radius_px"):
+            section, attr = field_name.split(".")
+            if getattr(getattr(self, section), attr) <= 0:
+                raise ValueError(f"loss.{field_name}={getattr(getattr(self, section), attr)} must be > 0")
         for name in ("depth", "point"):
             sub = getattr(self, name)
             if sub.gradient_scales < 1:
