@@ -129,7 +129,9 @@ class DataConfig:
             raise ValueError(
                 f"data.frames_per_gpu={self.frames_per_gpu} is smaller than data.frames_range[1]="
                 f"{self.frames_range[1]}: a batch of the largest scenes would hold zero scenes")
-        if self.patch_size < 1 or self.image_width % self.patch_size:
+        if self.patch_size < 1:
+            raise ValueError(f"data.patch_size={self.patch_size} must be >= 1")
+        if self.image_width % self.patch_size:
             raise ValueError(f"data.image_width={self.image_width} must be a multiple of "
                              f"data.patch_size={self.patch_size}")
         if int(self.image_width * self.aspect_range[0] / self.patch_size) < 1:
