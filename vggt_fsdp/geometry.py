@@ -67,7 +67,8 @@ def rotation_to_quat(rot: torch.Tensor) -> torch.Tensor:
 def extrinsics_intrinsics_to_pose_encoding(
     extrinsics: torch.Tensor, intrinsics: torch.Tensor, image_hw: tuple[int, int]
 ) -> torch.Tensor:
-    """(..., 3, 4) extrinsics and (..., 3, 3) intrinsics to the (..., 9) absT_quaR_FoV encoding."""
+    """(..., 3, 4) extrinsics and (..., 3, 3) intrinsics to the (..., 9) absT_quaR_FoV encoding, in
+    float32 whatever the input dtype (the camera head predicts it in float32)."""
     height, width = image_hw
     quat = rotation_to_quat(extrinsics[..., :3, :3])
     fov_h = 2 * torch.atan((height / 2) / intrinsics[..., 1, 1])
