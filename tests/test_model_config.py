@@ -335,3 +335,29 @@ def test_aggregator_gathers_rope_tables_once_per_pass(monkeypatch):
     with torch.no_grad():
         model(torch.rand(1, 2, 3, 28, 28))
     assert len(calls) == 2  # frame positions and global positions, not once per block
+
+
+def test_fsdp_input_casting_leaves_rope_tables_to_the_attention():
+    """A bf16 FSDP2 unit casts its floating inputs; the shared RoPE tables must reach every block as the
+    aggregator made them (one fp32 set, saved once), not as a bf16-rounded copy per block."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from vggt_fsdp.memory.fake_pg import fake_process_group
+    from vggt_fsdp.model.layers import Block
+
+    rope = RotaryPositionEmbedding2D(100)
+    blocks = torch.nn.ModuleList(Block(32, 2, qk_norm=True, rope=rope) for _ in range(2))
+    pos = patch_positions(2, 2, 1, torch.device("cpu"))
+    tables = rope.tables(pos, 8)
+    received = []
+    for block in blocks:
+        block.attn.forward = lambda x, pos, attn_forward=block.attn.forward: received.append(pos) or attn_forward(x, pos)
+    with fake_process_group(1):
+        mesh = init_device_mesh("cpu", (1,))
+        for block in blocks:
+            fully_shard(block, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
+        x = torch.randn(1, pos.shape[1], 32)
+        for block in blocks:
+            x = block(x, pos=tables)
+    assert len(received) == 2 and all(p is tables for p in received)

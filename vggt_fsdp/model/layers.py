@@ -5,20 +5,27 @@ transformer block of the model is a `Block` and every self-attention an `Attenti
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
-class RopeTables(NamedTuple):
-    """cos/sin for the row and column halves of the head dim, each (B or 1, 1, N, half_dim), fp32."""
+class RopeTables:
+    """cos/sin for the row and column halves of the head dim, each (B or 1, 1, N, half_dim), fp32.
 
-    cos_row: torch.Tensor
-    sin_row: torch.Tensor
-    cos_col: torch.Tensor
-    sin_col: torch.Tensor
+    Deliberately not a tuple, NamedTuple or dataclass: FSDP2's `cast_forward_inputs` descends into those
+    and would hand every bf16 block unit its own bf16-rounded copy of the tables (then saved per block
+    for backward, and cast back to fp32 where q is fp32 after qk-norm under CUDA autocast). Position
+    tables are not activations; `RotaryPositionEmbedding2D.prepare` casts them to the query's dtype.
+    """
+
+    def __init__(self, cos_row: torch.Tensor, sin_row: torch.Tensor, cos_col: torch.Tensor, sin_col: torch.Tensor):
+        self.cos_row, self.sin_row, self.cos_col, self.sin_col = cos_row, sin_row, cos_col, sin_col
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return iter((self.cos_row, self.sin_row, self.cos_col, self.sin_col))
 
 
 class RotaryPositionEmbedding2D(nn.Module):
