@@ -11,7 +11,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 AttentionKind = Literal["frame", "global"]
 PoseActivation = Literal["linear", "inv_log", "exp", "relu"]
@@ -164,8 +164,9 @@ class VGGTConfig:
         if self.token_dim % cam.num_heads:
             raise ValueError(f"2 * aggregator.embed_dim={self.token_dim} must be divisible by camera_head.num_heads={cam.num_heads}")
         for name in ("trans_act", "quat_act", "fl_act"):
-            if getattr(cam, name) not in ("linear", "inv_log", "exp", "relu"):
-                raise ValueError(f"camera_head.{name}={getattr(cam, name)!r}; valid choices: linear, inv_log, exp, relu")
+            if getattr(cam, name) not in get_args(PoseActivation):
+                raise ValueError(f"camera_head.{name}={getattr(cam, name)!r}; "
+                                 f"valid choices: {', '.join(get_args(PoseActivation))}")
         if len(dpt.out_channels) != 4 or len(dpt.intermediate_layer_idx) != 4:
             raise ValueError(
                 f"dpt_head.out_channels={list(dpt.out_channels)} and intermediate_layer_idx="
