@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vggt_fsdp.recipe import Recipe, RecipeError, dump_recipe, load_recipe, model_config, recipe_from_dict
+from vggt_fsdp.recipe import Recipe, RecipeError, dump_recipe, from_data, load_recipe, model_config, recipe_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
@@ -74,10 +74,28 @@ def test_yaml_1_2_scalars():
     assert recipe.optim.eps == pytest.approx(1e-6)
 
 
+def test_tuples_of_fixed_length_check_length_and_each_item_type():
+    assert from_data(tuple[int, str], [1, "a"], "x") == (1, "a")
+    assert from_data(tuple[int, ...], [1, 2, 3], "x") == (1, 2, 3)
+    with pytest.raises(ValueError, match=r"^x: expected 2 items, got 1$"):
+        from_data(tuple[int, str], [1], "x")
+    with pytest.raises(ValueError, match=r"^x\[1\]: expected str, got int 2$"):
+        from_data(tuple[int, str], [1, 2], "x")
+
+
 def test_model_config_applies_heads_and_overrides():
     recipe = load(["model.overrides={aggregator.depth: 2, dpt_head.intermediate_layer_idx: [0, 1, 1, 1]}"])
     cfg = model_config(recipe.model)
     assert cfg.aggregator.depth == 2 and cfg.enable_track is False and cfg.enable_depth is True
+
+
+def test_nested_model_override_changes_one_field_and_keeps_the_preset():
+    # `model.overrides.aggregator.num_heads=2` builds {"aggregator": {"num_heads": 2}}: one field, not a
+    # new aggregator with VGGT-1B's defaults.
+    preset = model_config(load().model).aggregator
+    cfg = model_config(load(["model.overrides.aggregator.num_heads=2"]).model).aggregator
+    assert cfg.num_heads == 2 != preset.num_heads
+    assert (cfg.embed_dim, cfg.depth, cfg.img_size) == (preset.embed_dim, preset.depth, preset.img_size)
 
 
 INVALID = [

@@ -69,7 +69,7 @@ def model_config(spec: ModelSpec):
     data = get_preset(spec.preset).to_dict()
     for head in ("camera", "depth", "point", "track"):
         data[f"enable_{head}"] = getattr(spec.heads, head)
-    for dotted, value in spec.overrides.items():
+    for dotted, value in _dotted_items(spec.overrides):
         try:
             _set_dotted(data, dotted.split("."), value, create=False)
         except KeyError as err:
@@ -78,6 +78,19 @@ def model_config(spec: ModelSpec):
         return VGGTConfig.from_dict(data)
     except (TypeError, ValueError) as err:
         raise ValueError(f"model.overrides: {err}") from None
+
+
+def _dotted_items(overrides: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """Overrides as (dotted key, value). A nested mapping, which `model.overrides.aggregator.depth=2`
+    on the command line builds, sets single fields: it never replaces a whole sub-config (which would
+    put the dataclass defaults, i.e. VGGT-1B's, in place of the preset's other fields)."""
+    items = []
+    for key, value in overrides.items():
+        if isinstance(value, dict) and value:
+            items += _dotted_items(value, f"{prefix}{key}.")
+        else:
+            items.append((f"{prefix}{key}", value))
+    return items
 
 
 # --------------------------------------------------------------------------------------- the recipe
@@ -228,14 +241,19 @@ def from_data(tp: Any, value: Any, path: str) -> Any:
         args = typing.get_args(tp)
         if not isinstance(value, list):
             raise ValueError(f"{_where(path)}expected a list, got {_describe(value)}")
-        item_tp = args[0] if args else Any
-        items = [from_data(item_tp, item, f"{path}[{i}]") for i, item in enumerate(value)]
+        if origin is tuple and args and args[-1] is not Ellipsis:  # fixed length: tuple[int, str]
+            if len(value) != len(args):
+                raise ValueError(f"{_where(path)}expected {len(args)} items, got {len(value)}")
+            item_tps = list(args)
+        else:
+            item_tps = [args[0] if args else Any] * len(value)
+        items = [from_data(t, item, f"{path}[{i}]") for i, (t, item) in enumerate(zip(item_tps, value))]
         return tuple(items) if origin is tuple else items
     if origin is dict:
         key_tp, value_tp = typing.get_args(tp) or (Any, Any)
         if not isinstance(value, dict):
             raise ValueError(f"{_where(path)}expected a mapping, got {_describe(value)}")
-        return {from_data(key_tp, k, f"{path}.{k}"): from_data(value_tp, v, _join(path, str(k)))
+        return {from_data(key_tp, k, _join(path, str(k))): from_data(value_tp, v, _join(path, str(k)))
                 for k, v in value.items()}
     return _to_scalar(tp, value, path)
 

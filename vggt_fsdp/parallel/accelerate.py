@@ -110,7 +110,7 @@ def accelerate_config_yaml(recipe: Recipe) -> str:
     `accelerate launch --config_file`); strings such as 'no' stay quoted so YAML reads them back."""
     import yaml
 
-    return yaml.safe_dump(copy.deepcopy(recipe.accelerate), sort_keys=False)
+    return yaml.safe_dump(recipe.accelerate, sort_keys=False)
 
 
 # --------------------------------------------------------------------------------------- the Accelerator

@@ -116,8 +116,10 @@ class ParallelConfig:
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    # torch.compile each transformer block's forward (parallel/compiling.py); off by default: compiling
-    # costs minutes at start and on every new shape, and is measured, not assumed, to pay off.
+    # torch.compile each transformer block's forward (parallel/compiling.py). Off by default: on an H200
+    # (torch 2.11) it made the 40GB recipe's 24-frame step 1.21x faster but failed with an inductor
+    # stride assertion at 48 frames (benchmarks/results/2026-11-27-nvidia-h200-followup.md), and every
+    # new input shape costs a compile.
     compile: bool = False
 
     def validate(self) -> None:

@@ -162,20 +162,21 @@ def apply_parallelism(model: nn.Module, cfg: ParallelConfig, mesh: DeviceMesh | 
     """Checkpoint-wrap, then shard `model` in place as `cfg` says; returns the plan it applied.
 
     `mesh`: the 1-D (full) or 2-D (replicate, shard) device mesh; None builds it from the default
-    process group (`build_mesh`). With bf16 compute the forward runs under bf16 autocast (precision.py). The model may be on the meta device (materialise it afterwards with
-    `model.to_empty(...)`), on the CPU, or on the mesh's device.
+    process group (`build_mesh`). With bf16 compute the forward runs under bf16 autocast (precision.py).
+    The model may be on the meta device (materialise it afterwards with `model.to_empty(...)`), on the
+    CPU, or on the mesh's device.
     """
     plan = plan_parallelism(model, cfg)
     apply_checkpointing(model, plan.checkpoint_wrapped, plan.chunk_checkpointed)
     if cfg.compile:
         compile_blocks(model, [unit.path for unit in plan.units if unit.kind == "block"])
     mesh = mesh if mesh is not None else build_mesh(cfg.sharding, default_device_type())
-    offload = CPUOffloadPolicy(pin_memory=mesh.device_type == "cuda") if cfg.sharding.cpu_offload else None
+    offload = ({"offload_policy": CPUOffloadPolicy(pin_memory=mesh.device_type == "cuda")}
+               if cfg.sharding.cpu_offload else {})
     for unit in plan.units:
         module = model.get_submodule(unit.path) if unit.path else model
-        kwargs = {"offload_policy": offload} if offload is not None else {}
         fully_shard(module, mesh=mesh, reshard_after_forward=unit.reshard_after_forward,
-                    mp_policy=mp_policy(unit.param_dtype, unit.reduce_dtype), **kwargs)
+                    mp_policy=mp_policy(unit.param_dtype, unit.reduce_dtype), **offload)
     autocast_forward(model, cfg.precision.param_dtype, mesh.device_type)
     return plan
 
