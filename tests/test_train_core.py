@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import socket
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest

@@ -284,5 +284,7 @@ def export_safetensors(path: Path, out: Path, dtype: torch.dtype | None = None) 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
+    with open(tmp, "rb") as f:  # data on disk before the rename makes it the export
+        os.fsync(f.fileno())
     os.replace(tmp, out)
     return len(state)
