@@ -20,6 +20,7 @@ twice that backward.
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -147,8 +148,6 @@ def count_step_flops(
 
 def _countable_attention(device: torch.device):
     """On the CPU, the SDPA math backend (its matmuls are counted); elsewhere, the default kernels."""
-    import contextlib
-
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel([SDPBackend.MATH]) if device.type == "cpu" else contextlib.nullcontext()

@@ -41,7 +41,8 @@ def profile_step(step: Callable[[], None], device: torch.device, path: Path, top
     total_us = sum(e.self_device_time_total for e in kernels) or 1.0
     by_kind: dict[str, float] = {}
     for e in kernels:
-        by_kind[kind_of(e.key)] = by_kind.get(kind_of(e.key), 0.0) + e.self_device_time_total
+        kind = kind_of(e.key)
+        by_kind[kind] = by_kind.get(kind, 0.0) + e.self_device_time_total
     summary = {
         "device_time_ms": round(total_us / 1e3, 2),
         "by_kind": {k: {"ms": round(v / 1e3, 2), "share": round(v / total_us, 4)}

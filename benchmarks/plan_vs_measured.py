@@ -113,7 +113,7 @@ def run(args: argparse.Namespace, write=lambda result: None) -> dict:
             _free(device)
             try:
                 measured = measure_step(shape.model_cfg, parallel_cfg, args.world_size, scenes, per_scene,
-                                        shape.image_hw, device)
+                                        shape.image_hw, device, freeze=shape.freeze)
             except torch.OutOfMemoryError:
                 rows.append({"policy": spec, "frames_per_gpu": scenes * per_scene, "scenes": scenes,
                              "frames_per_scene": per_scene, "status": "oom",
@@ -123,7 +123,8 @@ def run(args: argparse.Namespace, write=lambda result: None) -> dict:
                 continue
             acts = predicted.total("activation")
             row = {
-                "status": "ok", "policy": spec, "frames_per_gpu": scenes * per_scene, "scenes": scenes, "frames_per_scene": per_scene,
+                "status": "ok", "policy": spec, "frames_per_gpu": scenes * per_scene, "scenes": scenes,
+                "frames_per_scene": per_scene,
                 "predicted_peak_bytes": predicted.peak_bytes,
                 "measured_peak_bytes": measured.peak_bytes,
                 "predicted_peak_GiB": round(predicted.peak_bytes / GiB, 3),

@@ -110,7 +110,8 @@ def judge_targets(results: list[dict]) -> list[Verdict]:
     r80, r40 = _recipe_result(results, "recipe_80g"), _recipe_result(results, "recipe_40g")
     target = "80GB recipe: MFU >= 45% on an H100"
     if r80 is None or r80["throughput"]["mfu"] is None:
-        verdicts.append(Verdict(target, "not measured", "no GPU run of the 80GB recipe with a known peak"))
+        verdicts.append(Verdict(target, "not measured",
+                                "no GPU run of the 80GB recipe with an MFU (FLOP count and the card's peak known)"))
     else:
         value = r80["throughput"]["mfu"]
         name = r80["device"]["name"]

@@ -208,6 +208,20 @@ def test_resolve_frames_per_gpu_for_auto():
         planner.resolve_frames_per_gpu(recipe, 4 * planner.GiB)
 
 
+def test_plan_command_resolves_auto_frames_at_the_asked_world_size(capsys):
+    from vggt_fsdp.cli import main
+
+    def auto(*extra: str) -> dict:
+        argv = ["plan", str(RECIPES / "a100_80g.yaml"), "--set", "data.frames_per_gpu=auto", "--gpu-memory", "80"]
+        assert main([*argv, *extra, "--json"]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    default, two = auto(), auto("--gpus", "2")
+    assert two["plan"]["world_size"] == 2
+    # Fewer ranks hold larger shards: fewer frames fit, and auto is exactly the largest count that fits.
+    assert two["plan"]["frames_per_gpu"] == two["max_frames_per_gpu"] < default["max_frames_per_gpu"]
+
+
 def test_plan_command_names_a_bad_image_size(capsys):
     from vggt_fsdp.cli import main
 

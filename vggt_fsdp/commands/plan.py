@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from vggt_fsdp.memory import planner
 
@@ -54,22 +55,25 @@ def device_memory(gib: float | None) -> tuple[int, str]:
     return A100_40GB_BYTES, "no CUDA device visible: an A100 40GB's total (pass --gpu-memory)"
 
 
-def report(recipe, args) -> dict:
+def report(recipe, args) -> tuple[dict, planner.MemoryPlan]:
+    """(the JSON summary, the plan it summarises)."""
     memory, source = device_memory(args.gpu_memory)
     shape = planner.recipe_shape(recipe, args.gpus, args.image)
     frames = args.frames if args.frames is not None else recipe.data.frames_per_gpu
-    if frames == "auto":
-        frames = planner.resolve_frames_per_gpu(recipe, memory, args.device_kind)
-    frames_range = (min(shape.frames_range[0], frames), min(shape.frames_range[1], frames))
+    if frames == "auto":  # the largest count that fits (at --gpus/--image): max_frames itself
+        frames = max_frames = planner.resolve_frames_per_gpu(recipe, memory, args.device_kind, gpus=args.gpus,
+                                                             image_hw=args.image)
+    else:
+        max_frames = planner.max_frames_that_fit(shape.model_cfg, recipe.parallel, shape.world_size,
+                                                 shape.image_hw, memory, args.device_kind,
+                                                 frames_range=shape.frames_range, freeze=shape.freeze)
+    frames_range = planner.clip_range(shape.frames_range, frames)
     result = planner.plan(shape.model_cfg, recipe.parallel, shape.world_size, frames, shape.image_hw,
                           args.device_kind, frames_range=frames_range, freeze=shape.freeze)
-    max_frames = planner.max_frames_that_fit(shape.model_cfg, recipe.parallel, shape.world_size, shape.image_hw,
-                                             memory, args.device_kind, frames_range=shape.frames_range,
-                                             freeze=shape.freeze)
     cheapest = planner.cheapest_policy_that_fits(shape.model_cfg, recipe.parallel, shape.world_size, frames,
                                                  shape.image_hw, memory, args.device_kind,
                                                  frames_range=frames_range, freeze=shape.freeze)
-    return {
+    summary = {
         "recipe": args.recipe,
         "gpu_memory_bytes": memory,
         "gpu_memory_GiB": round(memory / GiB, 2),
@@ -81,22 +85,19 @@ def report(recipe, args) -> dict:
             "label": cheapest[0], "peak_GiB": round(cheapest[2].peak_bytes / GiB, 3),
             "device_GiB": round(cheapest[2].device_bytes / GiB, 3)},
         "plan": result.to_dict(),
-        "_plan": result,
     }
+    return summary, result
 
 
 def run(args: argparse.Namespace) -> int:
     from vggt_fsdp.recipe import load_recipe
 
-    import sys
-
     try:
         recipe = load_recipe(args.recipe, args.overrides)
-        data = report(recipe, args)
+        data, result = report(recipe, args)
     except (OSError, ValueError) as err:  # a bad recipe, override, size or shape: say which, no traceback
         print(f"vggt-fsdp plan: {err}", file=sys.stderr)
         return 2
-    result = data.pop("_plan")
     if args.json:
         print(json.dumps(data, indent=2))
         return 0

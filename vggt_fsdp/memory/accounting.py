@@ -41,8 +41,8 @@ class SavedTensorCounter:
     """Counts the distinct storages saved for backward while the context is active.
 
     `groups` maps a name to a module or a list of modules; a saved storage is charged to the innermost
-    group whose forward is running when it is first saved, or to "other". Use it around the forward pass only; the report is in
-    `.report` after exit::
+    group whose forward is running when it is first saved, or to "other". Use it around the forward pass
+    only; the report is in `.report` after exit::
 
         counter = SavedTensorCounter({"frame": model.aggregator.frame_blocks[0]})
         with counter:
@@ -174,6 +174,7 @@ def measure_model_state(
         raise RuntimeError(f"FSDPMemTracker saw no memory on {device}; devices seen: {list(snaps)}")
     current = {getattr(k, "value", k): v for k, v in current.items()}
     peaks = tracker.category_peaks
+    peak_snapshot = tracker.get_tracker_snapshot("peak").get(device, {})
     return ModelStateMeasurement(
         sharded_params=current["Sharded Param"],
         sharded_grads=current["Sharded Grad"],
@@ -182,8 +183,7 @@ def measure_model_state(
         peak_all_gather=peaks.get("All Gather", 0),
         peak_reduce_scatter=peaks.get("Reduce Scatter", 0),
         peak_total=peaks.get("Total", 0),
-        peak_snapshot={getattr(k, "value", k): v for k, v in tracker.get_tracker_snapshot("peak")[device].items()}
-        if device in tracker.get_tracker_snapshot("peak") else {},
+        peak_snapshot={getattr(k, "value", k): v for k, v in peak_snapshot.items()},
     )
 
 

@@ -130,10 +130,10 @@ def measure_step(
         counter = SavedTensorCounter(block_groups(model))
         result = StepMeasurement(saved=counter.report)
         if cuda:
-            with cuda_peak_memory(device) as cuda:
+            with cuda_peak_memory(device) as peak:
                 step(counter)
                 optimizer.zero_grad(set_to_none=True)
-            result.cuda = cuda
+            result.cuda = peak
         else:
             result.model_state = measure_model_state(model, optimizer, lambda: step(counter), device)
             optimizer.zero_grad(set_to_none=True)

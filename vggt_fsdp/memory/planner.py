@@ -30,8 +30,11 @@ from vggt_fsdp.model.config import VGGTConfig
 GiB = 1024**3
 
 # Allocator and runtime overheads (CUDA): the caching allocator's reserved memory exceeds the allocated
-# peak by fragmentation (small with expandable_segments, which the trainer and upstream set); the CUDA
-# context, cuBLAS/cuDNN handles and NCCL buffers live outside PyTorch's allocator.
+# peak by fragmentation (small with expandable_segments, which the trainer and upstream set: reserved /
+# allocated was 1.05 at a 63 GiB peak and 1.004-1.006 in the runs that ran out of a 40 or 80 GiB cap, H200
+# comparison of 2026-11-27, benchmarks/results/2026-11-27-nvidia-h200.md; up to 1.3 only in runs far
+# below the card's memory); the CUDA context, cuBLAS/cuDNN handles and NCCL buffers live outside
+# PyTorch's allocator (1.25 GiB is an estimate, not measured by this project).
 FRAGMENTATION = 1.05
 NON_PYTORCH_BYTES = int(1.25 * GiB)
 
@@ -615,8 +618,7 @@ def max_frames_that_fit(model_cfg, parallel_cfg, world_size, image_hw, device_me
     """The largest frames per GPU whose plan fits `device_memory_bytes` (0 if not even one frame).
     Memory grows with frames, so a bisection over [1, limit] is exact."""
     def fits(frames: int) -> bool:
-        lo = min(frames_range[0], frames) if frames_range else frames
-        rng = (lo, min(frames_range[1], frames)) if frames_range else None
+        rng = clip_range(frames_range, frames) if frames_range else None
         return plan(model_cfg, parallel_cfg, world_size, frames, image_hw, device_kind,
                     frames_range=rng, freeze=freeze).fits(device_memory_bytes)
 
@@ -705,18 +707,21 @@ def plan_recipe(recipe, *, gpus=None, frames=None, image_hw=None, device_kind="c
     if frames == "auto":
         raise ValueError("data.frames_per_gpu is 'auto': give --frames, or use resolve_frames_per_gpu")
     return plan(shape.model_cfg, recipe.parallel, shape.world_size, frames, shape.image_hw, device_kind,
-                frames_range=_clip_range(shape.frames_range, frames), freeze=shape.freeze)
+                frames_range=clip_range(shape.frames_range, frames), freeze=shape.freeze)
 
 
-def _clip_range(frames_range: tuple[int, int], frames: int) -> tuple[int, int]:
+def clip_range(frames_range: tuple[int, int], frames: int) -> tuple[int, int]:
+    """The scene sizes a budget of `frames` can draw: no scene is larger than the budget."""
     lo, hi = frames_range
     return (min(lo, frames), min(hi, frames))
 
 
-def resolve_frames_per_gpu(recipe, device_memory_bytes: int, device_kind: str = "cuda") -> int:
+def resolve_frames_per_gpu(recipe, device_memory_bytes: int, device_kind: str = "cuda", *,
+                           gpus: int | None = None, image_hw: tuple[int, int] | None = None) -> int:
     """`data.frames_per_gpu: auto`: the largest budget that fits this device under the recipe's policy,
-    at least the largest scene (data.frames_range[1]); raises when not even that fits."""
-    shape = recipe_shape(recipe)
+    at least the largest scene (data.frames_range[1]); raises when not even that fits. `gpus` and
+    `image_hw` as in `recipe_shape`."""
+    shape = recipe_shape(recipe, gpus, image_hw)
     best = max_frames_that_fit(shape.model_cfg, recipe.parallel, shape.world_size, shape.image_hw,
                                device_memory_bytes, device_kind, frames_range=shape.frames_range,
                                freeze=shape.freeze)
