@@ -54,7 +54,9 @@ def run(args: argparse.Namespace) -> int:
         started = time.time()
         env = dict(os.environ)
         # After a SIGTERM the launcher's agent SIGKILLs its workers once this many seconds pass; they
-        # need a step and a checkpoint save (torch's default is 30 s). A user's own value wins.
+        # need a step and a checkpoint save (torch's default is 30 s). A user's own value wins. Read by
+        # torch.distributed.launcher.api.LaunchConfig in torch 2.13; older releases (before 2.12, by
+        # one public report) ignore it and keep 30 s.
         env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "300")
         code, signalled = _run_forwarding_signals(command, env)
     return _exit_code(code, signalled, Path(recipe.train.output_dir), started)
