@@ -251,6 +251,8 @@ def test_mesh_shapes():
         mesh_shape(ShardingConfig(mode="hybrid"), 16, None)
     with pytest.raises(ValueError, match="!= world size"):
         mesh_shape(ShardingConfig(mode="hybrid", replicate_degree=3, shard_degree=4), 16, 8)
+    with pytest.raises(ValueError, match="replicate_degree=3 does not divide the world size 16"):
+        mesh_shape(ShardingConfig(mode="hybrid", replicate_degree=3), 16, 8)
 
 
 # --------------------------------------------------------------------------------------- 2 processes, gloo

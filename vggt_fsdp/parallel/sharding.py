@@ -194,6 +194,8 @@ def mesh_shape(cfg: ShardingConfig, world_size: int, local_world_size: int | Non
     replicate = cfg.replicate_degree
     if shard == "auto":
         if replicate != "auto":
+            if world_size % replicate:
+                raise ValueError(f"hybrid replicate_degree={replicate} does not divide the world size {world_size}")
             shard = world_size // replicate
         elif local_world_size is None:
             raise ValueError("parallel.sharding.mode=hybrid with shard_degree=auto needs LOCAL_WORLD_SIZE "
