@@ -333,8 +333,10 @@ def test_aggregator_gathers_rope_tables_once_per_pass(monkeypatch):
     gather = model.aggregator.rope.tables
     monkeypatch.setattr(model.aggregator.rope, "tables", lambda *a: calls.append(a) or gather(*a))
     with torch.no_grad():
-        model(torch.rand(1, 2, 3, 28, 28))
+        model(torch.rand(1, 2, 3, 28, 42))
     assert len(calls) == 2  # frame positions and global positions, not once per block
+    for positions, _, length in calls:  # the table size is passed in (no host sync), and right
+        assert length == int(positions.max()) + 1
 
 
 def test_fsdp_input_casting_leaves_rope_tables_to_the_attention():

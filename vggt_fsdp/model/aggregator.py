@@ -117,9 +117,11 @@ class Aggregator(nn.Module):
         if self.rope is not None:
             # Batch dim 1: every frame has the same positions; broadcasting avoids B*S copies. The tables
             # are gathered once here and shared by every block (see RotaryPositionEmbedding2D).
-            positions = patch_positions(H // self.patch_size, W // self.patch_size, self.patch_start_idx, images.device)
-            frame_pos = self.rope.tables(positions, self.rope_half_dim)
-            global_pos = self.rope.tables(positions.repeat(1, S, 1), self.rope_half_dim)
+            grid_h, grid_w = H // self.patch_size, W // self.patch_size
+            positions = patch_positions(grid_h, grid_w, self.patch_start_idx, images.device)
+            length = max(grid_h, grid_w) + 1  # known here: no host sync to read positions.max()
+            frame_pos = self.rope.tables(positions, self.rope_half_dim, length)
+            global_pos = self.rope.tables(positions.repeat(1, S, 1), self.rope_half_dim, length)
 
         outputs: list[torch.Tensor | None] = [None] * self.depth
         layer = 0

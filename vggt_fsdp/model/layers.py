@@ -45,10 +45,15 @@ class RotaryPositionEmbedding2D(nn.Module):
         super().__init__()
         self.frequency = float(frequency)
 
-    def tables(self, positions: torch.Tensor, half_dim: int) -> RopeTables:
-        """The tables for integer (row, col) `positions` of shape (B or 1, N, 2)."""
+    def tables(self, positions: torch.Tensor, half_dim: int, length: int | None = None) -> RopeTables:
+        """The tables for integer (row, col) `positions` of shape (B or 1, N, 2).
+
+        `length` (positions.max() + 1) sizes the table; a caller that knows it saves the host sync of
+        reading it from the device.
+        """
         inv_freq = 1.0 / (self.frequency ** (torch.arange(0, half_dim, 2, device=positions.device).float() / half_dim))
-        length = int(positions.max()) + 1
+        if length is None:
+            length = int(positions.max()) + 1
         angles = torch.outer(torch.arange(length, device=positions.device, dtype=torch.float32), inv_freq)
         angles = torch.cat((angles, angles), dim=-1)
         cos_t, sin_t = angles.cos(), angles.sin()
@@ -76,7 +81,8 @@ class RotaryPositionEmbedding2D(nn.Module):
 def patch_positions(grid_h: int, grid_w: int, num_special: int, device: torch.device) -> torch.Tensor:
     """RoPE positions of one frame's tokens, (1, num_special + grid_h*grid_w, 2).
 
-    Patches get (row + 1, col + 1) so that the special tokens (camera, registers) alone sit at (0, 0).
+    Patches get (row + 1, col + 1) so that the special tokens (camera, registers) alone sit at (0, 0);
+    the largest entry is therefore max(grid_h, grid_w).
     """
     rows = torch.arange(grid_h, device=device)
     cols = torch.arange(grid_w, device=device)
