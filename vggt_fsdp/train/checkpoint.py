@@ -103,6 +103,24 @@ def resolve_resume(resume: str, root: Path) -> Path | None:
     return path
 
 
+def agreed_resume(resume: str, root: Path) -> Path | None:
+    """Collective `resolve_resume`: rank 0 decides and tells the others, so every rank loads the same
+    checkpoint even where a shared filesystem's listing differs between nodes; an error is raised on
+    every rank (none is left waiting in a collective)."""
+    if not dist.is_initialized() or _world() == 1:
+        return resolve_resume(resume, root)
+    box: list[Any] = [None, None]  # (path, error message)
+    if _rank() == 0:
+        try:
+            box[0] = resolve_resume(resume, root)
+        except FileNotFoundError as err:
+            box[1] = str(err)
+    dist.broadcast_object_list(box, src=0)
+    if box[1] is not None:
+        raise FileNotFoundError(box[1])
+    return box[0]
+
+
 # ---------------------------------------------------------------------------------------- RNG state
 
 

@@ -96,7 +96,7 @@ class Trainer:
             print(f"[vggt-fsdp] {text}", file=sys.stderr, flush=True)
 
     def resume(self) -> Path | None:
-        path = ckpt.resolve_resume(self.cfg.resume, self.ckpt_root)
+        path = ckpt.agreed_resume(self.cfg.resume, self.ckpt_root)
         if path is None:
             return None
         notice = ckpt.load_checkpoint(path, self.model, self.optimizer_inner, self.state, self.device)
