@@ -33,12 +33,13 @@ class RotaryPositionEmbedding2D(nn.Module):
 
     Each half uses the rotate-half form with frequencies base^(-2i/d). It has no parameters and no
     buffers. The aggregator gathers the tables once per forward pass (`tables`) and hands the same
-    `RopeTables` to every block: the host sync that sizing the table needs (positions.max()) happens once
-    and outside the blocks (so a compiled block has no graph break). The tables are fp32; where q is fp32
-    too (fp32 training, and CUDA bf16 autocast with qk-norm, whose LayerNorm autocasts to fp32) autograd
-    saves one set for all blocks. Where q is lower precision (CPU autocast, no qk-norm, bf16 parameters
-    without autocast) `prepare` casts per block and each block saves its own copy. Given a positions
-    tensor instead of tables, `forward` gathers the tables itself.
+    `RopeTables` to every block, so sizing the table (positions.max(), a host sync unless the caller
+    passes `length`) happens outside the blocks and a compiled block has no graph break.
+
+    The tables are fp32. Where q is fp32 too (fp32 training; CUDA bf16 autocast with qk-norm, whose
+    LayerNorm autocasts to fp32) autograd saves one set for all blocks. Where q is lower precision (CPU
+    autocast, no qk-norm, bf16 parameters without autocast) `prepare` casts per block and each block
+    saves its own copy. Given a positions tensor instead of tables, `forward` gathers the tables itself.
     """
 
     def __init__(self, frequency: float = 100.0):
