@@ -12,7 +12,6 @@ from vggt_fsdp.memory.planner import (
     cheapest_policy_that_fits,
     max_frames_that_fit,
     plan,
-    plan_recipe,
     resolve_frames_per_gpu,
 )
 
@@ -22,6 +21,5 @@ __all__ = [
     "cheapest_policy_that_fits",
     "max_frames_that_fit",
     "plan",
-    "plan_recipe",
     "resolve_frames_per_gpu",
 ]

@@ -701,15 +701,6 @@ def recipe_shape(recipe, gpus: int | None = None, image_hw: tuple[int, int] | No
                        tuple(recipe.model.freeze))
 
 
-def plan_recipe(recipe, *, gpus=None, frames=None, image_hw=None, device_kind="cuda") -> MemoryPlan:
-    shape = recipe_shape(recipe, gpus, image_hw)
-    frames = frames if frames is not None else recipe.data.frames_per_gpu
-    if frames == "auto":
-        raise ValueError("data.frames_per_gpu is 'auto': give --frames, or use resolve_frames_per_gpu")
-    return plan(shape.model_cfg, recipe.parallel, shape.world_size, frames, shape.image_hw, device_kind,
-                frames_range=clip_range(shape.frames_range, frames), freeze=shape.freeze)
-
-
 def clip_range(frames_range: tuple[int, int], frames: int) -> tuple[int, int]:
     """The scene sizes a budget of `frames` can draw: no scene is larger than the budget."""
     lo, hi = frames_range
