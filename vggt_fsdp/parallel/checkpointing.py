@@ -2,8 +2,9 @@
 
 Policies (per block group, `parallel.checkpoint`):
 - none:      keep every activation.
-- attention: wrap only the attention sub-module of each block. Attention's saved inputs (q, k, v after
-             norm and RoPE) are the large ones; the MLP's are kept, so recompute is cheap.
+- attention: wrap only the attention sub-module of each block: its saved tensors (qkv, q and k after
+             qk-norm and RoPE, the SDPA output: about a third of a block's, by memory/formulas.py) are
+             recomputed, one attention forward per block; the rest, the MLP's wide ones among them, is kept.
 - block:     wrap whole blocks: a block keeps only its input.
 - every_n:   wrap whole blocks, the 1st, (n+1)-th, ... of each group: a dial between none and block.
 Heads with a `checkpoint_chunks` attribute (VGGT's DPT heads) recompute per chunk of frames when
