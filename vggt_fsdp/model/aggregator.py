@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .config import AggregatorConfig, PatchEmbedConfig
-from .layers import Block, RotaryPositionEmbedding2D, patch_positions
+from .layers import Block, RopeTables, RotaryPositionEmbedding2D, patch_positions
 from .patch_embed import DinoVisionTransformer, PatchEmbed
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -140,7 +140,7 @@ class Aggregator(nn.Module):
             layer += self.aa_block_size
         return outputs, self.patch_start_idx
 
-    def _run(self, blocks: nn.ModuleList, start: int, tokens: torch.Tensor, pos):
+    def _run(self, blocks: nn.ModuleList, start: int, tokens: torch.Tensor, pos: RopeTables | None):
         """Run aa_block_size consecutive blocks; return the last output and all outputs."""
         outs = []
         for idx in range(start, start + self.aa_block_size):

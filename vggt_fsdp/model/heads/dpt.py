@@ -9,10 +9,12 @@ itself after "Vision Transformers for Dense Prediction" and Depth-Anything-V2):
       -> `scratch.output_conv1` -> bilinear resize to the image (/ down_ratio) (+ UV embedding)
       -> feature maps, or `scratch.output_conv2` + activations -> (values, confidence).
 
-Frames are processed in chunks of `frames_chunk_size`, as upstream. With `checkpoint_chunks` (set by
-the checkpointing policy) each chunk runs under non-reentrant activation checkpointing: the head then
-keeps only the chunk outputs during the forward pass and recomputes a chunk's activations in backward,
-which matters because a DPT head's activations dominate VGGT's training memory.
+Images are processed in chunks of `frames_chunk_size`, taken over the frames of all scenes together
+(upstream chunks each scene's frames with the whole batch inside; see `DPTHead.forward`). With
+`checkpoint_chunks` (set by the checkpointing policy) each chunk runs under non-reentrant activation
+checkpointing: the head then keeps only the chunk outputs during the forward pass and recomputes a
+chunk's activations in backward, which matters because a DPT head's activations dominate VGGT's
+training memory.
 """
 from __future__ import annotations
 
