@@ -15,7 +15,6 @@ import fnmatch
 import json
 import os
 import random
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,16 +26,11 @@ from torch import nn
 
 from vggt_fsdp.parallel import prepare_optimizer
 from vggt_fsdp.train.faults import StepShape
-from vggt_fsdp.train.loop import Trainer
+from vggt_fsdp.train.loop import Trainer, log
 from vggt_fsdp.train.optim import build_optimizer, build_scheduler, clip_groups
 
 
 PREEMPTED_MARKER = "preempted.json"  # in output_dir after a run stopped by SIGTERM saved its checkpoint
-
-
-def log(text: str) -> None:
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(f"[vggt-fsdp] {text}", file=sys.stderr, flush=True)
 
 
 def seed_everything(seed: int) -> None:

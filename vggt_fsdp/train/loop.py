@@ -25,6 +25,12 @@ from vggt_fsdp.train.metrics import MetricsAccumulator, MetricsWriter, ProgressL
 from vggt_fsdp.train.optim import ClipGroup, clip_grad_norms, total_norm
 
 
+def log(text: str) -> None:
+    """A line on stderr from rank 0 only."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"[vggt-fsdp] {text}", file=sys.stderr, flush=True)
+
+
 class Task(Protocol):
     """What the trainer needs to know about the data and the loss."""
 
@@ -91,19 +97,15 @@ class Trainer:
         self.resumed_from: Path | None = None
 
     # ------------------------------------------------------------------------------------ public
-    def log(self, text: str) -> None:
-        if self.rank == 0:
-            print(f"[vggt-fsdp] {text}", file=sys.stderr, flush=True)
-
     def resume(self) -> Path | None:
         path = ckpt.agreed_resume(self.cfg.resume, self.ckpt_root)
         if path is None:
             return None
         notice = ckpt.load_checkpoint(path, self.model, self.optimizer_inner, self.state, self.device)
         self.resumed_from = path
-        self.log(f"resumed from {path} at step {self.state.step}")
+        log(f"resumed from {path} at step {self.state.step}")
         if notice:
-            self.log(notice)
+            log(notice)
         return path
 
     @property
@@ -118,8 +120,8 @@ class Trainer:
         stop = stop or StopSignal()
         outcome = RunOutcome(step=self.state.step)
         if self.state.step >= cfg.max_steps:
-            self.log(f"already at step {self.state.step} >= train.max_steps={cfg.max_steps}: nothing to train "
-                     "(raise train.max_steps, or train.resume=none / another train.output_dir to start over)")
+            log(f"already at step {self.state.step} >= train.max_steps={cfg.max_steps}: nothing to train "
+                "(raise train.max_steps, or train.resume=none / another train.output_dir to start over)")
             outcome.last_checkpoint = self.resumed_from
             return outcome
         if self.rank == 0:
@@ -139,7 +141,7 @@ class Trainer:
                 if stop.should_stop():
                     outcome.last_checkpoint = self.save()
                     outcome.preempted = True
-                    self.log(f"stopped by signal at step {step}; checkpoint {outcome.last_checkpoint}")
+                    log(f"stopped by signal at step {step}; checkpoint {outcome.last_checkpoint}")
                     break
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
                     with self.acc.excluded():
@@ -156,7 +158,7 @@ class Trainer:
     def save(self) -> Path:
         path = ckpt.save_checkpoint(self.ckpt_root, self.model, self.optimizer_inner, self.state,
                                     self.device, self.cfg.keep_last)
-        self.log(f"checkpoint {path}")
+        log(f"checkpoint {path}")
         return path
 
     # ------------------------------------------------------------------------------------ one step
@@ -253,5 +255,5 @@ class Trainer:
             self.model.train()
         if self.rank == 0 and results:
             self.writer.write({"step": step, "val": results})
-            self.log("validation at step {}: {}".format(
+            log("validation at step {}: {}".format(
                 step, ", ".join(f"{k} {v:.4f}" for k, v in results.items())))
