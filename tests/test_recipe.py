@@ -128,6 +128,8 @@ INVALID = [
     ("unknown model override", ["model.overrides={aggregator.dept: 3}"], ["model.overrides.aggregator.dept", "depth"]),
     ("no head", ["model.heads={camera: false, depth: false, point: false, track: false}"], ["model.heads"]),
     ("bad override syntax", ["train.max_steps"], ["dotted.key=value"]),
+    ("loss of a disabled head", ["model.heads.point=false"],
+     ["loss.point.enabled is true", "model.heads.point is false", "loss.point.enabled=false"]),
 ]
 
 

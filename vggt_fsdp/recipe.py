@@ -110,6 +110,11 @@ class Recipe:
         from vggt_fsdp.parallel.accelerate import check_accelerate_section
 
         check_accelerate_section(self.accelerate, self.parallel)
+        for head in ("camera", "depth", "point", "track"):
+            # Caught here, not at the first step after minutes of model building and sharding.
+            if getattr(self.loss, head).enabled and not getattr(self.model.heads, head):
+                raise ValueError(f"loss.{head}.enabled is true but model.heads.{head} is false: "
+                                 f"enable the head or set loss.{head}.enabled=false")
 
 
 # --------------------------------------------------------------------------------------- public API
