@@ -370,6 +370,15 @@ def test_progress_line_and_tensorboard_error(tmp_path):
             MetricsWriter(tmp_path, tensorboard=True, static={})
 
 
+def test_tensorboard_tags_include_nested_metrics():
+    from vggt_fsdp.train.metrics import _scalars
+
+    record = {"step": 3, "loss": 0.5, "loss_terms": {"loss_camera": 0.1}, "grad_norm_groups": {"depth": 2.0},
+              "val": {"camera_auc30": 0.7}, "device": "cpu", "peak_allocated_gib": None, "flag": True}
+    assert dict(_scalars(record)) == {"step": 3, "loss": 0.5, "loss_terms/loss_camera": 0.1,
+                                      "grad_norm_groups/depth": 2.0, "val/camera_auc30": 0.7}
+
+
 def test_freeze_by_name_patterns():
     from vggt_fsdp.model import build_model, get_preset
     from vggt_fsdp.train.build import freeze
