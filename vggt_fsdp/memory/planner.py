@@ -614,20 +614,23 @@ def _phases(terms: list[Term], units: list[UnitInfo], shard: int) -> dict[str, i
 
 # ======================================================================================== fitting
 def max_frames_that_fit(model_cfg, parallel_cfg, world_size, image_hw, device_memory_bytes, device_kind="cuda",
-                        *, frames_range=None, freeze=(), limit: int = 512) -> int:
+                        *, frames_range=None, freeze=(), gpus_per_node: int = 8, limit: int = 1 << 14) -> int:
     """The largest frames per GPU whose plan fits `device_memory_bytes` (0 if not even one frame).
-    Memory grows with frames, so a bisection over [1, limit] is exact."""
+    Memory grows with frames, so doubling then bisection is exact; the search stops at `limit`."""
     def fits(frames: int) -> bool:
         rng = clip_range(frames_range, frames) if frames_range else None
-        return plan(model_cfg, parallel_cfg, world_size, frames, image_hw, device_kind,
-                    frames_range=rng, freeze=freeze).fits(device_memory_bytes)
+        return plan(model_cfg, parallel_cfg, world_size, frames, image_hw, device_kind, frames_range=rng,
+                    freeze=freeze, gpus_per_node=gpus_per_node).fits(device_memory_bytes)
 
     if not fits(1):
         return 0
-    lo, hi = 1, limit
-    if fits(hi):
-        return hi
-    while hi - lo > 1:
+    lo, hi = 1, 2
+    while hi < limit and fits(hi):
+        lo, hi = hi, hi * 2
+    hi = min(hi, limit)
+    if hi == limit and fits(limit):
+        return limit
+    while hi - lo > 1:  # invariant: fits(lo), not fits(hi)
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo
@@ -708,18 +711,19 @@ def clip_range(frames_range: tuple[int, int], frames: int) -> tuple[int, int]:
 
 
 def resolve_frames_per_gpu(recipe, device_memory_bytes: int, device_kind: str = "cuda", *,
-                           gpus: int | None = None, image_hw: tuple[int, int] | None = None) -> int:
+                           gpus: int | None = None, image_hw: tuple[int, int] | None = None,
+                           gpus_per_node: int = 8) -> int:
     """`data.frames_per_gpu: auto`: the largest budget that fits this device under the recipe's policy,
     at least the largest scene (data.frames_range[1]); raises when not even that fits. `gpus` and
-    `image_hw` as in `recipe_shape`."""
+    `image_hw` as in `recipe_shape`. The one place this decision is made (plan command and trainer)."""
     shape = recipe_shape(recipe, gpus, image_hw)
     best = max_frames_that_fit(shape.model_cfg, recipe.parallel, shape.world_size, shape.image_hw,
                                device_memory_bytes, device_kind, frames_range=shape.frames_range,
-                               freeze=shape.freeze)
+                               freeze=shape.freeze, gpus_per_node=gpus_per_node)
     need = shape.frames_range[1]
     if best < need:
         raise ValueError(
-            f"data.frames_per_gpu: auto found {best} frames per GPU fit {device_memory_bytes / GiB:.1f} GiB, "
-            f"fewer than the largest scene (data.frames_range[1]={need}); lower data.frames_range, the image "
+            f"data.frames_per_gpu: auto found {best} frames per GPU fit {device_memory_bytes / GiB:.1f} GiB: "
+            f"not even the largest scene (data.frames_range[1]={need}); lower data.frames_range, the image "
             f"size, or choose a stronger parallel.checkpoint policy (`vggt-fsdp plan` lists one)")
     return best

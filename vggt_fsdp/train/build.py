@@ -131,32 +131,11 @@ class VGGTTask:
 
 
 def fit_frames_per_gpu(recipe, world: int, device_bytes: int, gpus_per_node: int) -> int:
-    """The largest frames per GPU whose predicted peak (memory planner, worst scene split of
-    data.frames_range at the tallest aspect) fits `device_bytes`; the peak grows with the frames, so
-    doubling then bisection finds it in a few dozen plans."""
-    from vggt_fsdp.data.sampler import image_hw_for
-    from vggt_fsdp.memory.planner import plan
-    from vggt_fsdp.recipe import model_config
+    """The largest frames per GPU the memory planner fits in `device_bytes` (worst scene split of
+    data.frames_range at the tallest aspect); raises when not even the largest scene fits."""
+    from vggt_fsdp.memory.planner import resolve_frames_per_gpu
 
-    data = recipe.data
-    model_cfg = model_config(recipe.model)
-    hw = image_hw_for(max(data.aspect_range), data.image_width, data.patch_size)
-
-    def fits(frames: int) -> bool:
-        return plan(model_cfg, recipe.parallel, world, frames, hw, "cuda", frames_range=tuple(data.frames_range),
-                    freeze=tuple(recipe.model.freeze), gpus_per_node=gpus_per_node).fits(device_bytes)
-
-    low = data.frames_range[1]  # the sampler needs room for its largest scene
-    if not fits(low):
-        raise ValueError(f"data.frames_per_gpu=auto: not even {low} frames (data.frames_range[1]) fit "
-                         f"{device_bytes / 2**30:.1f} GiB per GPU; `vggt-fsdp plan RECIPE` shows the terms")
-    high = low * 2
-    while fits(high) and high < 1 << 14:
-        low, high = high, high * 2
-    while high - low > 1:  # invariant: fits(low), not fits(high)
-        mid = (low + high) // 2
-        low, high = (mid, high) if fits(mid) else (low, mid)
-    return low
+    return resolve_frames_per_gpu(recipe, device_bytes, "cuda", gpus=world, gpus_per_node=gpus_per_node)
 
 
 def frames_per_gpu(recipe, device: torch.device, world: int) -> int:
