@@ -9,12 +9,9 @@ torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+FIXTURES = REPO / "tests" / "fixtures"  # recorded from the reference implementation (see its README.md)
 
 
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
-    path = SHARED / "fixtures"
-    if not path.is_dir():
-        pytest.fail(f"shared fixtures not found at {path}; the repository expects ../shared beside it")
-    return path
+    return FIXTURES

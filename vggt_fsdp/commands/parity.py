@@ -1,6 +1,6 @@
 """`vggt-fsdp parity FIXTURE_DIR`: compare this VGGT with the reference implementation's recording.
 
-The fixture (shared/fixtures/README.md) holds the architecture, the weights, the inputs, the eval
+The fixture (tests/fixtures/README.md) holds the architecture, the weights, the inputs, the eval
 outputs and the training-mode loss and gradients of the reference. This command rebuilds the model
 from the fixture's config, loads the weights strictly, and checks, in fp32 on the CPU:
   - every eval output within 1e-4 of the reference relative to that output's largest magnitude

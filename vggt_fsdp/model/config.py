@@ -196,7 +196,7 @@ class VGGTConfig:
 
     @classmethod
     def from_fixture(cls, path: str | Path) -> "VGGTConfig":
-        """Read a parity fixture's config.json (schema: shared/fixtures/README.md)."""
+        """Read a parity fixture's config.json (schema: tests/fixtures/README.md)."""
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
