@@ -24,6 +24,12 @@ The batch is fixed: `--frames` frames per GPU as `frames / frames-per-scene` sce
 `--frames-per-scene` frames (default: the largest whole-scene split with at most 24 frames a scene,
 upstream's largest scene: 48 frames are 2 scenes of 24),
 made once by the synthetic data source and reused, so the loader is not measured here.
+
+`--mix N` measures a realistic mix instead: the first N batches the recipe's own sampler draws at
+`--frames` frames per GPU and the image width of `--image` (scenes of S frames over data.frames_range,
+batch = floor(frames / S) scenes, aspect ratios over data.aspect_range, as in training; the draw is
+fixed by data.seed, so two configurations of one run see the same sequence). The timed steps are the N
+batches once each, after `--warmup` untimed ones; frames/s and MFU are totals over the sequence.
 """
 from __future__ import annotations
 
@@ -73,17 +79,20 @@ class BenchSpec:
     name: str = ""
     flops_cache: str | None = None  # JSON file of FLOP counts shared by the runs of one comparison
     profile: str | None = None  # CUDA only: profile one extra step, kernel time by kind, to this JSON file
+    mix: int = 0  # 0: one fixed batch at the spec's shape; N: the recipe sampler's first N batches
 
     def __post_init__(self) -> None:
         if self.frames_per_scene is None and self.frames_per_gpu >= 1:
             # Whole scenes, as large as upstream draws them: 48 -> 2 x 24, 64 -> 4 x 16.
             self.frames_per_scene = max(d for d in range(1, MAX_FRAMES_PER_SCENE + 1) if self.frames_per_gpu % d == 0)
+        if self.mix < 0:
+            raise ValueError(f"mix must be >= 0 (0: one fixed batch), got {self.mix}")
         for key in ("frames_per_gpu", "frames_per_scene", "height", "width", "world_size", "steps"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
-        if self.frames_per_gpu % self.frames_per_scene:
+        if not self.mix and self.frames_per_gpu % self.frames_per_scene:
             raise ValueError(
                 f"frames_per_gpu={self.frames_per_gpu} is not a multiple of frames_per_scene="
                 f"{self.frames_per_scene}; the batch is frames_per_gpu / frames_per_scene whole scenes"
@@ -159,19 +168,22 @@ def cap_device_memory(device: torch.device, gib: float) -> dict:
 # --------------------------------------------------------------------------------------- the run
 @dataclass
 class Workload:
-    """What the timed steps run: a sharded model, its optimizer and one fixed batch."""
+    """What the timed steps run: a sharded model, its optimizer and its batches (one fixed batch, or
+    the sampler's sequence with --mix), taken in turn."""
 
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    update: Callable[[], None]  # forward, loss, backward, clipping, optimizer step (gradients kept)
-    forward: Callable[[], object]  # the step's forward alone
-    tokens_per_frame: int
+    update: Callable[[int], None]  # batch i: forward, loss, backward, clipping, optimizer step (gradients kept)
+    forward: Callable[[], object]  # the first batch's forward alone
+    shapes: list  # StepShape of each batch (vggt_fsdp.train.faults): scenes, frames, image size, tokens
     params_total: int
     params_trainable: int
+    taken: int = 0  # steps taken so far: the next step uses batch taken % len(shapes)
 
     def step(self) -> None:
         """One training step, as the trainer takes it: the update, then gradients freed."""
-        self.update()
+        self.update(self.taken % len(self.shapes))
+        self.taken += 1
         self.optimizer.zero_grad(set_to_none=True)
 
 
@@ -241,6 +253,25 @@ def _count_flops(spec: BenchSpec, recipe, device: torch.device) -> dict:
     return {"forward": flops.forward, "backward": flops.backward, "total": flops.total}
 
 
+def batches_for(spec: BenchSpec, recipe) -> list[dict[str, torch.Tensor]]:
+    """The host batches the timed steps take: `fixed_batch`, or with --mix the sampler's sequence."""
+    return sampled_batches(spec, recipe) if spec.mix else [fixed_batch(spec, recipe)]
+
+
+def sampled_batches(spec: BenchSpec, recipe) -> list[dict[str, torch.Tensor]]:
+    """The first `spec.mix` batches of the recipe's sampler at `spec.frames_per_gpu` frames per GPU and
+    `spec.width` pixels wide: scene lengths, batch sizes and aspect ratios vary as in training, the
+    contents come from the synthetic source (no dataset on the benchmark machine), without augmentation."""
+    import itertools
+
+    from vggt_fsdp.data import build_dataloader
+
+    cfg = dataclasses.replace(recipe.data, source="synthetic", root=None, image_width=spec.width, num_workers=0,
+                              augment=dataclasses.replace(recipe.data.augment, enabled=False))
+    loader = build_dataloader(cfg, frames_per_gpu=spec.frames_per_gpu, num_workers=0)
+    return list(itertools.islice(iter(loader), spec.mix))
+
+
 def fixed_batch(spec: BenchSpec, recipe) -> dict[str, torch.Tensor]:
     """One batch of the recipe's data source at exactly the spec's shape, on the host.
 
@@ -267,7 +298,8 @@ def fixed_batch(spec: BenchSpec, recipe) -> dict[str, torch.Tensor]:
     return batch
 
 
-def build_workload(spec: BenchSpec, recipe, device: torch.device) -> Workload:
+def build_workload(spec: BenchSpec, recipe, device: torch.device,
+                   host_batches: list[dict[str, torch.Tensor]] | None = None) -> Workload:
     """The trainer's pieces in the trainer's order, for one fixed batch: meta build, freeze, shard,
     materialise, AdamW, the trainer's forward and loss (`VGGTTask`), per-group clipping.
 
@@ -291,17 +323,17 @@ def build_workload(spec: BenchSpec, recipe, device: torch.device) -> Workload:
     groups = clip_groups(model, recipe.optim.clip_groups)
     task = VGGTTask(None, recipe.loss, cfg.aggregator.patch_size, 1 + cfg.aggregator.num_register_tokens,
                     tracks=bool(recipe.model.heads.track), autocast=lambda: autocast_context(recipe, device))
-    batch = move_batch(fixed_batch(spec, recipe), device)
+    host_batches = batches_for(spec, recipe) if host_batches is None else host_batches
+    batches = [move_batch(batch, device) for batch in host_batches]
 
-    def update() -> None:
-        loss, _ = task.loss(model, batch)
+    def update(index: int) -> None:
+        loss, _ = task.loss(model, batches[index])
         loss.backward()
         clip_grad_norms(groups, torch.nn.utils.clip_grad_norm_)
         optimizer.step()
 
-    tokens_per_frame = task.shape(batch).tokens // spec.frames_per_gpu
-    return Workload(model, optimizer, update, lambda: task.predict(model, batch), tokens_per_frame,
-                    params_total, params_trainable)
+    return Workload(model, optimizer, update, lambda: task.predict(model, batches[0]),
+                    [task.shape(batch) for batch in batches], params_total, params_trainable)
 
 
 def volumes_only(spec: BenchSpec) -> dict:
@@ -385,8 +417,10 @@ def _measure(spec: BenchSpec, device: torch.device, result: dict) -> None:
     result["phase"] = "setup"
     recipe = _recipe(spec)
     result["parallel"] = _parallel_summary(recipe, spec)
+    result["phase"] = "batches"
+    host_batches = batches_for(spec, recipe)
     result["phase"] = "flop count"
-    result["flops"] = _flops_or_none(spec, recipe, device)
+    result["flops"] = _batch_flops(spec, recipe, device, host_batches)
     if spec.gpu_memory_gib is not None:
         result["memory_cap"] = cap_device_memory(device, spec.gpu_memory_gib)
     # Hybrid sharding shards over the GPUs of a node, which a launcher announces; the fake group's
@@ -394,7 +428,7 @@ def _measure(spec: BenchSpec, device: torch.device, result: dict) -> None:
     os.environ.setdefault("LOCAL_WORLD_SIZE", str(min(spec.world_size, GPUS_PER_NODE)))
     with fake_process_group(spec.world_size, device):
         result["phase"] = "build"
-        workload = build_workload(spec, recipe, device)
+        workload = build_workload(spec, recipe, device, host_batches)
         result["model"] = {"preset": recipe.model.preset, "params": workload.params_total,
                            "trainable_params": workload.params_trainable}
         result.update(_comm_units(workload.model))
@@ -416,8 +450,22 @@ def _measure(spec: BenchSpec, device: torch.device, result: dict) -> None:
         if device.type == "cpu":
             result["phase"] = "CPU memory counts"
             result["memory"].update(_cpu_memory(workload, device))
-    result.update(_throughput(spec, result, times, workload.tokens_per_frame, device))
+    result.update(_throughput(spec, result, times, workload, device))
     result["phase"] = "done"
+
+
+def _batch_flops(spec: BenchSpec, recipe, device: torch.device, host_batches: list[dict]) -> dict:
+    """Model FLOPs of the first batch (`forward`, `backward`, `total`) and, with --mix, of every batch of
+    the sequence (`per_batch`), each shape counted once."""
+    if not spec.mix:
+        return _flops_or_none(spec, recipe, device)
+    per_batch = []
+    for batch in host_batches:
+        b, s, _, h, w = batch["images"].shape
+        shape_spec = dataclasses.replace(spec, frames_per_gpu=b * s, frames_per_scene=s, height=h, width=w, mix=0)
+        per_batch.append(_flops_or_none(shape_spec, recipe, device))
+    totals = [f["total"] for f in per_batch]
+    return {**per_batch[0], "per_batch": totals, "sequence_total": None if None in totals else sum(totals)}
 
 
 def _flops_or_none(spec: BenchSpec, recipe, device: torch.device) -> dict:
@@ -445,7 +493,7 @@ def _cpu_memory(workload: Workload, device: torch.device) -> dict:
     (FSDPMemTracker over one more step) and the activations one forward keeps for backward."""
     from vggt_fsdp.memory.accounting import count_saved_bytes, measure_model_state
 
-    states = measure_model_state(workload.model, workload.optimizer, workload.update, device)
+    states = measure_model_state(workload.model, workload.optimizer, lambda: workload.update(0), device)
     workload.optimizer.zero_grad(set_to_none=True)
     saved, _ = count_saved_bytes(workload.forward)  # last: a forward without its backward
     return {"model_state_bytes": states.sharded_params + states.sharded_grads + states.optimizer_state,
@@ -480,25 +528,50 @@ def _memory(device: torch.device) -> dict:
     return memory
 
 
-def _throughput(spec: BenchSpec, result: dict, times: list[float], tokens_per_frame: int,
+def _throughput(spec: BenchSpec, result: dict, times: list[float], workload: Workload,
                 device: torch.device) -> dict:
     timing = summarise_times(times)
-    median = timing["median"]
     peak = spec.peak_tflops if spec.peak_tflops is not None else (
         peak_tflops(result["device"]["name"]) if device.type == "cuda" else None)
+    if spec.mix:
+        return {"timing": timing, **_mix_throughput(spec, result, times, workload, peak)}
+    median = timing["median"]
+    first = workload.shapes[0]
     flops = result["flops"]["total"]
     achieved = None if flops is None else flops / median / 1e12
     return {
         "timing": timing,
         "shape": {"frames_per_gpu": spec.frames_per_gpu, "scenes": spec.scenes,
                   "frames_per_scene": spec.frames_per_scene, "height": spec.height, "width": spec.width,
-                  "tokens_per_frame": tokens_per_frame},
+                  "tokens_per_frame": first.tokens // first.frames},
         "throughput": {
             "frames_per_s": spec.frames_per_gpu / median,
-            "tokens_per_s": spec.frames_per_gpu * tokens_per_frame / median,
+            "tokens_per_s": first.tokens / median,
             "achieved_tflops": achieved,
             "peak_tflops": peak,
             "mfu": None if flops is None else mfu(flops, median, peak),
+        },
+    }
+
+
+def _mix_throughput(spec: BenchSpec, result: dict, times: list[float], workload: Workload,
+                    peak: float | None) -> dict:
+    """Totals over the timed sequence (the timed steps took batches warmup, warmup + 1, ... in turn)."""
+    n = len(workload.shapes)
+    order = [(spec.warmup + i) % n for i in range(len(times))]
+    elapsed = sum(times)
+    frames = sum(workload.shapes[i].frames for i in order)
+    tokens = sum(workload.shapes[i].tokens for i in order)
+    per_batch = result["flops"].get("per_batch")
+    flops = None if per_batch is None or None in per_batch else sum(per_batch[i] for i in order)
+    return {
+        "shape": {"frames_per_gpu": spec.frames_per_gpu, "mix": [asdict(workload.shapes[i]) for i in order]},
+        "throughput": {
+            "frames_per_s": frames / elapsed,
+            "tokens_per_s": tokens / elapsed,
+            "achieved_tflops": None if flops is None else flops / elapsed / 1e12,
+            "peak_tflops": peak,
+            "mfu": None if flops is None else mfu(flops, elapsed, peak),
         },
     }
 
@@ -541,6 +614,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                         help="reuse/record FLOP counts in this file (same model and shape: counted once)")
     parser.add_argument("--profile", default=None, metavar="JSON",
                         help="CUDA: profile one more step and write its device time by kernel kind here")
+    parser.add_argument("--mix", type=int, default=0, metavar="N",
+                        help="time the recipe sampler's first N batches (scene lengths and aspect ratios as "
+                             "in training) instead of one fixed batch; --steps is then N")
     parser.add_argument("--volumes-only", action="store_true",
                         help="only the FSDP units' communication volumes at --world-size (meta device, no steps)")
     return parser
@@ -550,8 +626,8 @@ def spec_from_args(args: argparse.Namespace) -> BenchSpec:
     return BenchSpec(recipe=args.recipe, overrides=list(args.overrides), frames_per_gpu=args.frames,
                      frames_per_scene=args.frames_per_scene, height=args.image[0], width=args.image[1],
                      world_size=args.world_size, gpu_memory_gib=args.gpu_memory, warmup=args.warmup,
-                     steps=args.steps, device=args.device, peak_tflops=args.peak_tflops, name=args.name,
-                     flops_cache=args.flops_cache, profile=args.profile)
+                     steps=args.mix or args.steps, device=args.device, peak_tflops=args.peak_tflops, name=args.name,
+                     flops_cache=args.flops_cache, profile=args.profile, mix=args.mix)
 
 
 def main(argv: list[str] | None = None) -> int:

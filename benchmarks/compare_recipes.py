@@ -11,9 +11,16 @@ measured.
 
 Configurations, in the order they run (the most important first, so a tight budget drops the sweep):
 0. (CPU profile) the communication volumes of the 80GB recipe's VGGT-1B at world size 8 (meta device);
-1. the 40GB recipe at its target shape, capped at 40 GiB of device memory;
-2. the 80GB recipe at its target shape, capped at 80 GiB;
-3. the upstream-style baseline at the same two shapes and caps (and, after the sweep, at a smaller
+1. the block policy the recipes had before issue 10 (every DINO, frame and global block checkpointed
+   whole, eager, autocast), on the 40GB recipe at its target shape: the reference the new recipes'
+   speed-ups are measured against, in the same run;
+2. the 40GB recipe at its target shape, capped at 40 GiB of device memory;
+3. the 80GB recipe at its target shape, capped at 80 GiB;
+   (1-3 at the worst case, scenes of 24 frames; then 1-3 again on a realistic mix with `--mix`: the first
+   N batches the recipe's sampler draws, scene lengths and aspect ratios varying as in training;)
+4. the 40GB recipe with compiled blocks, when the recipe does not compile already (a check that
+   `parallel.compile` holds, and its speed-up);
+5. the upstream-style baseline at the same two shapes and caps (and, after the sweep, at a smaller
    frame count under the 80 GiB cap, where it does fit): no sharding (world size 1, every GPU holds the full fp32
    parameters, gradients and AdamW state, as DDP does), every transformer block checkpointed, all 24
    aggregator layer outputs kept, the DPT heads' chunks not checkpointed;
@@ -32,7 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,6 +48,14 @@ RECIPE_80G = "recipes/a100_80g.yaml"
 
 # Upstream's training choices, as overrides of a recipe (the model and data stay the recipe's): the DINO,
 # frame and global blocks checkpointed whole (its 72 checkpointed blocks), the camera trunk not.
+# The checkpointing both A100 recipes used before issue 10, as overrides: every DINO, frame and global
+# block recomputed whole, the camera trunk kept, DPT heads per chunk, eager blocks.
+BLOCK_POLICY_BEFORE = [
+    "parallel.checkpoint.policy=block",
+    "parallel.checkpoint.groups={camera_trunk: {policy: none}}",
+    "parallel.checkpoint.heads=chunks",
+    "parallel.compile=false",
+]
 UPSTREAM_BASELINE = [
     "parallel.checkpoint.policy=block",
     "parallel.checkpoint.groups={camera_trunk: {policy: none}}",
@@ -58,13 +73,14 @@ MAX_ERRORS_IN_ROW = 2
 @dataclass
 class Config:
     name: str
-    role: str  # volumes | recipe_40g | recipe_80g | baseline | sweep
+    role: str  # volumes | block_40g | recipe_40g | recipe_80g | compiled_40g | baseline | sweep
     recipe: str
     frames: int
     world_size: int
     overrides: list[str] = field(default_factory=list)
     gpu_memory_gib: float | None = None
     policy: str | None = None  # the swept checkpoint policy (sweep rows)
+    mix: int = 0  # 0: scenes of the worst-case shape; N: the recipe sampler's first N batches
 
 
 @dataclass
@@ -88,17 +104,20 @@ class Profile:
     # The VGGT-1B units job: for the communication model where no recipe is measured with VGGT-1B (the
     # CPU profile); a GPU comparison reads the units of its measured recipes instead.
     volumes_job: bool = False
+    mix_batches: int = 0  # > 0: also measure 1-3 on the sampler's first N batches
+    compile_probe: bool = False  # also measure the 40GB recipe with parallel.compile=true
 
 
 PROFILES = {
     # The targets of issue 7: VGGT-1B, 518 px, world size 8, 24 frames on 40 GB, 48 on 80 GB.
     "gpu": Profile("gpu", image=(518, 518), world_size=8, frames_40g=24, frames_80g=48, cap_40g=40.0, cap_80g=80.0,
                    baseline_probe_frames=[8], sweep_frames=[16, 64], sweep_policies=["attention", "block"],
-                   overrides=[], warmup=1, steps=3, timeout_s=120),
+                   overrides=[], warmup=1, steps=3, timeout_s=120, mix_batches=6, compile_probe=True),
     # The same scripts on the CPU with the tiny model: checks the machinery, measures nothing of a GPU.
     "cpu": Profile("cpu", image=(112, 112), world_size=8, frames_40g=2, frames_80g=4, cap_40g=None, cap_80g=None,
                    baseline_probe_frames=[1], sweep_frames=[2, 8], sweep_policies=["attention", "block"],
-                   overrides=["model.preset=vggt-tiny"], warmup=1, steps=2, timeout_s=240, volumes_job=True),
+                   overrides=["model.preset=vggt-tiny"], warmup=1, steps=2, timeout_s=240, volumes_job=True,
+                   mix_batches=2),
 }
 
 
@@ -109,14 +128,25 @@ def plan(profile: Profile, include_baseline: bool = True, include_sweep: bool = 
         # The 80GB recipe's own model (VGGT-1B whatever the profile) sharded on the meta device at the
         # target world size: the communication volumes of the scaling model (seconds, no memory).
         configs.append(Config("80GB recipe (VGGT-1B units)", "volumes", RECIPE_80G, 1, VOLUMES_WORLD_SIZE))
-    configs += [
+    recipes = [
+        Config("block policy (before)", "block_40g", RECIPE_40G, profile.frames_40g, profile.world_size,
+               [*common, *BLOCK_POLICY_BEFORE], profile.cap_40g),
         Config("40GB recipe", "recipe_40g", RECIPE_40G, profile.frames_40g, profile.world_size,
                list(common), profile.cap_40g),
         Config("80GB recipe", "recipe_80g", RECIPE_80G, profile.frames_80g, profile.world_size,
                list(common), profile.cap_80g),
     ]
+    configs += recipes
+    if profile.mix_batches:
+        configs += [replace(c, name=f"{c.name}, mix", mix=profile.mix_batches) for c in recipes]
+    if profile.compile_probe and not _compiles(RECIPE_40G):
+        configs.append(Config("40GB recipe, compiled", "compiled_40g", RECIPE_40G, profile.frames_40g,
+                              profile.world_size, [*common, "parallel.compile=true"], profile.cap_40g))
     baseline = [*common, *UPSTREAM_BASELINE]
-    if include_baseline:
+    if include_baseline:  # where upstream's choices fit first: its speed is owed; the OOM shapes are known
+        for frames in profile.baseline_probe_frames:
+            configs.append(Config(f"upstream-style baseline @{frames}", "baseline", RECIPE_80G, frames, 1,
+                                  baseline, profile.cap_80g))
         for frames, cap in ((profile.frames_40g, profile.cap_40g), (profile.frames_80g, profile.cap_80g)):
             configs.append(Config(f"upstream-style baseline @{frames}", "baseline", RECIPE_80G, frames, 1,
                                   baseline, cap))
@@ -126,11 +156,13 @@ def plan(profile: Profile, include_baseline: bool = True, include_sweep: bool = 
                 configs.append(Config(f"80GB recipe, {policy} @{frames}", "sweep", RECIPE_80G, frames,
                                       profile.world_size,
                                       [*common, f"parallel.checkpoint.policy={policy}"], None, policy))
-    if include_baseline:  # last: where upstream's choices do fit, under the 80 GiB cap
-        for frames in profile.baseline_probe_frames:
-            configs.append(Config(f"upstream-style baseline @{frames}", "baseline", RECIPE_80G, frames, 1,
-                                  baseline, profile.cap_80g))
     return configs
+
+
+def _compiles(recipe: str) -> bool:
+    from vggt_fsdp.recipe import load_recipe
+
+    return load_recipe(REPO / recipe).parallel.compile
 
 
 def bench_command(config: Config, profile: Profile) -> list[str]:
@@ -142,6 +174,8 @@ def bench_command(config: Config, profile: Profile) -> list[str]:
            "--steps", str(profile.steps), "--name", config.name]
     if config.gpu_memory_gib is not None:
         cmd += ["--gpu-memory", str(config.gpu_memory_gib)]
+    if config.mix:
+        cmd += ["--mix", str(config.mix)]
     if config.role == "volumes":
         cmd += ["--volumes-only", "--device", "cpu"]
     return cmd
@@ -210,6 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--no-sweep", action="store_true")
     parser.add_argument("--no-charts", action="store_true")
+    parser.add_argument("--roles", default=None,
+                        help="comma-separated roles to run (block_40g, recipe_40g, recipe_80g, compiled_40g, "
+                             "baseline, sweep, volumes); default all")
+    parser.add_argument("--no-mix", action="store_true", help="skip the realistic-mix configurations")
     parser.add_argument("--keep-going", action="store_true",
                         help=f"do not stop after {MAX_ERRORS_IN_ROW} configurations in a row fail with an error")
     return parser
@@ -234,6 +272,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     profile = _profile_from_args(args)
     configs = plan(profile, include_baseline=not args.no_baseline, include_sweep=not args.no_sweep)
+    if args.roles:
+        configs = [c for c in configs if c.role in args.roles.split(",")]
+    if args.no_mix:
+        configs = [c for c in configs if not c.mix]
     started = time.monotonic()
     doc = {
         "command": shlex.join(["python", "-m", "benchmarks.compare_recipes",

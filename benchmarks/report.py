@@ -98,8 +98,10 @@ def _fits_target(results: list[dict], name: str, role_name: str, frames: int, li
                    f"{frames_fit} frames/GPU at peak {gib(peak_bytes(best))} GiB")
 
 
-def _recipe_result(results: list[dict], role_name: str) -> dict | None:
-    return next((r for r in results if role(r) == role_name and is_target_shape(r)), None)
+def _recipe_result(results: list[dict], role_name: str, mix: bool = False) -> dict | None:
+    """The role's run at the target shape: its worst case (scenes of up to 24 frames) or its mix."""
+    return next((r for r in results if role(r) == role_name and is_target_shape(r)
+                 and bool(r.get("config", {}).get("mix")) == mix), None)
 
 
 def judge_targets(results: list[dict]) -> list[Verdict]:
@@ -130,6 +132,87 @@ def judge_targets(results: list[dict]) -> list[Verdict]:
                                 f"{r40['throughput']['frames_per_s']:.2f} / "
                                 f"{r80['throughput']['frames_per_s']:.2f} frames/s = {ratio:.2f}"))
     return verdicts
+
+
+# Issue 10's acceptance on a lent GPU, all ratios within one run.
+SPEEDUP_40G_OVER_BLOCK = 1.25
+SPEEDUP_80G_OVER_40G = 1.15
+MFU_80G = 0.30
+STEP_TIME_TOLERANCE = 0.15
+THROUGHPUT_ROLES = ("block_40g", "recipe_40g", "recipe_80g", "compiled_40g", "baseline")
+
+
+def _ratio_verdict(target: str, num_r: dict | None, den_r: dict | None, least: float) -> Verdict:
+    if num_r is None or den_r is None:
+        return Verdict(target, "not measured", "needs both configurations measured in this run at the target shape")
+    ratio = num_r["throughput"]["frames_per_s"] / den_r["throughput"]["frames_per_s"]
+    return Verdict(target, "met" if ratio >= least else "not met",
+                   f"{num_r['throughput']['frames_per_s']:.2f} / {den_r['throughput']['frames_per_s']:.2f} "
+                   f"frames/s = {ratio:.2f}x")
+
+
+def step_time_error(r: dict) -> float | None:
+    """(predicted - measured) / measured median step time, where the planner predicted one."""
+    predicted = (r.get("predicted") or {}).get("step_s")
+    if predicted is None or not ok(r) or r.get("config", {}).get("mix"):
+        return None
+    return (predicted - r["timing"]["median"]) / r["timing"]["median"]
+
+
+def judge_throughput(results: list[dict]) -> list[Verdict]:
+    """Issue 10's GPU targets, from this run's measurements only."""
+    block, r40, r80 = (_recipe_result(results, name) for name in ("block_40g", "recipe_40g", "recipe_80g"))
+    verdicts = [
+        _ratio_verdict(f"40GB recipe >= {SPEEDUP_40G_OVER_BLOCK}x the block policy's frames/s (worst case)",
+                       r40, block, SPEEDUP_40G_OVER_BLOCK),
+        _ratio_verdict(f"80GB recipe >= {SPEEDUP_80G_OVER_40G}x the 40GB recipe's frames/s per GPU (worst case)",
+                       r80, r40, SPEEDUP_80G_OVER_40G),
+    ]
+    target = f"80GB recipe: MFU >= {MFU_80G:.0%} with scenes of 24 frames"
+    if r80 is None or r80["throughput"]["mfu"] is None:
+        verdicts.append(Verdict(target, "not measured", "no GPU run of the 80GB recipe with an MFU"))
+    else:
+        value = r80["throughput"]["mfu"]
+        verdicts.append(Verdict(target, "met" if value >= MFU_80G else "not met",
+                                f"MFU {value:.1%} on {r80['device']['name']}"))
+    errors = {r["config"]["name"]: step_time_error(r) for r in results if role(r) in THROUGHPUT_ROLES}
+    errors = {name: e for name, e in errors.items() if e is not None}
+    target = f"planner's step time within {STEP_TIME_TOLERANCE:.0%} of measured, each configuration"
+    if not errors:
+        verdicts.append(Verdict(target, "not measured", "no configuration with both a prediction and a measurement"))
+    else:
+        worst = max(errors.items(), key=lambda item: abs(item[1]))
+        verdicts.append(Verdict(target, "met" if abs(worst[1]) <= STEP_TIME_TOLERANCE else "not met",
+                                f"{len(errors)} configurations, worst {worst[0]}: {worst[1]:+.1%}"))
+    return verdicts
+
+
+def throughput_table(results: list[dict], cpu: bool) -> list[str]:
+    """The issue-10 comparison: each configuration against the block policy measured in the same run on
+    the same batches (worst case against worst case, mix against mix)."""
+    rows = [r for r in results if role(r) in THROUGHPUT_ROLES and ok(r)]
+    if not rows:
+        return []
+    reference = {bool(r["config"].get("mix")): r for r in rows if role(r) == "block_40g"}
+    mem_name = "saved for backward (MiB, CPU)" if cpu else "peak allocated (GiB)"
+    header = ["configuration", "batches", "frames/s/GPU", "x block policy", "recompute / model FLOPs (planned)",
+              "MFU", mem_name, "step (s)", "planned step (s)", "error"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        mix = r["config"].get("mix")
+        ref = reference.get(bool(mix))
+        fps = r["throughput"]["frames_per_s"]
+        mem = (r.get("memory") or {}).get("saved_tensor_bytes") if cpu else peak_bytes(r)
+        predicted = r.get("predicted") or {}
+        error = step_time_error(r)
+        lines.append("| " + " | ".join([
+            r["config"]["name"],
+            f"sampler mix of {mix}" if mix else f"{r['shape']['scenes']} x {r['shape']['frames_per_scene']} frames",
+            f"{fps:.2f}", "-" if ref is None else f"{fps / ref['throughput']['frames_per_s']:.2f}",
+            num(predicted.get("recompute_fraction"), "{:.1%}"), num(r["throughput"].get("mfu"), "{:.1%}"),
+            mib(mem) if cpu else gib(mem), f"{r['timing']['median']:.3f}",
+            num(predicted.get("step_s"), "{:.3f}"), num(error, "{:+.1%}")]) + " |")
+    return lines
 
 
 def baseline_findings(results: list[dict]) -> list[str]:
@@ -374,6 +457,16 @@ def render(doc: dict, charts: list[str] | None, charts_note: str) -> str:
         lines += [""]
     else:
         lines += ["## Targets", "", "Not judged: the targets are for VGGT-1B on GPUs, and these are CPU runs.", ""]
+    throughput = throughput_table(results, cpu)
+    if throughput:
+        lines += ["## Throughput: the block policy before against the recipes now (issue 10)", "",
+                  "Measured in this run, on the same batches: the worst case (scenes of up to 24 frames) and a "
+                  "realistic mix (the recipe sampler's first batches: scene lengths and aspect ratios as in "
+                  "training). Recompute fraction and planned step time are the planner's (`vggt-fsdp plan`).",
+                  "", *throughput, ""]
+        if not cpu:
+            lines += ["| target | status | measured |", "|---|---|---|"]
+            lines += [f"| {v.target} | {v.status} | {v.evidence} |" for v in judge_throughput(results)] + [""]
     findings = baseline_findings(results)
     if findings:
         lines += ["## Upstream-style baseline at the same shapes", "", *findings, ""]

@@ -122,6 +122,26 @@ def tiny_result() -> dict:
     return bench_step.run_benchmark(spec)
 
 
+def test_mix_times_the_samplers_batches_in_turn_and_totals_them():
+    """--mix N: the recipe sampler's first N batches (scene lengths and aspect ratios vary), each timed
+    once; frames/s and FLOP/s are totals over the sequence, FLOPs counted per batch shape."""
+    spec = bench_step.BenchSpec(recipe=CPU_RECIPE, frames_per_gpu=4, height=56, width=56, world_size=2,
+                                warmup=1, steps=3, mix=3, device="cpu", name="mix",
+                                overrides=["data.frames_range=[2, 4]", "data.aspect_range=[0.5, 1.0]"])
+    result = bench_step.run_benchmark(spec)
+    assert result["status"] == "ok", result.get("traceback")
+    mix = result["shape"]["mix"]
+    assert len(mix) == 3 and len({(m["frames_per_scene"], m["height"]) for m in mix}) > 1  # shapes vary
+    assert all(m["scenes"] == 4 // m["frames_per_scene"] for m in mix)  # batch = floor(budget / S)
+    # The first timed step is the batch after the warm-up one: batches 1, 2, then 0 again.
+    order = [1, 2, 0]
+    flops = result["flops"]["per_batch"]
+    elapsed = sum(result["timing"]["all"])
+    assert result["throughput"]["frames_per_s"] == pytest.approx(sum(m["scenes"] * m["frames_per_scene"]
+                                                                      for m in mix) / elapsed)
+    assert result["throughput"]["achieved_tflops"] == pytest.approx(sum(flops[i] for i in order) / elapsed / 1e12)
+
+
 def test_bench_step_measures_a_sharded_tiny_step_on_cpu(tiny_result):
     result = tiny_result
     assert result["status"] == "ok", result.get("traceback")
@@ -218,7 +238,14 @@ def test_spec_rejects_partial_scenes_and_cpu_memory_cap():
 def test_plan_orders_recipes_first_and_baseline_uses_upstream_choices():
     configs = compare_recipes.plan(compare_recipes.PROFILES["gpu"])
     roles = [c.role for c in configs]
-    assert roles[:2] == ["recipe_40g", "recipe_80g"] and roles.index("sweep") > roles.index("baseline")
+    # The block policy before issue 10 first (the reference of the speed-ups), then the recipes, worst
+    # case, then the same three on the sampler's mix, before the baseline and the sweep.
+    assert roles[:6] == ["block_40g", "recipe_40g", "recipe_80g"] * 2
+    assert [c.mix for c in configs[:6]] == [0, 0, 0, 6, 6, 6]
+    assert roles.index("sweep") > roles.index("baseline")
+    block = configs[0]
+    assert set(compare_recipes.BLOCK_POLICY_BEFORE) <= set(block.overrides) and block.gpu_memory_gib == 40.0
+    assert "--mix" in compare_recipes.bench_command(configs[3], compare_recipes.PROFILES["gpu"])
     assert compare_recipes.plan(compare_recipes.PROFILES["cpu"])[0].role == "volumes"
     base = [c for c in configs if c.role == "baseline"]
     assert {(c.frames, c.gpu_memory_gib) for c in base} >= {(24, 40.0), (48, 80.0)}
@@ -259,6 +286,29 @@ def test_targets_are_judged_from_matching_measurements_only():
     assert report.judge_targets(wrong_world)[0].status == "not measured"
     slow = [_gpu_result("recipe_40g", 24, 30.0, 7.0), _gpu_result("recipe_80g", 48, 70.0, 10.0)]
     assert report.judge_targets(slow)[3].status == "not met"  # 0.7 < 0.8
+
+
+def _timed(result, step_s, predicted_s=None, mix=0, scenes=2, frames_per_scene=24):
+    result["config"]["mix"] = mix
+    result["timing"] = {"median": step_s}
+    result["shape"] = {"scenes": scenes, "frames_per_scene": frames_per_scene}
+    result["predicted"] = {"step_s": predicted_s, "recompute_fraction": 0.1}
+    return result
+
+
+def test_throughput_targets_compare_within_one_run():
+    results = [_timed(_gpu_result("block_40g", 24, 15.0, 8.0), 3.0, 3.3),
+               _timed(_gpu_result("recipe_40g", 24, 30.0, 10.4), 2.3, 2.2),
+               _timed(_gpu_result("recipe_80g", 48, 60.0, 12.0, mfu=0.31), 4.0, 4.5),
+               _timed(_gpu_result("recipe_40g", 24, 30.0, 99.0), 0.2, 5.0, mix=6)]  # a mix is not the worst case
+    statuses = [v.status for v in report.judge_throughput(results)]
+    # 10.4/8.0 = 1.30 >= 1.25; 12/10.4 = 1.15 >= 1.15; MFU 31%; worst step error +12.5% (80GB) <= 15%
+    assert statuses == ["met", "met", "met", "met"], report.judge_throughput(results)
+    results[2]["predicted"]["step_s"] = 4.8  # +20%
+    assert report.judge_throughput(results)[3].status == "not met"
+    table = "\n".join(report.throughput_table(results, cpu=False))
+    assert "| 1.30 |" in table and "sampler mix of 6" in table
+    assert [v.status for v in report.judge_throughput(results[1:])][0] == "not measured"  # no block policy run
 
 
 def test_report_labels_cpu_results_and_notes_missing_charts(tmp_path, monkeypatch, tiny_result):
