@@ -29,6 +29,7 @@ import yaml
 
 from vggt_fsdp.data.config import DataConfig
 from vggt_fsdp.losses import LossConfig
+from vggt_fsdp.parallel.accelerate import check_accelerate_section
 from vggt_fsdp.parallel.config import ParallelConfig
 from vggt_fsdp.train.config import OptimConfig, ScheduleConfig, TrainConfig
 
@@ -107,8 +108,6 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> None:
-        from vggt_fsdp.parallel.accelerate import check_accelerate_section
-
         check_accelerate_section(self.accelerate, self.parallel)
         for head in ("camera", "depth", "point", "track"):
             # Caught here, not at the first step after minutes of model building and sharding.
@@ -352,4 +351,3 @@ def _suggest(value: Any, candidates: Any) -> str:
     names = [str(c) for c in candidates]
     close = difflib.get_close_matches(str(value), names, n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
-

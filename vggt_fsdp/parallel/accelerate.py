@@ -19,28 +19,38 @@ the model in DDP), and a single process started without a launcher stays NO, on 
 runs on the CPU over gloo and on one rank, so after construction we make the assignment that branch makes
 (plus a 1-rank process group for a lone process). That is the only difference between the CPU and the
 GPU path.
+
+This module reads a recipe only through `LaunchSpec` (its `accelerate:` and `parallel:` sections) and
+imports nothing from `vggt_fsdp.recipe`: the recipe module calls `check_accelerate_section` while
+loading, so the dependency runs one way, recipe -> parallel.
 """
 from __future__ import annotations
 
 import copy
 import difflib
-from typing import TYPE_CHECKING, Any
+import sys
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
 
 from vggt_fsdp.parallel.config import ParallelConfig
+from vggt_fsdp.parallel.precision import accelerate_mixed_precision
 from vggt_fsdp.parallel.sharding import ParallelPlan, apply_parallelism, build_mesh, ensure_process_group, mesh_shape
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-    from vggt_fsdp.recipe import Recipe
-
-# Accelerate's mixed_precision for each parallel.precision.param_dtype.
-MIXED_PRECISION = {"bf16": "bf16", "fp32": "no"}
 # fsdp_config keys a recipe may set: everything else about FSDP is decided by `parallel:`.
 ALLOWED_FSDP_CONFIG = {"fsdp_version": 2}
+
+
+class LaunchSpec(Protocol):
+    """What the bridge reads of a recipe: `vggt_fsdp.recipe.Recipe` is one, and so is any object with
+    these two attributes (a user's own config)."""
+
+    accelerate: dict[str, Any]  # the Accelerate config, as `accelerate launch --config_file` reads it
+    parallel: ParallelConfig
 
 
 # --------------------------------------------------------------------------------------- the recipe section
@@ -57,11 +67,11 @@ def check_accelerate_section(section: dict[str, Any], parallel: ParallelConfig) 
                              "parallel:, not here; allowed keys: fsdp_version")
         if value != ALLOWED_FSDP_CONFIG[key]:
             raise ValueError(f"accelerate.fsdp_config.{key}={value!r}: must be {ALLOWED_FSDP_CONFIG[key]!r}")
-    expected = MIXED_PRECISION[parallel.precision.param_dtype]
+    expected = accelerate_mixed_precision(parallel.precision)
     if data.get("mixed_precision") != expected:
         raise ValueError(f"accelerate.mixed_precision={data.get('mixed_precision')!r} disagrees with "
-                         f"parallel.precision.param_dtype={parallel.precision.param_dtype!r}; set it to "
-                         f"{expected!r}")
+                         f"parallel.precision.param_dtype={parallel.precision.param_dtype!r} with "
+                         f"parallel.precision.autocast={parallel.precision.autocast}; set it to {expected!r}")
     _check_topology(data, parallel)
 
 
@@ -105,12 +115,23 @@ def _check_topology(data: dict[str, Any], parallel: ParallelConfig) -> None:
                              f"num_machines={machines})") from None
 
 
-def accelerate_config_yaml(recipe: Recipe) -> str:
+def accelerate_config_yaml(spec: LaunchSpec) -> str:
     """The recipe's `accelerate:` section as the text of an Accelerate config file (for
     `accelerate launch --config_file`); strings such as 'no' stay quoted so YAML reads them back."""
     import yaml
 
-    return yaml.safe_dump(recipe.accelerate, sort_keys=False)
+    return yaml.safe_dump(spec.accelerate, sort_keys=False)
+
+
+def topology_notice(section: dict[str, Any], world: int) -> str | None:
+    """A line for the user when the launcher started another number of processes than the recipe's
+    `accelerate.num_processes` (torchrun, a hand-written launch): the run uses the launcher's."""
+    asked = section.get("num_processes")
+    if asked is not None and asked != world:
+        return (f"launched with {world} process(es) but the recipe's accelerate.num_processes is {asked}: "
+                f"running with {world}; `vggt-fsdp train RECIPE`, or `accelerate launch --config_file` with "
+                "the file `vggt-fsdp accelerate-config RECIPE` writes, starts what the recipe asks for")
+    return None
 
 
 # --------------------------------------------------------------------------------------- the Accelerator
@@ -137,23 +158,27 @@ def fsdp_plugin(parallel: ParallelConfig):
     )
 
 
-def build_accelerator(recipe: Recipe, **kwargs: Any) -> Accelerator:
+def build_accelerator(spec: LaunchSpec, **kwargs: Any) -> Accelerator:
     """The Accelerator for a recipe: FSDP2 on GPUs and (bridged) on CPU processes; `kwargs` go to
-    `Accelerator` (e.g. gradient_accumulation_steps, log_with, project_dir)."""
+    `Accelerator` (e.g. gradient_accumulation_steps, log_with, project_dir). Rank 0 prints the
+    `topology_notice` on stderr when the launcher's process count differs from the recipe's."""
     from accelerate import Accelerator
 
-    use_cpu = bool(recipe.accelerate.get("use_cpu", False))
+    use_cpu = bool(spec.accelerate.get("use_cpu", False))
     if not use_cpu and not torch.cuda.is_available():
         raise RuntimeError("the recipe's accelerate.use_cpu is false but this machine has no CUDA device; "
                            "use a CPU recipe or override accelerate.use_cpu=true")
-    plugin = fsdp_plugin(recipe.parallel)
+    plugin = fsdp_plugin(spec.parallel)
     accelerator = Accelerator(
         cpu=use_cpu,
-        mixed_precision=recipe.accelerate.get("mixed_precision", "no"),
+        mixed_precision=spec.accelerate.get("mixed_precision", "no"),
         fsdp_plugin=plugin,
         **kwargs,
     )
     _enable_fsdp(accelerator, plugin)
+    notice = topology_notice(spec.accelerate, accelerator.num_processes)
+    if notice and accelerator.is_main_process:
+        print(f"[vggt-fsdp] {notice}", file=sys.stderr, flush=True)
     return accelerator
 
 

@@ -154,14 +154,6 @@ def frames_per_gpu(recipe, device: torch.device, world: int) -> int:
     return int(frames)
 
 
-def topology_notice(recipe, world: int) -> str | None:
-    asked = recipe.accelerate.get("num_processes")
-    if asked is not None and asked != world:
-        return (f"launched with {world} process(es) but the recipe's accelerate.num_processes is {asked}: "
-                f"training with {world}; `vggt-fsdp train RECIPE` starts what the recipe asks for")
-    return None
-
-
 @dataclass
 class Built:
     trainer: Trainer
@@ -174,14 +166,14 @@ def build_trainer(recipe) -> Built:
     from vggt_fsdp.data import build_dataloader
     from vggt_fsdp.model import build_model, materialize
     from vggt_fsdp.parallel import build_accelerator, prepare_model
+    from vggt_fsdp.parallel.accelerate import topology_notice
     from vggt_fsdp.recipe import model_config
 
     cfg = recipe.train
+    # Prints the topology notice (launcher's process count against the recipe's) on rank 0.
     accelerator = build_accelerator(recipe, gradient_accumulation_steps=cfg.grad_accum_steps)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    notices = [n for n in (topology_notice(recipe, world),) if n]
-    for notice in notices:
-        log(notice)
+    notices = [n for n in (topology_notice(recipe.accelerate, world),) if n]
     seed_everything(cfg.seed)  # identical on every rank: the same initial model everywhere
 
     model_cfg = model_config(recipe.model)
