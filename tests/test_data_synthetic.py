@@ -48,8 +48,9 @@ def test_depth_reprojects_exactly_between_views(seed):
 
 def test_rendered_depth_matches_exact_depth_on_pixel_centres():
     scene, extr, intr, renders = _views(3, frames=2)
-    v, u = torch.meshgrid(torch.arange(HW[0]) + 0.5, torch.arange(HW[1]) + 0.5, indexing="ij")  # centres
-    exact = depth_at(scene, extr[1], intr[1], torch.stack([u, v], -1).reshape(-1, 2)).reshape(HW)
+    # pixel (u, v) is centred at image coordinate (u, v): the convention the unprojection uses
+    v, u = torch.meshgrid(torch.arange(HW[0]), torch.arange(HW[1]), indexing="ij")
+    exact = depth_at(scene, extr[1], intr[1], torch.stack([u, v], -1).reshape(-1, 2).float()).reshape(HW)
     depth, mask = renders[1][1], renders[1][2]
     assert torch.equal(mask, torch.isfinite(exact))
     assert torch.allclose(depth[mask], exact[mask])
@@ -77,7 +78,7 @@ def test_scenes_are_deterministic_and_distinct():
 
 def test_sample_is_normalised_as_upstream_and_geometry_consistent():
     cfg = DataConfig()
-    source = SyntheticSource(cfg, "train")
+    source = SyntheticSource(cfg, cfg, "train")
     spec = SampleSpec(index=3, num_frames=3, image_hw=HW, seed=(0, 0, 0, 0, 0), step=0, next_position=1)
     sample = build_sample(source, spec, AugmentConfig())  # augmented: crop-zoomed intrinsics must stay exact
     extr, mask = sample["extrinsics"], sample["point_masks"]
@@ -93,7 +94,7 @@ def test_sample_is_normalised_as_upstream_and_geometry_consistent():
 def test_tracks_start_at_queries_and_visible_tracks_land_on_the_surface():
     cfg = DataConfig()
     cfg.synthetic.num_track_queries = 32
-    source = SyntheticSource(cfg, "train")
+    source = SyntheticSource(cfg, cfg, "train")
     spec = SampleSpec(index=1, num_frames=4, image_hw=HW, seed=(1,), step=0, next_position=1)
     sample = build_sample(source, spec, None)
     tracks, vis = sample["tracks"], sample["track_vis_mask"]
@@ -102,21 +103,21 @@ def test_tracks_start_at_queries_and_visible_tracks_land_on_the_surface():
     assert vis[1:].any() and not vis[1:].all()
     world0 = sample["world_points"][0][tracks[0, :, 1].long(), tracks[0, :, 0].long()]  # (N, 3)
     uv, z = project_points(world0[None].expand(4, -1, -1), sample["extrinsics"], sample["intrinsics"])
-    assert torch.allclose(uv[vis] - 0.5, tracks[vis], atol=1e-3)  # tracks are pixel-index coordinates
+    assert torch.allclose(uv[vis], tracks[vis], atol=1e-3)  # tracks are image coordinates (integer centres)
 
 
 def test_photometric_augmentation_changes_colours_not_geometry():
     cfg = DataConfig()
-    source = SyntheticSource(cfg, "train")
+    source = SyntheticSource(cfg, cfg, "train")
     spec = SampleSpec(index=2, num_frames=2, image_hw=HW, seed=(9,), step=0, next_position=1)
-    aug = AugmentConfig(color_jitter_prob=1.0, crop_scale_range=[1.0, 1.0])
+    aug = AugmentConfig(color_jitter_prob=1.0, crop_scale_range=[1.0, 1.0], zoom_max=0.0)
     plain = build_sample(source, spec, AugmentConfig(color_jitter_prob=0.0, grayscale_prob=0.0,
-                                                     crop_scale_range=[1.0, 1.0]))
+                                                     crop_scale_range=[1.0, 1.0], zoom_max=0.0))
     jittered = build_sample(source, spec, aug)
     assert not torch.allclose(plain["images"], jittered["images"], atol=1e-2)
     assert torch.allclose(plain["depths"], jittered["depths"])
     gray = build_sample(source, spec, AugmentConfig(color_jitter_prob=0.0, grayscale_prob=1.0,
-                                                    crop_scale_range=[1.0, 1.0]))
+                                                    crop_scale_range=[1.0, 1.0], zoom_max=0.0))
     assert torch.allclose(gray["images"][:, 0], gray["images"][:, 1])
 
 
@@ -130,7 +131,7 @@ def test_loader_batches_have_upstream_keys_shapes_and_types():
         "images": (b, s, 3, h, w), "depths": (b, s, h, w), "extrinsics": (b, s, 3, 4),
         "intrinsics": (b, s, 3, 3), "world_points": (b, s, h, w, 3), "cam_points": (b, s, h, w, 3),
         "point_masks": (b, s, h, w), "tracks": (b, s, 64, 2), "track_vis_mask": (b, s, 64),
-        "query_points": (b, 64, 2), "skipped_frames": (b,), "scene_scale": (b,),
+        "query_points": (b, 64, 2), "skipped_frames": (b,), "scene_scale": (b,), "source_index": (b,),
     }
     assert {k: tuple(v.shape) for k, v in batch.items()} == expected
     assert batch["point_masks"].dtype == torch.bool and batch["images"].dtype == torch.float32

@@ -6,7 +6,7 @@ import torch
 from vggt_fsdp.geometry import (
     compose_extrinsics, depth_to_points, extrinsics_intrinsics_to_pose_encoding, invert_extrinsics,
     look_at_extrinsics, make_intrinsics, pixel_grid, pose_encoding_to_extrinsics_intrinsics,
-    project_points, quat_to_rotation, rotation_to_quat,
+    project_points, quat_to_rotation, rotation_to_quat, to_integer_centres,
 )
 
 
@@ -19,7 +19,7 @@ def _random_cameras(n: int, hw: tuple[int, int], gen: torch.Generator):
     rot = quat_to_rotation(_random_quats(n, gen)).float()
     trans = torch.randn(n, 3, 1, generator=gen) * 3
     f = 0.5 * hw[1] / torch.tan(torch.empty(n).uniform_(0.3, 1.2, generator=gen))
-    intr = make_intrinsics(f, f * 1.02, torch.full_like(f, hw[1] / 2), torch.full_like(f, hw[0] / 2))
+    intr = make_intrinsics(f, f * 1.02, torch.full_like(f, (hw[1] - 1) / 2), torch.full_like(f, (hw[0] - 1) / 2))
     return torch.cat([rot, trans], -1), intr
 
 
@@ -56,7 +56,8 @@ def test_pose_encoding_round_trip_to_1e_5():
     assert enc.shape == (8, 8, 9)
     extr2, intr2 = pose_encoding_to_extrinsics_intrinsics(enc, hw)
     assert torch.allclose(extr2.view(64, 3, 4), extr, atol=1e-5)
-    # focal lengths round-trip relative to their size; principal point is the image centre
+    # focal lengths round-trip relative to their size; the principal point is the image centre,
+    # ((W - 1) / 2, (H - 1) / 2) with integer pixel centres
     assert torch.allclose(intr2.view(64, 3, 3), intr, rtol=1e-5, atol=1e-5)
     enc2 = extrinsics_intrinsics_to_pose_encoding(extr2, intr2, hw)
     assert torch.allclose(enc2, enc, atol=1e-5)
@@ -108,8 +109,25 @@ def test_look_at_centres_the_target_with_up_upward():
     assert uv[0, 1, 1] < 40.0  # a point above the target appears higher in the image (smaller v)
 
 
-def test_pixel_centres_are_at_half_integers_as_upstream_unprojects():
-    # upstream: x_cam = (u - cx + 0.5) * depth / fx for column u
+def test_pixel_centres_are_at_integers_as_upstream_training_code_unprojects():
+    # upstream's dataset_util.depth_to_cam_coords_points: x_cam = (u - cx) * depth / fx for column u
     intr = make_intrinsics(*(torch.tensor(v) for v in (10.0, 20.0, 2.0, 1.0)))
     _, cam = depth_to_points(torch.full((2, 4), 3.0), torch.cat([torch.eye(3), torch.zeros(3, 1)], -1), intr)
-    assert cam[0, 0].tolist() == pytest.approx([(0 - 2.0 + 0.5) * 3 / 10, (0 - 1.0 + 0.5) * 3 / 20, 3.0])
+    assert cam[0, 0].tolist() == pytest.approx([(0 - 2.0) * 3 / 10, (0 - 1.0) * 3 / 20, 3.0])
+    assert cam[1, 3].tolist() == pytest.approx([(3 - 2.0) * 3 / 10, (1 - 1.0) * 3 / 20, 3.0])
+    assert pixel_grid(2, 3)[1, 2].tolist() == [2.0, 1.0]
+
+
+def test_half_pixel_intrinsics_convert_to_the_same_rays():
+    """A camera written with half-pixel centres (COLMAP's convention) and the same camera in the
+    toolkit's convention give pixel (u, v) the same ray."""
+    half = make_intrinsics(*(torch.tensor(v) for v in (50.0, 60.0, 16.0, 12.0)))  # centre of a 32x24 image
+    integer = to_integer_centres(half, "half")
+    assert integer[0, 2] == 15.5 and integer[1, 2] == 11.5 and torch.equal(integer[:2, :2], half[:2, :2])
+    u, v = 7, 3
+    ray_half = ((u + 0.5 - half[0, 2]) / half[0, 0], (v + 0.5 - half[1, 2]) / half[1, 1])
+    _, cam = depth_to_points(torch.ones(24, 32), torch.cat([torch.eye(3), torch.zeros(3, 1)], -1), integer)
+    assert cam[v, u, :2].tolist() == pytest.approx([float(r) for r in ray_half])
+    assert torch.equal(to_integer_centres(half, "integer"), half)
+    with pytest.raises(ValueError, match="pixel_centre='corner'"):
+        to_integer_centres(half, "corner")

@@ -1,12 +1,16 @@
 """Camera geometry shared by the data pipeline and the losses.
 
-Conventions (the same as upstream VGGT):
+Conventions (the same as upstream VGGT's training data code):
 - extrinsics (..., 3, 4) are OpenCV camera-from-world [R | t]: x_cam = R @ x_world + t, with the camera
   looking down +z, x to the right and y down.
-- intrinsics (..., 3, 3) are in pixels of continuous image coordinates: the image spans [0, W] x [0, H]
-  and pixel (column u, row v) is centred at (u + 0.5, v + 0.5), as upstream's training data code
-  unprojects depth; a principal point at (W / 2, H / 2), which upstream's pose decoding builds, is then
-  exactly the image centre, and cropping/resizing maps coordinates by a plain shift and scale.
+- intrinsics (..., 3, 3) are in pixels, and pixel (column u, row v) is centred at image coordinate
+  (u, v) ("integer centres"): a depth sample at pixel (u, v) unprojects to x = (u - cx) d / fx,
+  y = (v - cy) d / fy, as upstream's training data code does (dataset_util.depth_to_cam_coords_points)
+  and as Virtual KITTI 2's intrinsics are written (cx = (1242 - 1) / 2). The image spans
+  [-0.5, W - 0.5] x [-0.5, H - 0.5] and its centre is ((W - 1) / 2, (H - 1) / 2). Data whose
+  intrinsics put pixel centres at (u + 0.5, v + 0.5) (COLMAP's, for one) is converted on read
+  (`to_integer_centres`, a data source's `pixel_centre: half`), so every batch is in this one
+  convention. Resizing by s maps a coordinate x to (x + 0.5) s - 0.5.
 - depth is the camera-frame z of the surface point, not the distance along the ray.
 - Quaternions are XYZW (scalar last) and standardised to w >= 0.
 - The pose encoding "absT_quaR_FoV" is [t (3), quaternion (4), fov_h, fov_w] with
@@ -79,7 +83,9 @@ def extrinsics_intrinsics_to_pose_encoding(
 def pose_encoding_to_extrinsics_intrinsics(
     encoding: torch.Tensor, image_hw: tuple[int, int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The inverse of `extrinsics_intrinsics_to_pose_encoding`; the principal point is the image centre."""
+    """The inverse of `extrinsics_intrinsics_to_pose_encoding`; the principal point is the image centre,
+    ((W - 1) / 2, (H - 1) / 2) in this module's convention (upstream's decoder writes (W / 2, H / 2),
+    which is the centre only with half-pixel centres; the encoding itself holds no principal point)."""
     if encoding.shape[-1] != POSE_ENCODING_DIM:
         raise ValueError(f"pose encoding has {encoding.shape[-1]} channels, expected {POSE_ENCODING_DIM}")
     height, width = image_hw
@@ -87,7 +93,7 @@ def pose_encoding_to_extrinsics_intrinsics(
     extrinsics = torch.cat([rot, encoding[..., :3, None]], -1)
     fy = (height / 2) / torch.tan(encoding[..., 7] / 2)
     fx = (width / 2) / torch.tan(encoding[..., 8] / 2)
-    intrinsics = make_intrinsics(fx, fy, torch.full_like(fx, width / 2), torch.full_like(fy, height / 2))
+    intrinsics = make_intrinsics(fx, fy, torch.full_like(fx, (width - 1) / 2), torch.full_like(fy, (height - 1) / 2))
     return extrinsics, intrinsics
 
 
@@ -120,10 +126,26 @@ def transform_points(transform: torch.Tensor, points: torch.Tensor) -> torch.Ten
 
 
 def pixel_grid(height: int, width: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """(H, W, 2) image coordinates (x, y) of the pixel centres: (column + 0.5, row + 0.5)."""
-    v, u = torch.meshgrid(torch.arange(height, device=device, dtype=dtype) + 0.5,
-                          torch.arange(width, device=device, dtype=dtype) + 0.5, indexing="ij")
+    """(H, W, 2) image coordinates (x, y) of the pixel centres: (column, row), integer centres."""
+    v, u = torch.meshgrid(torch.arange(height, device=device, dtype=dtype),
+                          torch.arange(width, device=device, dtype=dtype), indexing="ij")
     return torch.stack([u, v], -1)
+
+
+PIXEL_CENTRES = ("integer", "half")
+
+
+def to_integer_centres(intrinsics: torch.Tensor, pixel_centre: str) -> torch.Tensor:
+    """Intrinsics written for `pixel_centre` ("integer": pixel (u, v) at (u, v); "half": at (u + 0.5,
+    v + 0.5)) expressed in this module's integer-centre convention: the principal point moves by -0.5."""
+    if pixel_centre not in PIXEL_CENTRES:
+        raise ValueError(f"pixel_centre={pixel_centre!r}; valid: {', '.join(PIXEL_CENTRES)}")
+    if pixel_centre == "integer":
+        return intrinsics
+    out = intrinsics.clone()
+    out[..., 0, 2] -= 0.5
+    out[..., 1, 2] -= 0.5
+    return out
 
 
 def unproject_depth(depth: torch.Tensor, intrinsics: torch.Tensor) -> torch.Tensor:

@@ -6,13 +6,13 @@
       "frames": [
         {
           "image": "images/0000.png",  # PNG, or JPEG with the `real-data` extra (Pillow)
-          "depth": "depth/0000.png",   # 16-bit PNG (times depth_scale) or .npy float32 (H, W) metres;
-                                       # 0 or non-finite = unknown
+          "depth": "depth/0000.png",   # 16-bit PNG (times depth_scale), or .npy / .pfm float (H, W)
+                                       # metres; 0 or non-finite = unknown
           "mask": "masks/0000.png",    # optional 8-bit PNG, valid where > 127
           "extrinsics": [[r11, r12, r13, t1], [r21, r22, r23, t2], [r31, r32, r33, t3]],
                                        # OpenCV camera-from-world, 3x4 (a 4x4 is accepted)
-          "intrinsics": [[fx, 0, cx], [0, fy, cy], [0, 0, 1]]   # pixels, image coordinates with pixel
-                                       # (u, v) centred at (u + 0.5, v + 0.5)
+          "intrinsics": [[fx, 0, cx], [0, fy, cy], [0, 0, 1]]   # pixels; pixel (u, v) centred at
+                                       # (u, v) (the source's pixel_centre: half for (u + 0.5, v + 0.5))
         }, ...
       ]
     }
@@ -22,27 +22,24 @@ are split train/val by a hash of their name (data.val_fraction).
 """
 from __future__ import annotations
 
-from pathlib import Path
-
-import numpy as np
 import torch
 
-from vggt_fsdp.data.base import DataError, FileSceneSource, RawFrame, split_by_name
-from vggt_fsdp.data.config import DataConfig
-from vggt_fsdp.data.io import as_matrix, read_json, read_mask, read_rgb, read_uint16
+from vggt_fsdp.data.base import DataError, RawFrame
+from vggt_fsdp.data.config import DataConfig, SourceConfig
+from vggt_fsdp.data.files import FileSceneSource
+from vggt_fsdp.data.io import as_matrix, read_depth_file, read_json, read_mask, read_rgb
 
 SCENE_FILE = "scene.json"
 SCENE_FORMAT = "a scene.json as documented in vggt_fsdp/data/folder.py ({frames: [{image, depth, extrinsics, intrinsics}]})"
 
 
 class FolderSource(FileSceneSource):
-    def __init__(self, cfg: DataConfig, split: str):
-        super().__init__(cfg, f"folders with a {SCENE_FILE}")
+    def __init__(self, cfg: SourceConfig, data: DataConfig, split: str, strict: bool = True):
+        super().__init__(cfg, data, f"folders with a {SCENE_FILE}", strict)
         names = sorted(p.parent.name for p in self.root.glob(f"*/{SCENE_FILE}"))
         if not names:
             raise DataError(f"{self.root}: no <scene>/{SCENE_FILE}; expected {SCENE_FORMAT}")
-        self.scene_names = split_by_name(names, split, cfg.val_fraction)
-        self._scenes = [self._load(name) for name in self.scene_names]
+        self._scenes = self.load_split(names, split, cfg.val_fraction, self._load)
         self.frame_counts = [len(scene["frames"]) for scene in self._scenes]
 
     def _load(self, name: str) -> dict:
@@ -66,7 +63,8 @@ class FolderSource(FileSceneSource):
             if key not in entry:
                 raise DataError(f"{where}: missing {key!r}; expected {SCENE_FORMAT}")
         image = read_rgb(folder / entry["image"])
-        depth = self._depth(folder / entry["depth"], self._scenes[scene].get("depth_scale", 1.0))
+        depth_path = folder / entry["depth"]
+        depth = read_depth_file(depth_path, self._scenes[scene].get("depth_scale", 1.0))
         mask = read_mask(folder / entry["mask"], 127) if entry.get("mask") else torch.ones_like(depth, dtype=torch.bool)
         for what, shape in (("depth", depth.shape), ("mask", mask.shape)):
             if tuple(shape) != tuple(image.shape[1:]):
@@ -77,19 +75,4 @@ class FolderSource(FileSceneSource):
         rows = 4 if isinstance(extr, list) and len(extr) == 4 else 3
         extrinsics = as_matrix(extr, (rows, 4), f"{where} 'extrinsics'")[:3]
         intrinsics = as_matrix(entry["intrinsics"], (3, 3), f"{where} 'intrinsics'")
-        return RawFrame(image, depth, valid, extrinsics, intrinsics)
-
-    @staticmethod
-    def _depth(path: Path, scale: float) -> torch.Tensor:
-        if path.suffix == ".npy":
-            try:
-                array = np.load(path, allow_pickle=False)
-            except FileNotFoundError:
-                raise DataError(f"{path}: file not found; expected a float32 (H, W) depth .npy") from None
-            except (OSError, ValueError) as err:
-                raise DataError(f"{path}: malformed ({err}); expected a float32 (H, W) depth .npy") from None
-            if array.ndim != 2 or not np.issubdtype(array.dtype, np.floating):
-                raise DataError(f"{path}: {array.dtype} array of shape {array.shape}; expected float (H, W) depth")
-            return torch.from_numpy(array.astype(np.float32))
-        array = read_uint16(path, "a 16-bit depth PNG (or a .npy float32 depth map)")
-        return torch.from_numpy(array.astype(np.float32)) * scale
+        return RawFrame(image, depth, valid, extrinsics, intrinsics, where=where, depth_file=str(depth_path))

@@ -104,6 +104,53 @@ def read_json(path: Path, what: str, gzipped: bool = False):
         raise DataError(f"{path}: malformed ({err}); expected {what}") from None
 
 
+def read_depth_file(path: Path, png_scale: float = 1.0) -> torch.Tensor:
+    """A depth map (H, W) float32 by its extension: .npy (float, metres), .pfm (metres) or a 16-bit
+    .png (times png_scale metres per unit)."""
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        return torch.from_numpy(_read_npy(path))
+    if suffix == ".pfm":
+        return torch.from_numpy(read_pfm(path))
+    if suffix == ".png":
+        array = read_uint16(path, "a 16-bit depth PNG")
+        return torch.from_numpy(array.astype(np.float32)) * png_scale
+    raise DataError(f"{path}: depth maps are .npy, .pfm or 16-bit .png files, not {suffix or 'extensionless'}")
+
+
+def _read_npy(path: Path) -> np.ndarray:
+    what = "a float (H, W) depth .npy"
+    try:
+        array = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found; expected {what}") from None
+    except (OSError, ValueError, EOFError) as err:
+        raise DataError(f"{path}: malformed ({err}); expected {what}") from None
+    if array.ndim != 2 or not np.issubdtype(array.dtype, np.floating):
+        raise DataError(f"{path}: {array.dtype} array of shape {array.shape}; expected {what}")
+    return array.astype(np.float32)
+
+
+def read_pfm(path: Path) -> np.ndarray:
+    """A one-channel PFM ("Pf") as float32 (H, W), top row first (PFM stores the bottom row first)."""
+    what = "a one-channel PFM depth map ('Pf' header, width height, scale, float32 rows)"
+    data = read_bytes(path, what)
+    lines = data.split(b"\n", 3)  # "Pf", "width height", "scale", then the samples
+    try:
+        kind, (width, height), scale = lines[0].strip(), map(int, lines[1].split()), float(lines[2])
+        body_start = len(data) - len(lines[3])
+    except (IndexError, ValueError):
+        raise DataError(f"{path}: malformed PFM header; expected {what}") from None
+    if kind != b"Pf":
+        raise DataError(f"{path}: PFM type {kind[:8]!r}; expected {what}")
+    count = width * height
+    body = data[body_start:body_start + 4 * count]
+    if width < 1 or height < 1 or len(body) != 4 * count:
+        raise DataError(f"{path}: {len(body)} bytes of samples for a {width}x{height} PFM; expected {4 * count}")
+    array = np.frombuffer(body, "<f4" if scale < 0 else ">f4").reshape(height, width)
+    return np.ascontiguousarray(array[::-1]).astype(np.float32)
+
+
 def as_matrix(value, shape: tuple[int, ...], where: str) -> torch.Tensor:
     """A nested list as a float32 tensor of exactly `shape`, or a DataError naming `where`."""
     try:

@@ -2,8 +2,11 @@
 ranks; each rank then gets floor(frames_per_gpu / S) scenes.
 
 Everything a step needs is a pure function of (seed, step, position), where position counts the scenes
-all ranks have consumed so far. Scenes are visited epoch by epoch in a seeded permutation, and
-rank r takes the r-th contiguous slice of each step's scenes. `state_dict()` is (step, position).
+all ranks have consumed so far, so every rank agrees and a resume needs only (step, position).
+A `Mixture` turns a position into (source, scene): an epoch holds `epoch_length` slots of each source
+in a seeded shuffle (upstream's ComposedDataset draws from the concatenation of its datasets'
+len_train), and each source visits its own scenes epoch by epoch in a seeded permutation. Rank r takes
+the r-th contiguous slice of each step's scenes.
 """
 from __future__ import annotations
 
@@ -31,24 +34,94 @@ class StepShape:
     scenes_per_rank: int
 
 
-class DynamicBatchSampler:
-    """Yields, per step, this rank's list of `SampleSpec`s (one per scene of its batch)."""
+class Mixture:
+    """Positions -> (source, scene) for sources of `scene_counts` scenes taking `epoch_lengths` slots
+    of each epoch; a pure function of (seed, split, position)."""
 
-    def __init__(self, num_scenes: int, cfg: DataConfig, frames_per_gpu: int, rank: int, world_size: int,
-                 split: str = "train"):
-        if num_scenes < 1:
+    def __init__(self, scene_counts: list[int], epoch_lengths: list[int], seed: int, split: str = "train",
+                 labels: list[str] | None = None):
+        if len(scene_counts) != len(epoch_lengths) or not scene_counts:
+            raise ValueError("a mixture needs one epoch length per source, and at least one source")
+        if any(length and count < 1 for count, length in zip(scene_counts, epoch_lengths)):
+            raise ValueError(f"a source with no scenes cannot fill its epoch length: scenes {scene_counts}, "
+                             f"epoch lengths {epoch_lengths}")
+        if sum(epoch_lengths) < 1:
             raise ValueError(f"the {split} split has no scenes")
+        self.scene_counts, self.epoch_lengths = list(scene_counts), list(epoch_lengths)
+        self.labels = labels or [str(i) for i in range(len(scene_counts))]
+        self.seed, self.tag, self.total = seed, _SPLIT_TAG[split], sum(epoch_lengths)
+        self._slots: tuple[int, np.ndarray, np.ndarray] | None = None  # (epoch, source per slot, its rank)
+        self._perms: dict[int, tuple[int, np.ndarray]] = {}  # source -> (its epoch, permutation)
+
+    def describe(self) -> list[list]:
+        """[label, epoch length, scenes] per source: what a resume checks it continues."""
+        return [[label, length, count] for label, length, count in
+                zip(self.labels, self.epoch_lengths, self.scene_counts)]
+
+    def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Source of each slot of a mixture epoch, and how many slots of that source precede it."""
+        if self._slots is None or self._slots[0] != epoch:
+            if len(self.epoch_lengths) == 1:
+                slots = np.zeros(self.total, np.int64)
+            else:
+                slots = np.repeat(np.arange(len(self.epoch_lengths)), self.epoch_lengths)
+                np.random.default_rng([self.seed, self.tag, epoch, 0x3C]).shuffle(slots)
+            ranks = np.empty(self.total, np.int64)
+            for source in range(len(self.epoch_lengths)):
+                where = np.flatnonzero(slots == source)
+                ranks[where] = np.arange(len(where))
+            self._slots = (epoch, slots, ranks)
+        return self._slots[1], self._slots[2]
+
+    def _scene(self, source: int, draw: int) -> int:
+        """The source's `draw`-th scene: its scenes in a fresh seeded permutation every pass."""
+        count = self.scene_counts[source]
+        epoch, offset = divmod(draw, count)
+        cached = self._perms.get(source)
+        if cached is None or cached[0] != epoch:
+            # source 0 keeps the single-source sampler's seeds, so older single-source runs resume the same
+            entropy = [self.seed, self.tag, epoch, 0x9E] + ([source] if source else [])
+            cached = (epoch, np.random.default_rng(entropy).permutation(count))
+            self._perms[source] = cached
+        return int(cached[1][offset])
+
+    def at(self, position: int) -> tuple[int, int]:
+        """(source, scene) taken at `position`."""
+        epoch, offset = divmod(position, self.total)
+        slots, ranks = self._epoch(epoch)
+        source = int(slots[offset])
+        return source, self._scene(source, epoch * self.epoch_lengths[source] + int(ranks[offset]))
+
+    def consumed(self, position: int) -> dict[str, int]:
+        """Per source, how many scenes positions [0, position) took."""
+        epoch, offset = divmod(position, self.total)
+        slots, _ = self._epoch(epoch)
+        before = np.bincount(slots[:offset], minlength=len(self.epoch_lengths))
+        return {label: epoch * length + int(n) for label, length, n in zip(self.labels, self.epoch_lengths, before)}
+
+
+class DynamicBatchSampler:
+    """Yields, per step, this rank's list of `SampleSpec`s (one per scene of its batch).
+
+    `scenes` is a Mixture, or a scene count: one source whose scenes are each visited once an epoch.
+    """
+
+    def __init__(self, scenes: Mixture | int, cfg: DataConfig, frames_per_gpu: int, rank: int, world_size: int,
+                 split: str = "train"):
         if split not in _SPLIT_TAG:
             raise ValueError(f"split={split!r}; valid: {sorted(_SPLIT_TAG)}")
+        if isinstance(scenes, int):
+            if scenes < 1:
+                raise ValueError(f"the {split} split has no scenes")
+            scenes = Mixture([scenes], [scenes], cfg.seed, split)
         if not isinstance(frames_per_gpu, int) or frames_per_gpu < cfg.frames_range[1]:
             raise ValueError(f"frames_per_gpu={frames_per_gpu!r} must be an int >= data.frames_range[1]="
                              f"{cfg.frames_range[1]} (resolve 'auto' with the memory planner first)")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
-        self.num_scenes, self.cfg, self.frames_per_gpu = num_scenes, cfg, frames_per_gpu
+        self.mixture, self.cfg, self.frames_per_gpu = scenes, cfg, frames_per_gpu
         self.rank, self.world_size, self.split = rank, world_size, split
         self.step, self.position = 0, 0
-        self._perm_cache: tuple[int, np.ndarray] | None = None
 
     # -- pure functions of the step -----------------------------------------------------------------
     def shape_at(self, step: int) -> StepShape:
@@ -60,24 +133,18 @@ class DynamicBatchSampler:
         return StepShape(num_frames, aspect, image_hw_for(aspect, self.cfg.image_width, self.cfg.patch_size),
                          self.frames_per_gpu // num_frames)
 
-    def scene_at(self, position: int) -> int:
-        epoch, offset = divmod(position, self.num_scenes)
-        if self._perm_cache is None or self._perm_cache[0] != epoch:
-            rng = np.random.default_rng([self.cfg.seed, _SPLIT_TAG[self.split], epoch, 0x9E])
-            self._perm_cache = (epoch, rng.permutation(self.num_scenes))
-        return int(self._perm_cache[1][offset])
-
     def specs_at(self, step: int, position: int) -> list[SampleSpec]:
         shape = self.shape_at(step)
         per_rank = shape.scenes_per_rank
         next_position = position + self._consumed(shape)
         first = position + self.rank * per_rank
-        return [
-            SampleSpec(index=self.scene_at(first + b), num_frames=shape.num_frames, image_hw=shape.image_hw,
-                       seed=(self.cfg.seed, _SPLIT_TAG[self.split], step, self.rank, b), step=step,
-                       next_position=next_position)
-            for b in range(per_rank)
-        ]
+        specs = []
+        for b in range(per_rank):
+            source, scene = self.mixture.at(first + b)
+            specs.append(SampleSpec(index=scene, num_frames=shape.num_frames, image_hw=shape.image_hw,
+                                    seed=(self.cfg.seed, _SPLIT_TAG[self.split], step, self.rank, b), step=step,
+                                    next_position=next_position, source=source))
+        return specs
 
     def _consumed(self, shape: StepShape) -> int:
         """Scenes all ranks together take in a step of this shape."""

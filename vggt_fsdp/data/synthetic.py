@@ -10,6 +10,9 @@ and focal lengths.
 
 The world is z-up with the floor at z = 0. Each ray is X = C + t * d with d = R^T K^-1 [u, v, 1], so
 the hit parameter t is the camera-frame depth itself: depth, camera points and world points are exact.
+Pixel (u, v) is rendered along the ray through image coordinate (u, v), the convention the toolkit's
+unprojection uses (vggt_fsdp.geometry), and principal points sit at the image centre ((W - 1) / 2,
+(H - 1) / 2).
 """
 from __future__ import annotations
 
@@ -20,9 +23,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vggt_fsdp.data.augment import crop_intrinsics, draw_crop, photometric_frames
+from vggt_fsdp.data.augment import photometric_frames
 from vggt_fsdp.data.base import SampleSpec
-from vggt_fsdp.data.config import AugmentConfig, DataConfig, SyntheticConfig
+from vggt_fsdp.data.config import AugmentConfig, DataConfig, SourceConfig, SyntheticConfig
+from vggt_fsdp.data.crop import plan_crop, plan_intrinsics
 from vggt_fsdp.geometry import (
     invert_extrinsics, look_at_extrinsics, make_intrinsics, pixel_grid, project_points, unproject_depth,
 )
@@ -140,7 +144,7 @@ def draw_cameras(scene: Scene, rng: np.random.Generator, num_frames: int, image_
     fov = np.radians(rng.uniform(fov_range_deg[0], fov_range_deg[1], num_frames))
     fx = torch.tensor((width / 2) / np.tan(fov / 2), dtype=torch.float32)
     fy = fx * torch.tensor(rng.uniform(0.97, 1.03, num_frames), dtype=torch.float32)  # slight non-square pixels
-    intrinsics = make_intrinsics(fx, fy, torch.full_like(fx, width / 2), torch.full_like(fx, height / 2))
+    intrinsics = make_intrinsics(fx, fy, torch.full_like(fx, (width - 1) / 2), torch.full_like(fx, (height - 1) / 2))
     return extrinsics, intrinsics
 
 
@@ -303,9 +307,9 @@ def track_queries(scene: Scene, extrinsics: torch.Tensor, intrinsics: torch.Tens
                   mask: torch.Tensor, num: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
     """Ground-truth tracks of `num` surface points seen at random valid pixels of frame 0.
 
-    tracks (S, N, 2) are the points' projections in every frame in pixel-index coordinates (column,
-    row: the centre of pixel (u, v) is (u, v), the convention of query points and of the track head's
-    feature sampling), i.e. image coordinates minus 0.5; track_vis_mask (S, N) is true where a
+    tracks (S, N, 2) are the points' projections in every frame in image coordinates (column, row;
+    the centre of pixel (u, v) is (u, v), as vggt_fsdp.geometry and the track head's feature sampling
+    have it); track_vis_mask (S, N) is true where a
     point is in front of the camera, inside the image and not occluded (a ray cast towards it from that
     camera reaches it first), which is exact rather than a depth-map comparison.
     """
@@ -317,13 +321,14 @@ def track_queries(scene: Scene, extrinsics: torch.Tensor, intrinsics: torch.Tens
         pick = valid[torch.as_tensor(rng.integers(0, len(valid), num))]
     points = world_points[0].reshape(-1, 3)[pick]  # (N, 3)
     uv, z = project_points(points[None].expand(len(extrinsics), -1, -1), extrinsics, intrinsics)
-    inside = (z > _EPS) & (uv[..., 0] >= 0) & (uv[..., 0] < width) & (uv[..., 1] >= 0) & (uv[..., 1] < height)
+    inside = ((z > _EPS) & (uv[..., 0] >= -0.5) & (uv[..., 0] < width - 0.5)
+              & (uv[..., 1] >= -0.5) & (uv[..., 1] < height - 0.5))
     centres = invert_extrinsics(extrinsics)[:, :, 3]
     visible = torch.zeros_like(inside)
     for s in range(len(extrinsics)):
         visible[s] = cast(scene, centres[s], points - centres[s]).t > 1 - 1e-3
     vis = inside & visible & (len(valid) > 0)
-    uv = torch.where(torch.isfinite(uv), uv - 0.5, torch.zeros_like(uv))
+    uv = torch.where(torch.isfinite(uv), uv, torch.zeros_like(uv))
     # Frame 0's track is the query pixel by definition; reprojection would only add float noise.
     uv[0] = torch.stack([pick % width, pick // width], -1).to(uv)
     return {"tracks": uv, "track_vis_mask": vis}
@@ -336,8 +341,9 @@ def track_queries(scene: Scene, extrinsics: torch.Tensor, intrinsics: torch.Tens
 class SyntheticSource:
     """Scenes of the procedural world; val scenes are indices past the train ones, so never shared."""
 
-    def __init__(self, cfg: DataConfig, split: str):
-        self.cfg, self.seed = cfg.synthetic, cfg.seed
+    def __init__(self, cfg: SourceConfig, data: DataConfig, split: str):
+        self.cfg, self.seed, self.margin = cfg.synthetic, data.seed, data.resize_margin
+        self.label = cfg.label
         self.offset = 0 if split == "train" else cfg.synthetic.num_scenes
         self.length = cfg.synthetic.num_scenes if split == "train" else cfg.synthetic.num_val_scenes
 
@@ -348,9 +354,11 @@ class SyntheticSource:
         scene = make_scene(self.seed, self.offset + spec.index, self.cfg)
         hw, count = spec.image_hw, spec.num_frames
         extrinsics, intrinsics = draw_cameras(scene, rng, count, hw, self.cfg.fov_range_deg)
-        # Crop-scale augmentation without resampling: render the crop directly by zooming the camera.
-        centre = (hw[1] / 2, hw[0] / 2)
-        intrinsics = torch.stack([crop_intrinsics(k, draw_crop(rng, hw, hw, centre, augment), hw) for k in intrinsics])
+        # The real formats' crop, resize and zoom without resampling: the drawn cameras render a frame
+        # of the target size, planned like a real one, and the planned intrinsics render the result.
+        centre = ((hw[1] - 1) / 2, (hw[0] - 1) / 2)
+        intrinsics = torch.stack([plan_intrinsics(k, plan_crop(rng, hw, centre, hw, self.margin, augment))
+                                  for k in intrinsics])
         images, depths, masks, points = zip(*(render(scene, e, k, hw) for e, k in zip(extrinsics, intrinsics)))
         out = {
             "images": photometric_frames(list(images), rng, augment),

@@ -9,6 +9,9 @@
 A sequence is one camera of one variation (upstream's `*/*/*/rgb/*`; `<root>/sequence_list.txt`, if
 present, lists them instead). Depth beyond vkitti.max_depth (80 m: the sky) is invalid. Scenes are
 split train/val by a hash of their name (data.val_fraction), since the dataset has no official split.
+A sample's frames are drawn with replacement from [a - 8 S, a + 8 S) around a random anchor a, as
+upstream's VKittiDataset (get_nearby, expand_ratio 8). The intrinsics put pixel centres at integers
+(cx = 620.5 = (1242 - 1) / 2), the toolkit's convention.
 """
 from __future__ import annotations
 
@@ -16,14 +19,18 @@ from pathlib import Path
 
 import torch
 
-from vggt_fsdp.data.base import DataError, FileSceneSource, RawFrame, split_by_name
-from vggt_fsdp.data.config import DataConfig
+from vggt_fsdp.data.base import DataError, RawFrame
+from vggt_fsdp.data.config import DataConfig, SourceConfig
+from vggt_fsdp.data.files import FileSceneSource
 from vggt_fsdp.data.io import read_bytes, read_rgb, read_uint16
 
 
 class VKittiSource(FileSceneSource):
-    def __init__(self, cfg: DataConfig, split: str):
-        super().__init__(cfg, "the Virtual KITTI 2 root")
+    DEFAULT_WINDOW = 8  # upstream: get_nearby with expand_ratio 8
+    DEFAULT_REPLACEMENT = True  # upstream: get_nearby_ids draws with replacement
+
+    def __init__(self, cfg: SourceConfig, data: DataConfig, split: str, strict: bool = True):
+        super().__init__(cfg, data, "the Virtual KITTI 2 root", strict)
         self.max_depth = cfg.vkitti.max_depth
         listed = self.root / "sequence_list.txt"
         if listed.exists():
@@ -33,8 +40,7 @@ class VKittiSource(FileSceneSource):
         if not names:
             raise DataError(f"{self.root}: no <Scene>/<variation>/frames/rgb/Camera_<k> folders; "
                             "expected the Virtual KITTI 2 layout")
-        self.scene_names = split_by_name(names, split, cfg.val_fraction)
-        self._cameras = [self._load_cameras(name) for name in self.scene_names]
+        self._cameras = self.load_split(names, split, cfg.val_fraction, self._load_cameras)
         self.frame_counts = [len(frames) for frames, _, _ in self._cameras]
 
     def _load_cameras(self, name: str):
@@ -60,14 +66,18 @@ class VKittiSource(FileSceneSource):
         name = self.scene_names[scene]
         frames, extrinsics, intrinsics = self._cameras[scene]
         number = frames[frame]
-        image = read_rgb(self.root / name / f"rgb_{number:05d}.jpg")
+        image_path = self.root / name / f"rgb_{number:05d}.jpg"
+        image = read_rgb(image_path)
         depth_path = self.root / name.replace("/rgb", "/depth") / f"depth_{number:05d}.png"
         depth = torch.from_numpy(read_uint16(depth_path, "a 16-bit depth PNG in centimetres").astype("float32")) / 100
         if tuple(depth.shape) != tuple(image.shape[1:]):
             raise DataError(f"{depth_path}: size {tuple(depth.shape)} differs from its image's {tuple(image.shape[1:])}")
         valid = (depth > 0) & (depth <= self.max_depth)
         depth = torch.where(valid, depth, torch.zeros_like(depth))
-        return RawFrame(image, depth, valid, extrinsics[number], intrinsics[number])
+        variation = self.root / "/".join(name.split("/")[:2])
+        where = f"{variation}/{{extrinsic,intrinsic}}.txt camera {name[-1]} frame {number} ({image_path.name})"
+        return RawFrame(image, depth, valid, extrinsics[number], intrinsics[number], where=where,
+                        depth_file=str(depth_path))
 
 
 def _table(path: Path, columns: int, camera: int, what: str) -> dict[int, list[float]]:
