@@ -11,6 +11,10 @@ Loading is generic and strict: YAML -> plain data -> `key=value` overrides -> da
 hints. An unknown key, a wrong type or a value outside a Literal fails with the dotted path of the key,
 what was expected and the closest valid name; then each section's `validate()` runs, then the
 cross-section checks of `Recipe.validate()`.
+
+One top-level key is not a section: `__script__`, which with the file's last line makes a recipe a
+Python script as well, so `accelerate launch RECIPE.yaml` runs it (`vggt_fsdp/recipe_script.py`). The
+loader checks that layout and drops the key.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ from typing import Any, Literal, Sequence, Union
 
 import yaml
 
+from vggt_fsdp import recipe_script
 from vggt_fsdp.data.config import DataConfig
 from vggt_fsdp.losses import LossConfig
 from vggt_fsdp.parallel.accelerate import check_accelerate_section
@@ -122,10 +127,16 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}")
+    text = path.read_text()
     try:
-        raw = yaml.load(path.read_text(), Loader=_RecipeLoader)
+        raw = yaml.load(text, Loader=_RecipeLoader)
     except yaml.YAMLError as err:
         raise RecipeError(f"{path}: not valid YAML: {err}") from None
+    if isinstance(raw, dict) and recipe_script.SCRIPT_KEY in raw:
+        try:
+            recipe_script.check_script_layout(text)
+        except ValueError as err:
+            raise RecipeError(f"{path}: {err}") from None
     return recipe_from_dict(raw, overrides, source=str(path))
 
 
@@ -143,6 +154,7 @@ def recipe_from_dict(raw: Any, overrides: Sequence[str] = (), source: str = "<re
     try:
         if not isinstance(raw, dict):
             raise ValueError(f"a recipe is a mapping of sections, got {type(raw).__name__}")
+        recipe_script.pop_script_key(raw)
         for keys, value in parse_overrides(overrides):
             _set_dotted(raw, keys, value, create=True)
         recipe = from_data(Recipe, raw, "")

@@ -3,25 +3,29 @@
 Run it under a launcher for several processes (`accelerate launch -m vggt_fsdp.train ...`,
 `torchrun --nproc-per-node N -m vggt_fsdp.train ...`); it trains with the topology the launcher gives
 and says so when that differs from the recipe's `accelerate:` section. `vggt-fsdp train` is the
-launcher that starts what the recipe asks for.
+launcher that starts what the recipe asks for. A bundled recipe runs itself the same way
+(`accelerate launch RECIPE.yaml ...`): its last line calls `run_recipe_script`.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+from typing import NoReturn, Sequence
+
+PROG = "python -m vggt_fsdp.train"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m vggt_fsdp.train", description=__doc__.splitlines()[0])
+def parse_args(argv: list[str] | None = None, prog: str = PROG) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("recipe", help="recipe YAML file")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted overrides, e.g. train.max_steps=5 train.output_dir=runs/x")
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = PROG) -> int:
+    args = parse_args(argv, prog)
     # As upstream trains: fewer fragmentation OOMs with varying batch shapes; the memory planner
     # assumes it. Must be set before CUDA's allocator starts; a user's own setting wins.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
@@ -35,6 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     from vggt_fsdp.train.build import run
 
     return run(recipe)
+
+
+def run_recipe_script(path: str, argv: Sequence[str]) -> NoReturn:
+    """Train the recipe file at `path`, which is being run as a script (`python RECIPE.yaml key=value ...`,
+    as `accelerate launch` and `torchrun` run it); `argv` is that process's sys.argv. A recipe's last line
+    calls this (vggt_fsdp/recipe_script.py), so keep its signature."""
+    sys.exit(main([path, *argv[1:]], prog=f"python {path}"))
 
 
 if __name__ == "__main__":
