@@ -1,9 +1,12 @@
 """`vggt-fsdp export CHECKPOINT OUT.safetensors`: one .safetensors file from a sharded checkpoint.
 
 CHECKPOINT is a complete `step-*` directory, or a run's output directory / its `checkpoints/`
-directory (then the latest complete checkpoint). The file holds the model's fp32 master weights
-(or --dtype bf16) under upstream names, loadable with `vggt_fsdp.model.load_weights(model, path)`
-or by upstream's VGGT. Runs in one process, without a process group; memory: one copy of the model.
+directory (then the newest intact checkpoint: a damaged one is named and skipped). The checkpoint's
+files are verified against the checksums of its COMPLETE marker first, and weights holding NaN or Inf
+are refused (named); nothing is written then. The file holds the model's fp32 master weights (or
+--dtype bf16) under upstream names, loadable with `vggt_fsdp.model.load_weights(model, path)` or by
+upstream's VGGT, readable like any new file (0666 less the umask). Runs in one process, without a
+process group; memory: one copy of the model.
 """
 from __future__ import annotations
 
@@ -20,23 +23,42 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=DTYPES, default="fp32", help="tensor dtype in the file")
 
 
-def find_checkpoint(path: Path) -> Path:
+def candidates(path: Path) -> tuple[list[Path], bool]:
+    """The checkpoints `path` names, newest first, and whether it named one explicitly."""
     from vggt_fsdp.train import checkpoint as ckpt
 
     if ckpt.is_complete(path):
-        return path
+        return [path], True
     for root in (path, path / "checkpoints"):
         found = ckpt.complete_checkpoints(root)
         if found:
-            return found[-1][1]
+            return [p for _, p in reversed(found)], False
     raise FileNotFoundError(f"{path} is not a complete checkpoint and holds none (looked for step-* "
                             f"directories with a {ckpt.MARKER} marker in {path} and {path / 'checkpoints'})")
+
+
+def find_checkpoint(path: Path) -> Path:
+    """The newest intact checkpoint `path` names; a damaged one named explicitly is an error, one found
+    in a directory is reported on stderr and the next older one is tried."""
+    from vggt_fsdp.train import checkpoint as ckpt
+
+    found, explicit = candidates(path)
+    for checkpoint in found:
+        problems = ckpt.checkpoint_problems(checkpoint)
+        if not problems:
+            return checkpoint
+        text = f"checkpoint {checkpoint} is damaged: {'; '.join(problems)}"
+        if explicit:
+            raise ckpt.CheckpointError(text)
+        print(f"warning: {text}; trying the next older one", file=sys.stderr)
+    raise ckpt.CheckpointError(f"no intact checkpoint under {path}")
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from vggt_fsdp.train import checkpoint as ckpt
+    from vggt_fsdp.train.integrity import NonFiniteWeightsError
 
     if args.out.suffix != ".safetensors":
         print(f"error: output {args.out} must end in .safetensors", file=sys.stderr)
@@ -46,8 +68,15 @@ def run(args: argparse.Namespace) -> int:
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except ckpt.CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    count = ckpt.export_safetensors(source, args.out, dtype=dtype)
+    try:
+        count = ckpt.export_safetensors(source, args.out, dtype=dtype, verify=False)  # verified above
+    except NonFiniteWeightsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     size = args.out.stat().st_size / 2**20
     print(f"exported {count} tensors ({size:.1f} MiB, {args.dtype}) from {source} to {args.out}")
     return 0

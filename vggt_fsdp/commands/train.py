@@ -1,21 +1,27 @@
 """`vggt-fsdp train RECIPE [key=value ...]`: start the processes the recipe asks for and train.
 
-The recipe's `accelerate:` section is written out as an Accelerate config file and handed to
-`accelerate launch -m vggt_fsdp.train RECIPE [key=value ...]`, which starts num_processes training
-processes on this machine (one node of num_machines; override accelerate.machine_rank and
-accelerate.main_process_ip per node). SIGTERM is passed on to the launcher, whose processes save a
-checkpoint at the next step boundary and exit; this command then exits 0 (see faults.py).
+First the recipe is loaded and checked (train/preflight.py: paths, initial weights, patterns against
+the model built on the meta device, the output directory and its lock): every problem is printed as one
+`error: key: ...` line and nothing starts. Then the recipe's `accelerate:` section is written out as
+an Accelerate config file and handed to `accelerate launch -m vggt_fsdp.train RECIPE [key=value ...]`,
+which starts num_processes training processes on this machine (one node of num_machines; override
+accelerate.machine_rank and accelerate.main_process_ip per node). SIGTERM is passed on to the
+launcher, whose processes save a checkpoint at the next step boundary (or, still starting, just stop)
+and exit; this command then exits 0 (see faults.py).
+
+`--dry-run` does the checks, writes the config file where it stays (OUTPUT_DIR/accelerate_config.yaml
+or --config-file) and prints the command that trains the recipe; it starts nothing.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 
@@ -23,7 +29,12 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="recipe YAML file")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted overrides, e.g. train.max_steps=50 train.output_dir=runs/try1")
-    parser.add_argument("--dry-run", action="store_true", help="print the launch command and exit")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the recipe, write the Accelerate config file and print the launch command; "
+                             "start nothing")
+    parser.add_argument("--config-file", type=Path, default=None,
+                        help="where --dry-run writes the Accelerate config (default: "
+                             "OUTPUT_DIR/accelerate_config.yaml)")
 
 
 def launch_command(config_file: Path, recipe: str, overrides: list[str]) -> list[str]:
@@ -34,45 +45,60 @@ def launch_command(config_file: Path, recipe: str, overrides: list[str]) -> list
 def run(args: argparse.Namespace) -> int:
     from vggt_fsdp.parallel.accelerate import accelerate_config_yaml
     from vggt_fsdp.recipe import RecipeError, load_recipe
+    from vggt_fsdp.train.build import STATUS_ENV
+    from vggt_fsdp.train.preflight import preflight
 
     try:
         recipe = load_recipe(args.recipe, args.overrides)  # fail here, before starting any process
     except RecipeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    problems = preflight(recipe)
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if problems:
+        return 2
+    acc = recipe.accelerate
+    where = (f"{acc.get('num_processes')} process(es) ({'cpu' if acc.get('use_cpu') else 'gpu'}, "
+             f"{acc.get('num_machines', 1)} machine(s))")
+    if args.dry_run:
+        config_file = args.config_file or Path(recipe.train.output_dir) / "accelerate_config.yaml"
+        config_file.parent.mkdir(parents=True, exist_ok=True)
+        config_file.write_text(accelerate_config_yaml(recipe))
+        print(f"[vggt-fsdp] recipe checked; would launch {where} with {config_file}:", file=sys.stderr)
+        print(shlex.join(launch_command(config_file, args.recipe, list(args.overrides))))
+        return 0
     with tempfile.TemporaryDirectory(prefix="vggt-fsdp-") as tmp:
         config_file = Path(tmp) / "accelerate_config.yaml"
         config_file.write_text(accelerate_config_yaml(recipe))
         command = launch_command(config_file, args.recipe, list(args.overrides))
-        acc = recipe.accelerate
-        print(f"[vggt-fsdp] launching {acc.get('num_processes')} process(es) "
-              f"({'cpu' if acc.get('use_cpu') else 'gpu'}, {acc.get('num_machines', 1)} machine(s)): "
-              + " ".join(command), file=sys.stderr, flush=True)
-        if args.dry_run:
-            print(config_file.read_text(), file=sys.stderr)
-            return 0
-        started = time.time()
+        print(f"[vggt-fsdp] launching {where}: {shlex.join(command)}", file=sys.stderr, flush=True)
         env = dict(os.environ)
         # After a SIGTERM the launcher's agent SIGKILLs its workers once this many seconds pass; they
         # need a step and a checkpoint save (torch's default is 30 s). A user's own value wins. Read by
         # torch.distributed.launcher.api.LaunchConfig in torch 2.13; older releases (before 2.12, by
         # one public report) ignore it and keep 30 s.
         env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "300")
+        status = Path(tmp) / "status.json"  # rank 0 writes it when a signal stopped the run cleanly
+        env[STATUS_ENV] = str(status)
         code, signalled = _run_forwarding_signals(command, env)
-    return _exit_code(code, signalled, Path(recipe.train.output_dir), started)
+        return _exit_code(code, signalled, status)
 
 
-def _exit_code(code: int, signalled: bool, output_dir: Path, started: float) -> int:
+def _exit_code(code: int, signalled: bool, status: Path) -> int:
     """The launcher's code, except after a forwarded SIGTERM that every rank answered by saving a
-    checkpoint (the agent then exits 1 although nothing failed): 0, as for a direct run."""
-    from vggt_fsdp.train.build import PREEMPTED_MARKER
+    checkpoint or, still starting, by stopping (the agent then exits 1 although nothing failed): 0, as
+    for a direct run."""
     from vggt_fsdp.train.faults import PREEMPTED_EXIT_CODE
 
-    marker = output_dir / PREEMPTED_MARKER
-    if code != 0 and signalled and marker.is_file() and marker.stat().st_mtime >= started:
-        info = json.loads(marker.read_text())
-        print(f"[vggt-fsdp] preempted at step {info['step']}; checkpoint {info['checkpoint']} saved. "
-              "Run the same command again to resume.", file=sys.stderr)
+    if code != 0 and signalled and status.is_file():
+        info = json.loads(status.read_text())
+        if info["checkpoint"] is None:
+            print("[vggt-fsdp] stopped during start-up: nothing was trained. Run the same command again to "
+                  "start.", file=sys.stderr)
+        else:
+            print(f"[vggt-fsdp] preempted at step {info['step']}; checkpoint {info['checkpoint']} saved. "
+                  "Run the same command again to resume.", file=sys.stderr)
         return PREEMPTED_EXIT_CODE
     return code
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from typing import NoReturn, Sequence
 
@@ -25,20 +26,30 @@ def parse_args(argv: list[str] | None = None, prog: str = PROG) -> argparse.Name
 
 
 def main(argv: list[str] | None = None, prog: str = PROG) -> int:
+    # A SIGTERM during the slow imports below is held until stop_during_startup() installs the
+    # handler that ends start-up cleanly (exit 0), instead of killing the process mid-import.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     args = parse_args(argv, prog)
     # As upstream trains: fewer fragmentation OOMs with varying batch shapes; the memory planner
     # assumes it. Must be set before CUDA's allocator starts; a user's own setting wins.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    from vggt_fsdp.recipe import RecipeError, load_recipe
+    from vggt_fsdp.train.faults import PREEMPTED_EXIT_CODE, StartupInterrupted, stop_during_startup
 
     try:
-        recipe = load_recipe(args.recipe, args.overrides)
-    except RecipeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    from vggt_fsdp.train.build import run
+        stop_during_startup()
+        from vggt_fsdp.recipe import RecipeError, load_recipe
 
-    return run(recipe)
+        try:
+            recipe = load_recipe(args.recipe, args.overrides)
+        except RecipeError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        from vggt_fsdp.train.build import run
+
+        return run(recipe)
+    except StartupInterrupted as signum:
+        print(f"[vggt-fsdp] stopped by signal {signum} during start-up: nothing was trained", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
 
 
 def run_recipe_script(path: str, argv: Sequence[str]) -> NoReturn:

@@ -1,8 +1,10 @@
 """From a recipe to a ready `Trainer`: accelerator, sharded model, weights, optimizer, data.
 
 Order matters and is the point of this module:
-1. the Accelerator (it creates the process group) and the seed;
-2. the model built on the meta device (no memory), frozen parameters marked;
+1. the Accelerator (it creates the process group), the output directory's lock (rank 0, lock.py) and
+   the seed;
+2. the model built on the meta device (no memory); rank 0's preflight checks the recipe against it
+   and the filesystem (preflight.py); frozen parameters marked;
 3. `prepare_model`: checkpoint wrappers and FSDP2 sharding, still on meta;
 4. materialise only each rank's shards on the device and initialise them;
 5. initial weights, if any: rank 0 reads the file and streams it to the other ranks' shards
@@ -45,12 +47,15 @@ def seed_everything(seed: int) -> None:
 
 def freeze(model: nn.Module, patterns: list[str]) -> int:
     """requires_grad=False for parameters whose name matches any fnmatch pattern; returns how many.
-    A pattern that matches nothing is an error (a typo would otherwise train what it meant to freeze)."""
+    A pattern that matches nothing is an error (a typo would otherwise train what it meant to freeze),
+    unless it names a disabled head."""
+    from vggt_fsdp.train.preflight import disabled_modules, names_disabled
+
     names = [name for name, _ in model.named_parameters()]
     frozen = 0
     for pattern in patterns:
         hits = {n for n in names if fnmatch.fnmatchcase(n, pattern)}
-        if not hits:
+        if not hits and not names_disabled(pattern, disabled_modules(model)):
             prefixes = sorted({n.split(".")[0] for n in names})
             raise ValueError(f"model.freeze: pattern {pattern!r} matches no parameter; parameter names "
                              f"start with {prefixes} (e.g. 'aggregator.patch_embed.*')")
@@ -70,18 +75,23 @@ def load_initial_weights(model: nn.Module, path: str) -> None:
 
     Only rank 0 reads the file; `set_model_state_dict(full_state_dict, broadcast_from_rank0)` sends
     each tensor to the other ranks, which keep just their shard. Names are checked strictly on rank 0
-    first (a disabled head's tensors in the file are dropped and reported), and every rank raises the
-    same error when they do not match.
+    first (a disabled head's tensors in the file are dropped and reported), then that the tensors are
+    finite, and every rank raises the same error when either fails.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     from vggt_fsdp.model.weights import compare_state_dict, read_state_dict
+    from vggt_fsdp.train.integrity import describe_names, nonfinite_names
 
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     state, message, ignored = {}, None, 0
     if rank0:
         report, state = compare_state_dict(model, read_state_dict(path), ignore_disabled_heads=True)
         message = None if report.ok else f"weights {path} do not match the model: {report.describe()}"
+        bad = nonfinite_names(state.items(), collective=False) if report.ok else []
+        if bad:
+            message = (f"model.init_weights {path} holds NaN or Inf in {describe_names(bad)}; training from it "
+                       "would only produce non-finite losses: use an intact file")
         ignored = len(report.ignored)
     if dist.is_initialized():
         box = [message, ignored]
@@ -129,6 +139,9 @@ class VGGTTask:
 
         return move_batch(batch, device)
 
+    def data_counts(self) -> dict[str, dict[str, int]]:
+        return self.loader.data_counts()
+
 
 def fit_frames_per_gpu(recipe, world: int, device_bytes: int, gpus_per_node: int) -> int:
     """The largest frames per GPU the memory planner fits in `device_bytes` (worst scene split of
@@ -162,22 +175,32 @@ class Built:
     notices: list[str]
 
 
-def build_trainer(recipe) -> Built:
+def build_trainer(recipe, lock=None) -> Built:
+    """`lock`: a lock.RunLock on train.output_dir, taken by rank 0 before anything is written there."""
     from vggt_fsdp.data import build_dataloader
     from vggt_fsdp.model import build_model, materialize
     from vggt_fsdp.parallel import build_accelerator, prepare_model
     from vggt_fsdp.parallel.accelerate import topology_notice
     from vggt_fsdp.recipe import model_config
+    from vggt_fsdp.train import preflight
+    from vggt_fsdp.train.faults import rank0_decides
+    from vggt_fsdp.train.lock import LockError
 
     cfg = recipe.train
     # Prints the topology notice (launcher's process count against the recipe's) on rank 0.
     accelerator = build_accelerator(recipe, gradient_accumulation_steps=cfg.grad_accum_steps)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    if lock is not None:
+        rank0_decides(lambda: lock.acquire().took_over, (LockError, OSError))
+        if lock.took_over:
+            log(lock.took_over)
     notices = [n for n in (topology_notice(recipe.accelerate, world),) if n]
     seed_everything(cfg.seed)  # identical on every rank: the same initial model everywhere
 
     model_cfg = model_config(recipe.model)
     model = build_model(model_cfg, device="meta")
+    rank0_decides(lambda: preflight.check(recipe, model, cuda=device.type == "cuda", check_lock=False),
+                  (preflight.PreflightError,))
     frozen = freeze(model, recipe.model.freeze)
     plan = prepare_model(accelerator, model, recipe.parallel)
     with warnings.catch_warnings():
@@ -232,29 +255,71 @@ def model_cfg_name(recipe) -> str:
 
 
 def run(recipe) -> int:
-    """Train a recipe in this process (one rank of whatever the launcher started); returns the exit
-    code."""
+    """Train a recipe in this process (one rank of whatever the launcher started); returns the exit code.
+
+    Every rank reports the error it meets itself (faults.report_failure). The expected failures (a
+    refused recipe, a directory in use, a damaged checkpoint, non-finite weights or losses, bad data)
+    end with code 1 and no traceback; a stop signal before training began ends with code 0.
+    """
+    from vggt_fsdp.data import DataError
+    from vggt_fsdp.train.checkpoint import CheckpointError
+    from vggt_fsdp.train.faults import (PREEMPTED_EXIT_CODE, NonFiniteLossError, StartupInterrupted,
+                                        report_failure, stop_during_startup)
+    from vggt_fsdp.train.lock import LockError, RunLock
+    from vggt_fsdp.train.preflight import PreflightError
+
+    stop_during_startup()  # until the training loop takes SIGTERM over
+    lock = RunLock(recipe.train.output_dir)
+    try:
+        return _train(recipe, lock)
+    except StartupInterrupted as signum:
+        log(f"stopped by signal {signum} during start-up: nothing was trained, nothing saved")
+        _report_preempted(recipe, lock, step=None, checkpoint=None)
+        return PREEMPTED_EXIT_CODE
+    except (PreflightError, LockError, CheckpointError, NonFiniteLossError, InitWeightsError, DataError) as err:
+        report_failure(err)
+        return 1
+    except Exception as err:
+        report_failure(err)
+        raise
+    finally:
+        lock.release()
+
+
+STATUS_ENV = "VGGT_FSDP_STATUS"  # set by `vggt-fsdp train`: where rank 0 says the run was preempted
+
+
+def _report_preempted(recipe, lock, step: int | None, checkpoint: Path | None) -> None:
+    """Rank 0: preempted.json in output_dir (only while holding its lock) and the launcher's status file.
+    Read by `vggt-fsdp train`: the launcher (torchrun's agent) exits non-zero when signalled even though
+    every rank saved and exited cleanly."""
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    info = json.dumps({"step": step, "checkpoint": str(checkpoint) if checkpoint else None})
+    if lock.holder is not None:
+        (Path(recipe.train.output_dir) / PREEMPTED_MARKER).write_text(info)
+    if os.environ.get(STATUS_ENV):
+        Path(os.environ[STATUS_ENV]).write_text(info)
+
+
+def _train(recipe, lock) -> int:
     from vggt_fsdp.train import checkpoint as ckpt
 
-    built = build_trainer(recipe)
+    built = build_trainer(recipe, lock)
     trainer = built.trainer
     out = Path(recipe.train.output_dir)
     if trainer.rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
         from vggt_fsdp.recipe import dump_recipe
         (out / "recipe.yaml").write_text(dump_recipe(recipe))
-    marker = out / PREEMPTED_MARKER
-    if trainer.rank == 0:
-        marker.unlink(missing_ok=True)  # only this run's preemption may be reported
+        (out / PREEMPTED_MARKER).unlink(missing_ok=True)  # only this run's preemption may be reported
     trainer.resume()
     outcome = trainer.fit()
-    if outcome.preempted and trainer.rank == 0:
-        # Read by `vggt-fsdp train`: the launcher (torchrun's agent) exits non-zero when signalled
-        # even though every rank saved and exited cleanly.
-        marker.write_text(json.dumps({"step": outcome.step, "checkpoint": str(outcome.last_checkpoint)}))
+    if outcome.preempted:
+        _report_preempted(recipe, lock, outcome.step, outcome.last_checkpoint)
     if not outcome.preempted and recipe.train.export_final and outcome.last_checkpoint is not None:
         if trainer.rank == 0:
-            count = ckpt.export_safetensors(outcome.last_checkpoint, out / "model.safetensors")
+            # Just written and checksummed, weights checked finite: export_safetensors checks them again.
+            count = ckpt.export_safetensors(outcome.last_checkpoint, out / "model.safetensors", verify=False)
             log(f"exported {count} tensors to {out / 'model.safetensors'}")
     if dist.is_initialized():
         dist.barrier()

@@ -1,34 +1,87 @@
 """What the trainer does when things go wrong: preemption, non-finite losses, out of memory.
 
-- SIGTERM (preemption, `scancel`, a launcher stopping the job): the handler only sets a flag; at the
-  next step boundary all ranks agree (a MAX over a CPU gloo group, which never waits for the GPU),
-  save a checkpoint and exit with code 0. A second SIGTERM during that save is ignored.
+- SIGTERM (preemption, `scancel`, a launcher stopping the job): during start-up (imports, building,
+  loading weights, resuming) it ends the process at once with code 0: nothing was trained, so nothing
+  is saved. Once training runs, the handler only sets a flag; at the next step boundary all ranks
+  agree (a MAX over a CPU gloo group, which never waits for the GPU), save a checkpoint and exit with
+  code 0. A second SIGTERM during that save is ignored.
 - A non-finite loss or gradient norm: the optimizer update is skipped on every rank. With fused AdamW
   the skip happens on the device (the optimizer's `found_inf` input), so no host sync is needed and the
   count of skipped steps in a row is checked at the next log step; the run aborts with
   `NonFiniteLossError` when it reaches `train.max_nonfinite_in_row`.
 - Out of memory: the step's frames, tokens and the recipe settings that reduce memory are printed,
   then the error is re-raised (the run ends; nothing is retried behind the user's back).
+- Any error: the rank that raised it prints it at once (`report_failure`), so a peer's later
+  "connection closed" in a collective is never the only message; decisions taken on rank 0 (lock,
+  preflight, checkpoint choice) reach every rank as the same error (`rank0_decides`).
 """
 from __future__ import annotations
 
 import signal
 import sys
 from dataclasses import dataclass
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
 
 PREEMPTED_EXIT_CODE = 0  # a preempted run that saved its checkpoint ended as intended
+T = TypeVar("T")
 
 
 class NonFiniteLossError(RuntimeError):
     pass
 
 
+class StartupInterrupted(BaseException):
+    """A stop signal arrived before training began (BaseException: no `except Exception` swallows it)."""
+
+
+def _raise_startup(signum, frame) -> None:
+    raise StartupInterrupted(signum)
+
+
+def stop_during_startup(signals: tuple[int, ...] = (signal.SIGTERM,)) -> None:
+    """Until `StopSignal` takes over, `signals` raise StartupInterrupted. A process that blocked them
+    first (`signal.pthread_sigmask`, before its slow imports) receives a pending one now."""
+    for sig in signals:
+        signal.signal(sig, _raise_startup)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, set(signals))
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def report_failure(err: BaseException) -> None:
+    """This rank's error on stderr at once: when it leaves a collective, its peers fail with a
+    connection error, which must not be the only message. An error that `rank0_decides` passed on is
+    reported by rank 0 alone."""
+    if getattr(err, "decided_by_rank0", False) and _rank() != 0:
+        return
+    print(f"[vggt-fsdp rank {_rank()}] error: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+
+
+def rank0_decides(decide: Callable[[], T], errors: tuple[type[Exception], ...]) -> T:
+    """Collective: rank 0 calls `decide()`; its result, or the error of one of `errors` it raised, reaches
+    every rank (which raises it too: none is left waiting in a collective)."""
+    box: list[Any] = [None, None]
+    if _rank() == 0:
+        try:
+            box[0] = decide()
+        except errors as err:
+            box[1] = err
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
+    if box[1] is not None:
+        box[1].decided_by_rank0 = True
+        raise box[1]
+    return box[0]
+
+
 class StopSignal:
     """`signals` (SIGTERM by default; SIGINT keeps its KeyboardInterrupt) -> stop at the next step
-    boundary, agreed across ranks."""
+    boundary, agreed across ranks. Creating it ends the start-up handling of `stop_during_startup`."""
 
     def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)):
         self.received: int | None = None

@@ -4,6 +4,10 @@
 draw a batch, compute the loss and describe the batch's size); `vggt_fsdp.train.build` assembles these
 from a recipe. One optimizer step = `train.grad_accum_steps` micro-batches. The step keeps the host
 ahead of the device: losses, norms and the non-finite flag stay on the device until a log step.
+
+Nothing broken is kept: a checkpoint that falls due during a run of non-finite steps is postponed to the
+first finite step, weights are checked finite before every save, and a run that ends inside a run of
+non-finite steps saves and exports nothing and names the last good checkpoint (NonFiniteLossError).
 """
 from __future__ import annotations
 
@@ -19,9 +23,11 @@ from torch import nn
 
 from vggt_fsdp.train import checkpoint as ckpt
 from vggt_fsdp.train.config import TrainConfig
-from vggt_fsdp.train.faults import (PREEMPTED_EXIT_CODE, NonFiniteGuard, StepShape, StopSignal, is_oom,
-                                    oom_report)
-from vggt_fsdp.train.metrics import MetricsAccumulator, MetricsWriter, ProgressLine, memory_stats
+from vggt_fsdp.train.faults import (PREEMPTED_EXIT_CODE, NonFiniteGuard, NonFiniteLossError, StepShape, StopSignal,
+                                    is_oom, oom_report)
+from vggt_fsdp.train.integrity import NonFiniteWeightsError
+from vggt_fsdp.train.metrics import (MetricsAccumulator, MetricsWriter, ProgressLine, memory_stats, sum_counts,
+                                     truncate_metrics)
 from vggt_fsdp.train.optim import ClipGroup, clip_grad_norms, total_norm
 
 
@@ -46,6 +52,9 @@ class Task(Protocol):
         """Scenes, frames, image size and tokens of a batch (host-side, from shapes only)."""
 
     def to_device(self, batch: Any, device: torch.device) -> Any: ...
+
+    # Optional: data_counts() -> {counter: {source: n}} since the run began on this rank (summed over
+    # ranks into metrics.jsonl's "data"), e.g. frames served and bad frames skipped per source.
 
 
 @dataclass
@@ -83,7 +92,8 @@ class Trainer:
         self.ckpt_root = self.output_dir / "checkpoints"
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
-        self.state = ckpt.TrainState(step=0, scheduler=scheduler, sampler=getattr(task, "sampler", None))
+        self.state = ckpt.TrainState(step=0, scheduler=scheduler, sampler=getattr(task, "sampler", None),
+                                     max_steps=cfg.max_steps)
         # Where the sharded parameters (and so the optimizer's found_inf input) live: the host with
         # parallel.sharding.cpu_offload, the compute device otherwise.
         state_device = next(model.parameters()).device
@@ -95,17 +105,25 @@ class Trainer:
         self.last_shape: StepShape | None = None
         self.last_lr: float | None = None  # the lr of the latest optimizer step, for the log
         self.resumed_from: Path | None = None
+        self.last_good: Path | None = None  # newest checkpoint written (or resumed) outside a non-finite run
+        self._save_due = False  # a periodic checkpoint postponed by a run of non-finite steps
 
     # ------------------------------------------------------------------------------------ public
     def resume(self) -> Path | None:
+        """Collective. Load the newest intact checkpoint `train.resume` allows (if any), then drop the
+        metrics.jsonl records of steps after it: those steps run again."""
         path = ckpt.agreed_resume(self.cfg.resume, self.ckpt_root)
-        if path is None:
-            return None
-        notice = ckpt.load_checkpoint(path, self.model, self.optimizer_inner, self.state, self.device)
-        self.resumed_from = path
-        log(f"resumed from {path} at step {self.state.step}")
-        if notice:
-            log(notice)
+        if path is not None:
+            notices = ckpt.load_checkpoint(path, self.model, self.optimizer_inner, self.state, self.device)
+            self.resumed_from = self.last_good = path
+            log(f"resumed from {path} at step {self.state.step}")
+            for notice in notices:
+                log(notice)
+        if self.rank == 0:
+            dropped = truncate_metrics(self.output_dir, self.state.step)
+            if dropped:
+                log(f"metrics.jsonl: {dropped} record(s) of steps after {self.state.step}, which run again, moved "
+                    "to metrics-discarded.jsonl")
         return path
 
     @property
@@ -144,9 +162,17 @@ class Trainer:
                     log(f"stopped by signal at step {step}; checkpoint {outcome.last_checkpoint}")
                     break
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
-                    with self.acc.excluded():
-                        outcome.last_checkpoint = self.save()
+                    self._save_due = True
+                if self._save_due and step < cfg.max_steps:
+                    if self._nonfinite_run() == 0:
+                        with self.acc.excluded():
+                            outcome.last_checkpoint = self.save()
+                        self._save_due = False
+                    elif step % cfg.checkpoint_every == 0:
+                        log(f"checkpoint of step {step} postponed: it ends a non-finite step; saved at the next "
+                            "finite one")
             else:
+                self._refuse_nonfinite_end()
                 outcome.last_checkpoint = self.save()
         finally:
             self.progress.close()
@@ -156,10 +182,37 @@ class Trainer:
         return outcome
 
     def save(self) -> Path:
-        path = ckpt.save_checkpoint(self.ckpt_root, self.model, self.optimizer_inner, self.state,
-                                    self.device, self.cfg.keep_last)
-        log(f"checkpoint {path}")
+        """Collective. A checkpoint of the current state; raises NonFiniteLossError (nothing written)
+        when the weights hold NaN or Inf."""
+        in_row = self._nonfinite_run()
+        try:
+            path = ckpt.save_checkpoint(self.ckpt_root, self.model, self.optimizer_inner, self.state,
+                                        self.device, self.cfg.keep_last, info={"nonfinite_in_row": in_row})
+        except NonFiniteWeightsError as err:
+            raise NonFiniteLossError(f"{err}. {self.last_good_text()}") from None
+        if in_row == 0:
+            self.last_good = path
+        log(f"checkpoint {path}" + (f" (saved inside a run of {in_row} non-finite steps)" if in_row else ""))
         return path
+
+    def last_good_text(self) -> str:
+        if self.last_good is None:
+            return "No good checkpoint exists from this run (train.checkpoint_every sets how often they are written)"
+        return (f"The last good checkpoint is {self.last_good}; after fixing the cause, resume from it with "
+                f"train.resume={self.last_good}")
+
+    def _nonfinite_run(self) -> int:
+        """Host sync: the current run of consecutive non-finite steps (save time only)."""
+        return int(self.guard.run.item())
+
+    def _refuse_nonfinite_end(self) -> None:
+        in_row = self._nonfinite_run()
+        if in_row:
+            first = self.state.step - in_row + 1
+            raise NonFiniteLossError(
+                f"the run ended inside {in_row} non-finite step(s) in a row (steps {first}-{self.state.step}; "
+                f"train.max_nonfinite_in_row={self.cfg.max_nonfinite_in_row}): their updates were skipped, and "
+                f"the final state is neither saved nor exported. {self.last_good_text()}")
 
     # ------------------------------------------------------------------------------------ one step
     def _step(self, batches: Iterator[Any]) -> None:
@@ -224,7 +277,10 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ logging
     def _log_step(self, step: int) -> None:
-        total_skipped = self.guard.check(step)  # raises after too many non-finite steps in a row
+        try:
+            total_skipped = self.guard.check(step)  # raises after too many non-finite steps in a row
+        except NonFiniteLossError as err:
+            raise NonFiniteLossError(f"{err}. {self.last_good_text()}") from None
         means = self.acc.means(reduce_keys=tuple(k for k in self.acc.sums if k.startswith("loss_terms.")))
         elapsed = time.perf_counter() - self.acc.started
         n = max(self.acc.steps, 1)
@@ -242,6 +298,9 @@ class Trainer:
             "tokens_per_s": self.acc.tokens / elapsed,
             **memory_stats(self.device),
         }
+        counts = getattr(self.task, "data_counts", None)
+        if counts is not None:
+            record["data"] = sum_counts(counts(), self.device)
         self.acc.reset()
         if self.rank == 0:
             self.writer.write(record)

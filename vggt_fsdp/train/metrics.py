@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -157,6 +158,47 @@ def _tensorboard_writer(path: Path):
             "train.tensorboard=true needs the `tensorboard` package (pip install tensorboard), "
             f"which is not installed ({err}); or set train.tensorboard=false") from None
     return SummaryWriter(str(path))
+
+
+def sum_counts(counts: dict[str, dict[str, int]], device: torch.device) -> dict[str, dict[str, int]]:
+    """Per-rank counters ({counter: {source: n}}, the same keys on every rank) summed over ranks: one
+    all-reduce (collective)."""
+    keys = [(name, label) for name in sorted(counts) for label in sorted(counts[name])]
+    if dist.is_initialized() and dist.get_world_size() > 1 and keys:
+        from vggt_fsdp.train.integrity import _collective_device
+
+        values = torch.tensor([counts[n][label] for n, label in keys], dtype=torch.int64,
+                              device=_collective_device(device))
+        dist.all_reduce(values)
+        for (name, label), value in zip(keys, values.tolist()):
+            counts[name][label] = value
+    return counts
+
+
+def truncate_metrics(output_dir: Path, step: int) -> int:
+    """Keep the metrics.jsonl records of steps <= `step` (where a resumed run continues) and move the
+    others, which the resumed run writes again, to metrics-discarded.jsonl. Returns how many moved.
+    The file is replaced atomically: a crash leaves the old or the new one."""
+    path = Path(output_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    kept, dropped = [], []
+    for line in path.read_text().splitlines(keepends=True):
+        if not line.strip():
+            continue
+        try:
+            late = json.loads(line).get("step", 0) > step
+        except (json.JSONDecodeError, AttributeError):
+            late = True  # a half-written last line of a crashed run
+        (dropped if late else kept).append(line if line.endswith("\n") else line + "\n")
+    if not dropped:
+        return 0
+    with open(path.with_name("metrics-discarded.jsonl"), "a") as f:
+        f.writelines(dropped)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+    return len(dropped)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

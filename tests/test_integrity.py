@@ -1,0 +1,342 @@
+"""Nothing lost, nothing silently wrong: damaged checkpoints are named and skipped, non-finite weights
+are never loaded, saved or exported, and a run ending in non-finite steps fails.
+
+Most cases run in this process (DCP and the checkpoint code work without a process group); two use
+the 2-rank toy trainer of test_train_core (a rank file missing on one rank, a final non-finite run).
+The damage cases are a table: one line per way a checkpoint breaks.
+"""
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from vggt_fsdp.train import checkpoint as ckpt
+from vggt_fsdp.train.integrity import NonFiniteWeightsError, checksum_files, nonfinite_names, verify_files
+from vggt_fsdp.train.metrics import read_metrics, truncate_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+# DCP without a process group says it assumes one process: the intent here.
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+
+
+class Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.aggregator = nn.Sequential(nn.Linear(6, 16), nn.LayerNorm(16))
+        self.depth_head = nn.Linear(16, 3)
+
+
+def _train_state(model: nn.Module, step: int, max_steps: int = 10) -> tuple[torch.optim.Optimizer, ckpt.TrainState]:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 - s / max_steps)
+    for _ in range(step):  # real optimizer state, and the scheduler at `step`
+        model.depth_head(model.aggregator(torch.randn(4, 6))).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        scheduler.step()
+    return optimizer, ckpt.TrainState(step=step, scheduler=scheduler, max_steps=max_steps)
+
+
+def _save(root: Path, step: int, model: nn.Module | None = None, **kwargs) -> tuple[Path, dict]:
+    torch.manual_seed(step)
+    model = model or Toy()
+    optimizer, state = _train_state(model, step, **kwargs)
+    path = ckpt.save_checkpoint(root, model, optimizer, state, torch.device("cpu"), keep_last=0)
+    return path, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture
+def two_checkpoints(tmp_path):
+    root = tmp_path / "checkpoints"
+    first, weights1 = _save(root, 1)
+    second, _ = _save(root, 2)
+    return root, first, second, weights1
+
+
+def _shard(path: Path) -> Path:
+    return next(path.glob("__0_*.distcp"))
+
+
+def _flip(path: Path, offset: int = 0, count: int = 4096) -> None:
+    data = bytearray(path.read_bytes())
+    for i in range(offset, min(offset + count, len(data))):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _drop_from_manifest(path: Path, name: str) -> None:
+    marker = json.loads((path / ckpt.MARKER).read_text())
+    del marker["files"][name]
+    (path / ckpt.MARKER).write_text(json.dumps(marker))
+
+
+# How a checkpoint breaks -> a phrase the report must contain (besides the checkpoint's path).
+DAMAGE = {
+    "flipped bytes in a shard": (lambda d: _flip(_shard(d), offset=100), "differ from their checksum"),
+    "truncated shard": (lambda d: os.truncate(_shard(d), _shard(d).stat().st_size // 2), "(truncated)"),
+    "empty shard": (lambda d: _shard(d).write_bytes(b""), "(truncated)"),
+    "missing rank file": (lambda d: (d / "rank00000.pt").unlink(), "rank00000.pt is missing"),
+    "flipped bytes in a rank file": (lambda d: _flip(d / "rank00000.pt", offset=50, count=8), "rank00000.pt: 1 block"),
+    "missing .metadata": (lambda d: (d / ".metadata").unlink(), ".metadata is missing"),
+    "corrupt COMPLETE marker": (lambda d: (d / ckpt.MARKER).write_text('{"step": 2, "world'), "unreadable"),
+    "empty COMPLETE marker": (lambda d: (d / ckpt.MARKER).write_text(""), "unreadable"),
+    "marker without its fields": (lambda d: (d / ckpt.MARKER).write_text("[1, 2]"), "lacks step, world_size"),
+    "rank file not in the manifest": (lambda d: _drop_from_manifest(d, "rank00000.pt"),
+                                      "rank00000.pt is not in the COMPLETE manifest"),
+}
+
+
+def test_an_intact_checkpoint_records_every_file(two_checkpoints):
+    root, first, second, _ = two_checkpoints
+    marker = ckpt.read_marker(second)
+    on_disk = {p.name for p in second.iterdir() if p.name != ckpt.MARKER}
+    assert set(marker["files"]) == on_disk and {".metadata", "rank00000.pt"} <= on_disk
+    for name, record in marker["files"].items():
+        assert record["size"] == (second / name).stat().st_size and record["crc32"]
+    assert ckpt.checkpoint_problems(second) == []
+    assert ckpt.agreed_resume("auto", root) == second
+
+
+@pytest.mark.parametrize("case", list(DAMAGE))
+def test_damaged_checkpoint_is_named_and_auto_resume_falls_back(two_checkpoints, case, capsys):
+    root, first, second, weights1 = two_checkpoints
+    damage, phrase = DAMAGE[case]
+    damage(second)
+    problems = ckpt.checkpoint_problems(second)
+    assert any(phrase in p for p in problems), problems
+    assert ckpt.agreed_resume("auto", root) == first
+    err = capsys.readouterr().err
+    assert f"checkpoint {second} is damaged" in err and f"falling back to {first}" in err and phrase in err
+    # Named explicitly, a damaged checkpoint stops the run (no silent substitute).
+    with pytest.raises(ckpt.CheckpointError, match="is damaged") as info:
+        ckpt.agreed_resume(str(second), root)
+    assert str(second) in str(info.value) and phrase in str(info.value)
+
+
+def test_the_fallback_resumes_the_intact_weights(two_checkpoints):
+    root, first, second, weights1 = two_checkpoints
+    _flip(_shard(second), offset=0, count=1 << 20)
+    path = ckpt.agreed_resume("auto", root)
+    model = Toy()
+    optimizer, state = _train_state(model, 0)
+    ckpt.load_checkpoint(path, model, optimizer, state, torch.device("cpu"))
+    assert state.step == 1
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, weights1[name]), name
+
+
+def test_no_intact_checkpoint_left_stops_with_each_named(two_checkpoints):
+    root, first, second, _ = two_checkpoints
+    DAMAGE["truncated shard"][0](first)
+    DAMAGE["corrupt COMPLETE marker"][0](second)
+    with pytest.raises(ckpt.CheckpointError, match="no intact checkpoint") as info:
+        ckpt.agreed_resume("auto", root)
+    assert str(first) in str(info.value) and str(second) in str(info.value)
+    assert "train.resume=none" in str(info.value)
+
+
+def test_export_refuses_a_damaged_checkpoint_and_the_command_falls_back(two_checkpoints, tmp_path, capsys):
+    from vggt_fsdp.commands.export import find_checkpoint
+
+    root, first, second, weights1 = two_checkpoints
+    _flip(_shard(second), offset=100)
+    out = tmp_path / "model.safetensors"
+    with pytest.raises(ckpt.CheckpointError, match="differ from their checksum"):
+        ckpt.export_safetensors(second, out)
+    assert not out.exists()
+    assert find_checkpoint(root.parent) == first
+    assert f"checkpoint {second} is damaged" in capsys.readouterr().err
+    with pytest.raises(ckpt.CheckpointError):
+        find_checkpoint(second)
+
+
+def test_legacy_checkpoint_without_manifest_is_resumed_with_a_warning(two_checkpoints, capsys):
+    root, first, second, _ = two_checkpoints
+    marker = json.loads((second / ckpt.MARKER).read_text())
+    del marker["files"]
+    (second / ckpt.MARKER).write_text(json.dumps(marker))
+    assert ckpt.agreed_resume("auto", root) == second
+    assert "without a file manifest" in capsys.readouterr().err
+
+
+def test_block_checksums_name_the_damaged_range(tmp_path, monkeypatch):
+    from vggt_fsdp.train import integrity
+
+    monkeypatch.setattr(integrity, "BLOCK_BYTES", 1024)
+    path = tmp_path / "data.bin"
+    path.write_bytes(os.urandom(10_000))
+    records = checksum_files([path], threads=3)
+    assert len(records["data.bin"]["crc32"]) == 10  # ceil(10000 / 1024) blocks
+    assert verify_files(tmp_path, records) == []
+    _flip(path, offset=5000, count=1)
+    assert verify_files(tmp_path, records) == [
+        "data.bin: 1 block(s) of bytes 4,096-5,120 differ from their checksum (the bytes changed after they "
+        "were written)"]
+
+
+# ------------------------------------------------------------------------------------- finite weights
+def _poison(model: nn.Module) -> None:
+    with torch.no_grad():
+        model.depth_head.weight[0, 0] = float("nan")
+        model.aggregator[1].bias[2] = float("inf")
+
+
+def test_nonfinite_names_lists_exactly_the_bad_tensors():
+    model = Toy()
+    assert nonfinite_names(model.named_parameters()) == []
+    _poison(model)
+    assert nonfinite_names(model.named_parameters()) == ["aggregator.1.bias", "depth_head.weight"]
+    assert nonfinite_names([("empty", torch.empty(0)), ("ints", torch.zeros(3, dtype=torch.int64))]) == []
+
+
+def test_save_refuses_nonfinite_weights_and_writes_nothing(tmp_path):
+    model = Toy()
+    optimizer, state = _train_state(model, 1)
+    _poison(model)
+    with pytest.raises(NonFiniteWeightsError, match="depth_head.weight") as info:
+        ckpt.save_checkpoint(tmp_path / "checkpoints", model, optimizer, state, torch.device("cpu"), keep_last=0)
+    assert "aggregator.1.bias" in str(info.value) and "not written" in str(info.value)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.fixture
+def nan_checkpoint(tmp_path, monkeypatch):
+    """A checkpoint holding NaN weights (its save bypasses the check): how a legacy or hand-edited
+    checkpoint could look."""
+    model = Toy()
+    optimizer, state = _train_state(model, 1)
+    _poison(model)
+    monkeypatch.setattr(ckpt, "check_finite", lambda *a, **k: None)
+    path = ckpt.save_checkpoint(tmp_path / "checkpoints", model, optimizer, state, torch.device("cpu"), keep_last=0)
+    monkeypatch.undo()
+    return path
+
+
+def test_resume_refuses_nonfinite_weights_with_their_names(nan_checkpoint):
+    model = Toy()
+    optimizer, state = _train_state(model, 0)
+    with pytest.raises(NonFiniteWeightsError, match="depth_head.weight") as info:
+        ckpt.load_checkpoint(nan_checkpoint, model, optimizer, state, torch.device("cpu"))
+    assert str(nan_checkpoint) in str(info.value)
+
+
+def test_export_refuses_nonfinite_weights(nan_checkpoint, tmp_path):
+    out = tmp_path / "model.safetensors"
+    with pytest.raises(NonFiniteWeightsError, match="not exported"):
+        ckpt.export_safetensors(nan_checkpoint, out)
+    assert not out.exists() and not out.with_name(out.name + ".tmp").exists()
+
+
+def test_initial_weights_with_nan_are_refused_by_name(tmp_path):
+    from safetensors.torch import save_file
+
+    from vggt_fsdp.train.build import InitWeightsError, load_initial_weights
+
+    source = Toy()
+    _poison(source)
+    path = tmp_path / "init.safetensors"
+    save_file(source.state_dict(), str(path))
+    with pytest.raises(InitWeightsError, match=r"2 tensor\(s\): aggregator.1.bias, depth_head.weight"):
+        load_initial_weights(Toy(), str(path))
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_export_is_readable_as_the_umask_allows(two_checkpoints, tmp_path, umask, mode):
+    root, first, second, _ = two_checkpoints
+    old = os.umask(umask)
+    try:
+        ckpt.export_safetensors(second, tmp_path / "model.safetensors")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "model.safetensors").stat().st_mode) == mode
+
+
+# ------------------------------------------------------------------------------------- resume details
+def test_a_changed_max_steps_is_said_with_the_lr_jump(tmp_path):
+    path, _ = _save(tmp_path / "checkpoints", 4, max_steps=10)
+    model = Toy()
+    optimizer, state = _train_state(model, 0, max_steps=20)
+    notices = ckpt.load_checkpoint(path, model, optimizer, state, torch.device("cpu"))
+    assert len(notices) == 1 and "train.max_steps changed from 10 (the checkpoint's) to 20" in notices[0]
+    assert "lr at step 5: 0.006 before, 0.008 now" in notices[0]  # 1e-2 * (1 - 4/10) vs (1 - 4/20)
+    same = Toy()
+    optimizer, state = _train_state(same, 0, max_steps=10)
+    assert ckpt.load_checkpoint(path, same, optimizer, state, torch.device("cpu")) == []
+
+
+def test_metrics_are_truncated_to_the_resumed_step(tmp_path):
+    lines = [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.9}, {"step": 2, "val": {"loss": 1.1}},
+             {"step": 3, "loss": 0.8}, {"step": 4, "loss": 0.7}]
+    text = "".join(json.dumps(r) + "\n" for r in lines) + '{"step": 5, "lo'  # the crash cut the last line
+    (tmp_path / "metrics.jsonl").write_text(text)
+    assert truncate_metrics(tmp_path, 2) == 3
+    assert read_metrics(tmp_path / "metrics.jsonl") == lines[:3]
+    discarded = (tmp_path / "metrics-discarded.jsonl").read_text().splitlines()
+    assert [json.loads(d)["step"] for d in discarded[:2]] == [3, 4] and discarded[2] == '{"step": 5, "lo'
+    assert truncate_metrics(tmp_path, 2) == 0  # nothing left to move
+
+
+# ------------------------------------------------------------------------------------- 2 ranks
+def test_missing_rank_file_falls_back_on_every_rank_and_reruns_exactly(tmp_path, capfd):
+    from test_train_core import run_toy
+
+    run_toy(tmp_path, max_steps=4, checkpoint_every=2, keep_last=0)
+    (tmp_path / "checkpoints" / "step-0000004" / "rank00001.pt").unlink()
+    capfd.readouterr()
+    result = run_toy(tmp_path, max_steps=4, checkpoint_every=2, keep_last=0)
+    err = capfd.readouterr().err
+    for rank in (0, 1):
+        assert f"[vggt-fsdp rank {rank}] warning: checkpoint {tmp_path / 'checkpoints' / 'step-0000004'} is damaged" in err
+    assert "rank00001.pt is missing" in err and "resumed from" in err and "step-0000002 at step 2" in err
+    assert result["step"] == 4 and result["error"] is None
+    # Steps 3-4 ran again from step 2: the same losses as the first time (kept aside by the truncation).
+    again = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "metrics.jsonl")}
+    first = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "metrics-discarded.jsonl")}
+    assert sorted(again) == [1, 2, 3, 4] and sorted(first) == [3, 4]
+    assert all(again[s] == first[s] for s in (3, 4))
+
+
+def test_a_run_ending_in_nonfinite_steps_fails_and_names_the_last_good_checkpoint(tmp_path):
+    from test_train_core import run_toy
+
+    # Step 4 is non-finite: its checkpoint is postponed to step 5. Step 6, the last, is non-finite too.
+    result = run_toy(tmp_path, nan_steps=(4, 6), max_steps=6, checkpoint_every=2, keep_last=0,
+                     max_nonfinite_in_row=3)
+    assert result["error"] is not None
+    assert "ended inside 1 non-finite step(s) in a row (steps 6-6" in result["error"]
+    assert f"last good checkpoint is {tmp_path / 'checkpoints' / 'step-0000005'}" in result["error"]
+    assert [s for s, _ in ckpt.complete_checkpoints(tmp_path / "checkpoints")] == [2, 5]
+    assert all(torch.isfinite(v).all() for v in result["params"].values())
+
+
+def test_nan_initial_weights_exit_nonzero_and_export_nothing(tmp_path):
+    """The real entry point, one process: refused while loading, named, exit 1, nothing written."""
+    from safetensors.torch import save_file
+
+    from vggt_fsdp.model import build_model
+    from vggt_fsdp.recipe import load_recipe, model_config
+
+    recipe = REPO / "recipes" / "cpu_tiny.yaml"
+    weights = build_model(model_config(load_recipe(recipe).model)).state_dict()
+    weights["aggregator.camera_token"][0, 0, 0, :3] = float("nan")
+    init = tmp_path / "init.safetensors"
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(init))
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "vggt_fsdp.train", str(recipe), f"model.init_weights={init}", f"train.output_dir={out}",
+         "train.max_steps=2", "data.image_width=56", "data.frames_range=[2,3]", "data.frames_per_gpu=3",
+         "train.progress_bar=false"],
+        cwd=REPO, capture_output=True, text=True, timeout=240,
+        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)))
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "holds NaN or Inf in 1 tensor(s): aggregator.camera_token" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (out / "model.safetensors").exists() and not (out / "checkpoints").exists()

@@ -1,0 +1,312 @@
+"""Preflight: everything about a recipe that can be checked without a GPU, before any process starts.
+
+`vggt-fsdp train` runs it before launching, and the trainer's rank 0 again before building anything
+heavy (a launcher other than `vggt-fsdp train` skips the first). Recipe loading has already checked
+types, ranges and combinations; preflight checks the recipe against the world and the model:
+
+- train.output_dir: a writable directory (or creatable), not held by a live trainer (lock.py);
+- data roots, model.init_weights and a train.resume path: present and readable;
+- model.init_weights: tensor names and shapes against the model, from the file's header only;
+- model.freeze, parallel.layout (block and attention types, units, groups), parallel.precision.fp32_modules
+  and parallel.checkpoint.n against the model built on the meta device (no memory);
+- data.frames_per_gpu: auto only where there is a GPU to plan for.
+
+A pattern that matches nothing is an error unless it names a module the recipe disabled (a head set to
+None): a typo would otherwise silently train what it meant to freeze, or compute a head in bf16. Each
+problem is one line: the recipe key, what is wrong and the fix.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vggt_fsdp.parallel.config import ParallelConfig
+
+
+@dataclass(frozen=True)
+class Problem:
+    key: str  # dotted recipe key
+    message: str  # what is wrong and the fix
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.message}"
+
+
+class PreflightError(ValueError):
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+    def __reduce__(self):  # pickled to reach every rank
+        return PreflightError, (self.problems,)
+
+
+def preflight(recipe, model: nn.Module | None = None, *, cuda: bool | None = None,
+              check_lock: bool = True) -> list[Problem]:
+    """Every problem found (empty: go). `model`: the recipe's model, untouched (not frozen or sharded),
+    on any device; built on the meta device when None. `cuda`: whether the run gets CUDA devices
+    (default: the recipe's accelerate.use_cpu and this machine). `check_lock`: report a live trainer
+    holding output_dir (the trainer itself takes the lock instead)."""
+    problems = output_dir_problems(recipe.train.output_dir, check_lock)
+    problems += data_problems(recipe.data)
+    problems += device_problems(recipe, cuda)
+    problems += resume_problems(recipe.train.resume)
+    if model is None:
+        from vggt_fsdp.model import build_model
+        from vggt_fsdp.recipe import model_config
+
+        model = build_model(model_config(recipe.model), device="meta")
+    problems += freeze_problems(model, recipe.model.freeze)
+    problems += layout_problems(model, recipe.parallel)
+    if recipe.model.init_weights:
+        problems += init_weights_problems(model, recipe.model.init_weights)
+    return problems
+
+
+def check(recipe, model: nn.Module | None = None, **kwargs) -> None:
+    """`preflight`, raising PreflightError with every problem."""
+    problems = preflight(recipe, model, **kwargs)
+    if problems:
+        raise PreflightError(problems)
+
+
+# ------------------------------------------------------------------------------------- the world
+def output_dir_problems(output_dir: str, check_lock: bool = True) -> list[Problem]:
+    key, path = "train.output_dir", Path(output_dir)
+    if path.exists() and not path.is_dir():
+        return [Problem(key, f"{path} is a file, not a directory; name a directory")]
+    existing = path if path.exists() else next(p for p in path.absolute().parents if p.exists())
+    if not existing.is_dir():
+        return [Problem(key, f"{path} cannot be created: {existing} is a file")]
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "is not writable" if existing == path else f"cannot be created: {existing} is not writable"
+        return [Problem(key, f"{path} {what} by this user; choose another directory or fix its permissions")]
+    if check_lock and path.is_dir():
+        from vggt_fsdp.train.lock import LockError, check_free
+
+        try:
+            busy = check_free(path)
+        except LockError as err:
+            busy = str(err)
+        if busy:
+            return [Problem(key, busy)]
+    return []
+
+
+def _readable_dir(path: str) -> str | None:
+    p = Path(path)
+    if not p.exists():
+        return f"{p} does not exist"
+    if not p.is_dir():
+        return f"{p} is not a directory"
+    if not os.access(p, os.R_OK | os.X_OK):
+        return f"{p} is not readable by this user"
+    return None
+
+
+def _readable_file(path: str) -> str | None:
+    p = Path(path)
+    if not p.is_file():
+        return f"{p} does not exist" if not p.exists() else f"{p} is not a file"
+    if not os.access(p, os.R_OK):
+        return f"{p} is not readable by this user"
+    return None
+
+
+def data_problems(data) -> list[Problem]:
+    problems = []
+    sources = data.source_configs()
+    for i, source in enumerate(sources):
+        where = "data" if len(sources) == 1 and not data.sources else f"data.sources[{i}]"
+        if source.source == "synthetic":
+            continue
+        error = _readable_dir(source.root)
+        if error:
+            problems.append(Problem(f"{where}.root", f"{error}; point it at the {source.source} dataset"))
+        annotations = source.co3d.annotation_dir if source.source == "co3d" else None
+        if annotations and (error := _readable_dir(annotations)):
+            problems.append(Problem(f"{where}.co3d.annotation_dir", f"{error}; point it at the folder of "
+                                    "<category>_{train,test}.jgz files, or null for the source's root"))
+    return problems
+
+
+def device_problems(recipe, cuda: bool | None) -> list[Problem]:
+    use_cpu = bool(recipe.accelerate.get("use_cpu", False))
+    if cuda is None:
+        cuda = not use_cpu and torch.cuda.is_available()
+    problems = []
+    if not use_cpu and not cuda:
+        problems.append(Problem("accelerate.use_cpu", "false, but this machine has no CUDA device; run on a GPU "
+                                "machine, or set accelerate.use_cpu=true with a CPU recipe"))
+    if recipe.data.frames_per_gpu == "auto" and not cuda:
+        problems.append(Problem("data.frames_per_gpu", "'auto' plans GPU memory, but this run has no GPU; "
+                                "set a number (e.g. data.frames_per_gpu=4)"))
+    return problems
+
+
+def resume_problems(resume: str) -> list[Problem]:
+    """A named checkpoint must be complete with its files present at their recorded sizes (the
+    checksums are verified by the trainer, spread over its ranks)."""
+    if resume in ("auto", "none"):
+        return []
+    from vggt_fsdp.train.checkpoint import MARKER, CheckpointError, read_marker
+
+    path, key = Path(resume), "train.resume"
+    if error := _readable_dir(resume):
+        return [Problem(key, f"{error}; valid: auto, none or a complete step-* checkpoint directory")]
+    if not (path / MARKER).is_file():
+        return [Problem(key, f"{path} is not a complete checkpoint (no {MARKER} marker); valid: auto, none or "
+                        "a complete step-* directory")]
+    try:
+        files = read_marker(path).get("files", {})
+    except CheckpointError as err:
+        return [Problem(key, f"{err}; name another checkpoint or train.resume=auto")]
+    wrong = [name for name, record in files.items()
+             if not (path / name).is_file() or (path / name).stat().st_size != record["size"]]
+    if wrong:
+        return [Problem(key, f"checkpoint {path} is damaged: {', '.join(sorted(wrong))} missing or of the wrong "
+                        "size; name another checkpoint or train.resume=auto")]
+    return []
+
+
+# ------------------------------------------------------------------------------------- the model
+def disabled_modules(model: nn.Module) -> list[str]:
+    """Paths of the sub-modules a model left out: attributes set to None (VGGT: the heads a recipe
+    disables), registered as modules or not."""
+    found = []
+    for path, module in model.named_modules():
+        slots = {**{k: v for k, v in vars(module).items() if not k.startswith("_")}, **module._modules}
+        found += [f"{path}.{name}" if path else name for name, value in slots.items() if value is None]
+    return found
+
+
+def names_disabled(pattern: str, disabled: list[str]) -> bool:
+    """Whether `pattern` names a disabled module or something inside one."""
+    return any(fnmatchcase(path, pattern) or pattern.startswith(path + ".") for path in disabled)
+
+
+def freeze_problems(model: nn.Module, patterns: list[str]) -> list[Problem]:
+    names = [name for name, _ in model.named_parameters()]
+    disabled, frozen, problems = disabled_modules(model), set(), []
+    for i, pattern in enumerate(patterns):
+        hits = {n for n in names if fnmatchcase(n, pattern)}
+        frozen |= hits
+        if not hits and not names_disabled(pattern, disabled):
+            prefixes = sorted({n.split(".")[0] for n in names})
+            problems.append(Problem(f"model.freeze[{i}]", f"{pattern!r} matches no parameter; parameter names "
+                                    f"start with {prefixes} (e.g. 'aggregator.patch_embed.*')"))
+    if names and frozen >= set(names):
+        problems.append(Problem("model.freeze", f"{patterns} freeze every parameter: nothing would train; "
+                                "narrow the patterns"))
+    return problems
+
+
+def layout_problems(model: nn.Module, cfg: ParallelConfig) -> list[Problem]:
+    """The layout's patterns against the model, and what the plan would refuse at sharding time."""
+    from vggt_fsdp.parallel.sharding import find_blocks, plan_parallelism
+
+    try:
+        blocks = find_blocks(model, cfg)
+        plan = plan_parallelism(model, cfg)
+    except ValueError as err:
+        return [Problem("parallel.layout", str(err))]
+    disabled = disabled_modules(model)
+    modules = [path for path, _ in model.named_modules() if path]
+    problems = []
+    for i, pattern in enumerate(cfg.layout.units):
+        if not any(fnmatchcase(p, pattern) for p in modules) and not names_disabled(pattern, disabled):
+            problems.append(Problem(f"parallel.layout.units[{i}]", f"{pattern!r} matches no module; top-level "
+                                    f"modules: {[n for n, _ in model.named_children()]}"))
+    for name, pattern in cfg.layout.groups.items():
+        if not any(fnmatchcase(b, pattern) for b in blocks) and not names_disabled(pattern, disabled):
+            problems.append(Problem(f"parallel.layout.groups.{name}", f"{pattern!r} matches no block; blocks "
+                                    f"are e.g. {blocks[0]}, {blocks[-1]}"))
+    problems += _fp32_problems(model, cfg, plan, modules, disabled)
+    problems += _every_n_problems(cfg, plan)
+    return problems
+
+
+def _fp32_problems(model, cfg: ParallelConfig, plan, modules, disabled) -> list[Problem]:
+    """An fp32 pattern must match a module, and that module's parameters must belong to fp32 units:
+    a module that is not a unit computes in its enclosing unit's dtype (bf16), whatever it says."""
+    unit_dtype = {u.path: u.param_dtype for u in plan.units}
+    units_by_depth = sorted(unit_dtype, key=lambda p: -p.count(".") if p else 1)
+    problems = []
+    for i, pattern in enumerate(cfg.precision.fp32_modules):
+        key = f"parallel.precision.fp32_modules[{i}]"
+        matched = [p for p in modules if fnmatchcase(p, pattern)]
+        if not matched:
+            if not names_disabled(pattern, disabled):
+                problems.append(Problem(key, f"{pattern!r} matches no module; top-level modules: "
+                                        f"{[n for n, _ in model.named_children()]}"))
+            continue
+        for path in matched:
+            owners = {next(u for u in units_by_depth if not u or name.startswith(u + "."))
+                      for name, _ in model.get_submodule(path).named_parameters(prefix=path)}
+            wrong = sorted(u or "<root>" for u in owners if unit_dtype[u] != "fp32")
+            if wrong:
+                problems.append(Problem(key, f"{path} is not an FSDP unit: its parameters in unit(s) {wrong} "
+                                        f"would compute in {cfg.precision.param_dtype}; add {path!r} to "
+                                        "parallel.layout.units"))
+                break
+    return problems
+
+
+def _every_n_problems(cfg: ParallelConfig, plan) -> list[Problem]:
+    """every_n with n above a group's block count checkpoints only its first block: a typo for
+    `block` or `none`, or a wrong n."""
+    counts: dict[str | None, int] = {}
+    for unit in plan.units:
+        if unit.kind == "block":
+            counts[unit.group] = counts.get(unit.group, 0) + 1
+    problems = []
+    for group, count in counts.items():
+        override = cfg.checkpoint.groups.get(group) if group is not None else None
+        policy = override.policy if override is not None else cfg.checkpoint.policy
+        own_n = override is not None and override.n is not None
+        n = override.n if own_n else cfg.checkpoint.n
+        if policy == "every_n" and n > count:
+            key = f"parallel.checkpoint.groups.{group}.n" if own_n else "parallel.checkpoint.n"
+            where = f"group {group!r}" if group is not None else "the blocks in no group"
+            problems.append(Problem(key, f"{n} exceeds the {count} blocks of {where}: every_n would checkpoint "
+                                    f"only the first; use n <= {count}, or policy block / none"))
+    return problems
+
+
+def _header_shapes(path: Path) -> dict[str, torch.Tensor]:
+    """The file's tensors as meta tensors (names and shapes; no data read)."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            return {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+    obj = torch.load(str(path), mmap=True, weights_only=True, map_location="meta")
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError("it holds neither a state dict nor {'model': state_dict}")
+    return obj
+
+
+def init_weights_problems(model: nn.Module, path_text: str) -> list[Problem]:
+    from vggt_fsdp.model.weights import compare_state_dict
+
+    key, path = "model.init_weights", Path(path_text)
+    if error := _readable_file(path_text):
+        return [Problem(key, f"{error}; give an upstream model.pt / model.safetensors or null")]
+    if path.suffix not in (".safetensors", ".pt", ".pth", ".bin"):
+        return [Problem(key, f"{path}: unsupported suffix; valid: .safetensors, .pt, .pth, .bin")]
+    try:
+        shapes = _header_shapes(path)
+    except Exception as err:  # a damaged header, a pickle that is not a state dict
+        return [Problem(key, f"{path} cannot be read: {type(err).__name__}: {err}")]
+    report, _ = compare_state_dict(model, shapes, ignore_disabled_heads=True)
+    if not report.ok:
+        return [Problem(key, f"{path} does not match the model: {report.describe()}; check model.preset, "
+                        "model.overrides and model.heads")]
+    return []
