@@ -16,9 +16,10 @@ from vggt_fsdp.data.base import DataError, RawFrame
 # |R R^T - I| and |det R - 1| above this: not a rotation. Rotations read from text files with six
 # decimals are orthonormal to ~1e-6; a scaled or sheared matrix misses by far more.
 ROTATION_TOLERANCE = 1e-3
-# The principal point of a real camera sits near the image centre; farther than this fraction of the
-# image's width (height) from it, the intrinsics were almost certainly written for another image size.
-MAX_PRINCIPAL_OFFSET = 0.25
+# The principal point of a real camera sits near the image centre (within a few percent); farther than
+# this fraction of the image's width (height) from it, the intrinsics were almost certainly written for
+# another image size (those of a half-size image put it 25% away, of a 1.5x image 25% the other way).
+MAX_PRINCIPAL_OFFSET = 0.2
 # Horizontal and vertical fields of view outside this range (degrees) mean the focal length is not in
 # pixels of this image (e.g. millimetres, or another resolution's pixels).
 FOV_RANGE_DEG = (1.0, 179.0)
