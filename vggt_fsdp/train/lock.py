@@ -110,7 +110,7 @@ class RunLock:
             current = read_holder(self.path)
             if current is None:
                 continue
-            if current.token == me.token:
+            if (current.host, current.pid, current.pid_started) == (me.host, me.pid, me.pid_started):
                 raise LockError(f"{self.path} is already held by this process")
             reason = holder_gone(current)
             if reason is None:

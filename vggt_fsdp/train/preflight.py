@@ -258,23 +258,30 @@ def _fp32_problems(model, cfg: ParallelConfig, plan, modules, disabled) -> list[
 
 
 def _every_n_problems(cfg: ParallelConfig, plan) -> list[Problem]:
-    """every_n with n above a group's block count checkpoints only its first block: a typo for
-    `block` or `none`, or a wrong n."""
+    """every_n with n above the block count checkpoints only the first block: a typo for `block` or
+    `none`, or a wrong n. A group's own n is checked against its blocks; the section's n against the
+    largest group it applies to (a small group, e.g. a 1-block camera trunk, is fine with any n)."""
     counts: dict[str | None, int] = {}
     for unit in plan.units:
         if unit.kind == "block":
             counts[unit.group] = counts.get(unit.group, 0) + 1
-    problems = []
+    problems, shared = [], {}
     for group, count in counts.items():
         override = cfg.checkpoint.groups.get(group) if group is not None else None
-        policy = override.policy if override is not None else cfg.checkpoint.policy
-        own_n = override is not None and override.n is not None
-        n = override.n if own_n else cfg.checkpoint.n
-        if policy == "every_n" and n > count:
-            key = f"parallel.checkpoint.groups.{group}.n" if own_n else "parallel.checkpoint.n"
-            where = f"group {group!r}" if group is not None else "the blocks in no group"
-            problems.append(Problem(key, f"{n} exceeds the {count} blocks of {where}: every_n would checkpoint "
-                                    f"only the first; use n <= {count}, or policy block / none"))
+        if (override.policy if override is not None else cfg.checkpoint.policy) != "every_n":
+            continue
+        if override is not None and override.n is not None:
+            if override.n > count:
+                problems.append(Problem(f"parallel.checkpoint.groups.{group}.n", f"{override.n} exceeds the {count} "
+                                        f"blocks of group {group!r}: every_n would checkpoint only the first; use "
+                                        f"n <= {count}, or policy block / none"))
+        else:
+            shared[group] = count
+    if shared and cfg.checkpoint.n > max(shared.values()):
+        largest = max(shared.values())
+        problems.append(Problem("parallel.checkpoint.n", f"{cfg.checkpoint.n} exceeds the {largest} blocks of the "
+                                "largest group it applies to: every_n would checkpoint only the first block of "
+                                f"each; use n <= {largest}, or policy block / none"))
     return problems
 
 

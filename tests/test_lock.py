@@ -1,0 +1,138 @@
+"""One trainer per output directory: the lock's states as a table, in this process, and two real
+trainers started on one directory."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from vggt_fsdp.train.lock import LOCK_NAME, Holder, LockError, RunLock, check_free
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def _live_other() -> tuple[int, float]:
+    parent = psutil.Process(os.getppid())
+    return parent.pid, parent.create_time()
+
+
+# Who holds the lock already -> "taken" (with why the old lock was stale) or "refused" (with a phrase
+# of the message). Each holder is a function of monkeypatch (for SLURM's environment).
+def _holder(**fields) -> Holder:
+    pid, started = _live_other()
+    base = dict(host=socket.gethostname(), pid=pid, pid_started=started, since=time.time() - 60)
+    return Holder(**{**base, **fields})
+
+
+CASES = {
+    "a live trainer on this host": (lambda mp: _holder(), "refused", "is in use by another trainer (PID"),
+    "a dead trainer on this host": (lambda mp: _holder(pid=_dead_pid()), "taken", "runs on"),
+    "a reused PID": (lambda mp: _holder(pid_started=1.0), "taken", "is now another process"),
+    "a trainer on another host": (lambda mp: _holder(host="elsewhere"), "refused",
+                                  "cannot be checked from"),
+    "an earlier run of this SLURM job": (
+        lambda mp: (mp.setenv("SLURM_JOB_ID", "77"), mp.setenv("SLURM_RESTART_COUNT", "1"),
+                    _holder(host="elsewhere", slurm_job="77", slurm_restart="0"))[-1],
+        "taken", "SLURM job 77 was requeued"),
+    "another SLURM job on another host": (
+        lambda mp: (mp.setenv("SLURM_JOB_ID", "78"), _holder(host="elsewhere", slurm_job="77", slurm_restart="0"))[-1],
+        "refused", "SLURM job 77"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_lock_held_before(case, tmp_path, monkeypatch):
+    make, expected, phrase = CASES[case]
+    holder = make(monkeypatch)
+    (tmp_path / LOCK_NAME).write_text(json.dumps(holder.__dict__))
+    lock = RunLock(tmp_path)
+    if expected == "refused":
+        with pytest.raises(LockError) as info:
+            lock.acquire()
+        message = str(info.value)
+        assert phrase in message and str(tmp_path) in message and f"PID {holder.pid}" in message
+        assert Holder(**json.loads((tmp_path / LOCK_NAME).read_text())) == holder  # untouched
+        assert check_free(tmp_path) == message
+    else:
+        assert check_free(tmp_path) is None
+        lock.acquire()
+        assert phrase in lock.took_over
+        assert Holder(**json.loads((tmp_path / LOCK_NAME).read_text())).pid == os.getpid()
+        lock.release()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ([LOCK_NAME] if expected == "refused" else [])
+
+
+def test_acquire_and_release(tmp_path):
+    out = tmp_path / "new" / "run"
+    with RunLock(out) as lock:
+        held = Holder(**json.loads((out / LOCK_NAME).read_text()))
+        assert (held.pid, held.host) == (os.getpid(), socket.gethostname()) and held.token == lock.holder.token
+        with pytest.raises(LockError, match="already held by this process"):
+            RunLock(out).acquire()
+    assert not (out / LOCK_NAME).exists()
+
+
+def test_release_never_removes_another_trainers_lock(tmp_path):
+    lock = RunLock(tmp_path).acquire()
+    other = _holder()
+    (tmp_path / LOCK_NAME).write_text(json.dumps(other.__dict__))  # someone replaced it meanwhile
+    lock.release()
+    assert Holder(**json.loads((tmp_path / LOCK_NAME).read_text())) == other
+
+
+def test_unreadable_lock_says_how_to_remove_it(tmp_path):
+    (tmp_path / LOCK_NAME).write_text("{garbage")
+    with pytest.raises(LockError, match=f"unreadable .*rm {tmp_path / LOCK_NAME}"):
+        RunLock(tmp_path).acquire()
+
+
+def test_a_second_trainer_on_the_same_directory_exits_at_once(tmp_path):
+    """Trainer A runs; B on A's output_dir stops with A's PID in its message and writes nothing; A goes
+    on undisturbed and stops cleanly when told to."""
+    out = tmp_path / "run"
+    common = [sys.executable, "-m", "vggt_fsdp.train", str(REPO / "recipes" / "cpu_tiny.yaml"),
+              "data.image_width=56", "data.frames_range=[2,3]", "data.frames_per_gpu=3", "data.num_workers=0",
+              "train.log_every=1", "train.progress_bar=false", "train.checkpoint_every=0", f"train.output_dir={out}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    a = subprocess.Popen([*common, "train.max_steps=100000"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while not (out / "metrics.jsonl").is_file() and a.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert (out / "metrics.jsonl").is_file(), "trainer A did not start"
+        started = time.perf_counter()
+        b = subprocess.run([*common, "train.max_steps=5"], cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=120)
+        b_seconds = time.perf_counter() - started
+        assert a.poll() is None, "trainer A stopped"
+        a.send_signal(signal.SIGTERM)
+        _, a_err = a.communicate(timeout=120)
+    finally:
+        if a.poll() is None:
+            os.killpg(a.pid, signal.SIGKILL)
+    assert b.returncode == 1 and "Traceback" not in b.stderr
+    assert f"train.output_dir {out} is in use by another trainer (PID {a.pid} on host" in b.stderr
+    # B stops at the lock, right after its process group: before building the model (whose size line
+    # it would print). Its time is mostly Python importing torch (seconds; more on a loaded machine).
+    assert "trainable parameters" not in b.stderr and "trainable parameters" in a_err
+    print(f"second trainer exited after {b_seconds:.1f} s")
+    assert a.returncode == 0, a_err[-3000:]
+    steps = [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+    assert steps == list(range(1, len(steps) + 1))  # A's records only, none interleaved
+    assert "max_steps: 100000" in (out / "recipe.yaml").read_text()
+    assert not (out / LOCK_NAME).exists()  # A released it
