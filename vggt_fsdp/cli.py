@@ -3,19 +3,22 @@
 Each subcommand lives in its own module under `vggt_fsdp.commands` and is imported only when it is
 called, so `vggt-fsdp summary` does not pay for the trainer's imports and a broken optional
 dependency of one command cannot break the others. A command module provides
-`build_parser(parser: argparse.ArgumentParser) -> None` and `run(args: argparse.Namespace) -> int`.
+`build_parser(parser: argparse.ArgumentParser) -> None` and `run(args: argparse.Namespace) -> int`;
+one that takes a recipe declares it with `add_recipe_arguments`, so every command takes a recipe the same
+way (a path or a bundled recipe's name, then positional `key=value` overrides).
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # name -> (module under vggt_fsdp.commands, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("train", "launch training of a recipe (starts the processes its accelerate: section asks for)"),
     "export": ("export", "consolidate a sharded checkpoint into one .safetensors with upstream names"),
-    "recipe": ("recipe", "inspect recipes: `recipe show RECIPE`"),
+    "recipe": ("recipe", "the bundled recipes and any recipe: `recipe list`, `recipe show RECIPE`, `recipe copy NAME DEST`"),
     "accelerate-config": ("accelerate_config", "print a recipe's accelerate: section as an Accelerate config"),
     "plan": ("plan", "predict one GPU's peak memory for a recipe and fit frames per GPU"),
     "data": ("data", "inspect data: `data preview RECIPE --out DIR`"),
@@ -24,8 +27,34 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def add_recipe_arguments(parser: argparse.ArgumentParser, example: str) -> None:
+    """The recipe positional and its `key=value` overrides (`example`: one such override)."""
+    parser.add_argument("recipe", help="recipe file, or a bundled recipe's name (`vggt-fsdp recipe list`)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help=f"dotted overrides, e.g. {example}")
+
+
+def version() -> str:
+    """This package's version and the versions of what it runs on (read without importing them)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    from vggt_fsdp import __version__
+
+    def of(name: str) -> str:
+        try:
+            return installed(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return (f"vggt-fsdp {__version__} (torch {of('torch')}, accelerate {of('accelerate')}, "
+            f"python {sys.version.split()[0]})")
+
+
 def _top_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vggt-fsdp", description=__doc__.splitlines()[0])
+    import vggt_fsdp
+
+    parser = argparse.ArgumentParser(prog="vggt-fsdp", description=vggt_fsdp.__doc__)
+    parser.add_argument("--version", action="version", version=version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
@@ -34,12 +63,24 @@ def _top_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+    try:
+        return _dispatch(argv)
+    except BrokenPipeError:
+        # The reader went away (`vggt-fsdp summary --json | head`): stop quietly, as a command killed by
+        # SIGPIPE would. stdout now points at nothing, so the interpreter's final flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13  # 128 + SIGPIPE, the status a shell reports for such a command
+
+
+def _dispatch(argv: list[str]) -> int:
+    if not argv or argv[0] not in COMMANDS:
         parser = _top_parser()
-        if argv and argv[0] not in ("-h", "--help"):
+        if not argv:
+            parser.print_help()
+            return 2
+        if argv[0] not in ("-h", "--help", "--version"):
             parser.error(f"unknown command {argv[0]!r}; valid commands: {', '.join(COMMANDS)}")
-        parser.print_help()
-        return 0 if argv else 2
+        parser.parse_args(argv[:1])  # prints the help or the version, and exits 0
     name, rest = argv[0], argv[1:]
     module = importlib.import_module(f"vggt_fsdp.commands.{COMMANDS[name][0]}")
     parser = argparse.ArgumentParser(prog=f"vggt-fsdp {name}", description=COMMANDS[name][1])

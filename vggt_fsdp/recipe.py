@@ -31,7 +31,7 @@ from typing import Any, Literal, Sequence, Union
 
 import yaml
 
-from vggt_fsdp import recipe_script
+from vggt_fsdp import bundled, recipe_script
 from vggt_fsdp.data.config import DataConfig
 from vggt_fsdp.losses import LossConfig
 from vggt_fsdp.parallel.accelerate import check_accelerate_section
@@ -123,10 +123,12 @@ class Recipe:
 
 # --------------------------------------------------------------------------------------- public API
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
-    """Load, override (`train.max_steps=5`), type-check and validate a recipe file."""
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe file not found: {path}")
+    """Load, override (`train.max_steps=5`), type-check and validate a recipe file (or a bundled recipe,
+    by name: `vggt_fsdp.bundled.resolve_recipe`)."""
+    try:
+        path = bundled.resolve_recipe(path)
+    except FileNotFoundError as err:
+        raise RecipeError(str(err)) from None
     text = path.read_text()
     try:
         raw = yaml.load(text, Loader=_RecipeLoader)

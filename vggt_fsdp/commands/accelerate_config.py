@@ -8,8 +8,9 @@ from pathlib import Path
 
 
 def build_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("recipe", help="recipe YAML file")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. accelerate.num_machines=2")
+    from vggt_fsdp.cli import add_recipe_arguments
+
+    add_recipe_arguments(parser, "accelerate.num_machines=2")
     parser.add_argument("--output", "-o", type=Path, help="write the config here instead of stdout")
 
 

@@ -1,20 +1,42 @@
-"""`vggt-fsdp recipe show RECIPE [key=value ...]`: the resolved recipe, then the parallel plan: which
-modules become FSDP units, their parameter and reduce dtypes, and what is checkpointed. The model is
-built on the meta device, so this is instant and needs no process group, even for VGGT-1B."""
+"""`vggt-fsdp recipe list | show | copy`: the bundled recipes, and what a recipe resolves to.
+
+`recipe list`: the bundled recipes (vggt_fsdp/bundled.py): name, processes, frames per GPU and what each
+is for (the first paragraph of its header).
+`recipe copy NAME DEST [--slurm]`: a bundled recipe into DEST (a file, or a directory), and with
+--slurm the multi-node SLURM script beside it, to edit and run in your own project.
+`recipe show RECIPE [key=value ...]`: the resolved recipe, then the parallel plan: which modules become
+FSDP units, their parameter and reduce dtypes, and what is checkpointed. The model is built on the meta
+device, so this is instant and needs no process group, even for VGGT-1B.
+"""
 from __future__ import annotations
 
 import argparse
+import shutil
+import sys
+from pathlib import Path
 
 
 def build_parser(parser: argparse.ArgumentParser) -> None:
+    from vggt_fsdp.cli import add_recipe_arguments
+
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    sub.add_parser("list", help="the bundled recipes: name, processes, frames per GPU, what each is for")
+    copy = sub.add_parser("copy", help="copy a bundled recipe (and with --slurm the SLURM script) to edit")
+    copy.add_argument("name", help="a bundled recipe's name (`vggt-fsdp recipe list`) or a recipe file")
+    copy.add_argument("dest", type=Path, help="destination file, or an existing directory")
+    copy.add_argument("--slurm", action="store_true",
+                      help="also copy the multi-node SLURM script (train_multinode.sbatch) beside it")
+    copy.add_argument("--force", action="store_true", help="overwrite files that exist")
     show = sub.add_parser("show", help="print the resolved recipe and its FSDP / precision / checkpoint plan")
-    show.add_argument("recipe", help="recipe YAML file")
-    show.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. parallel.checkpoint.policy=block")
+    add_recipe_arguments(show, "parallel.checkpoint.policy=block")
     show.add_argument("--plan-only", action="store_true", help="print only the plan table")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.action == "list":
+        return list_recipes()
+    if args.action == "copy":
+        return copy_recipe(args.name, args.dest, args.slurm, args.force)
     from vggt_fsdp.recipe import dump_recipe, load_recipe_or_exit
 
     recipe = load_recipe_or_exit(args.recipe, args.overrides)
@@ -22,6 +44,60 @@ def run(args: argparse.Namespace) -> int:
         print(f"# resolved recipe: {args.recipe} {' '.join(args.overrides)}".rstrip())
         print(dump_recipe(recipe))
     print(describe_plan(recipe))
+    return 0
+
+
+def header_summary(path: Path) -> str:
+    """What a recipe is for: the first paragraph of its header comment, without the leading `NAME:`."""
+    lines = []
+    for line in path.read_text().splitlines():
+        text = line.removeprefix("#").strip()
+        if not line.startswith("#") or not text:
+            break
+        lines.append(text)
+    return " ".join(lines).removeprefix(f"{path.stem}:").strip()
+
+
+def list_recipes() -> int:
+    from vggt_fsdp.bundled import bundled_recipes, recipe_dir
+    from vggt_fsdp.recipe import load_recipe
+
+    rows = [("name", "processes", "frames/GPU", "for")]
+    for name, path in bundled_recipes().items():
+        recipe = load_recipe(path)
+        acc = recipe.accelerate
+        kind = "CPU" if acc.get("use_cpu") else "GPU"
+        rows.append((name, f"{acc.get('num_processes')} {kind}", str(recipe.data.frames_per_gpu),
+                     header_summary(path)))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[3])
+    print(f"# in {recipe_dir()}; `vggt-fsdp recipe copy NAME DEST` copies one, and any command takes a "
+          f"bundled recipe's NAME where it takes a recipe file")
+    return 0
+
+
+def copy_recipe(name: str, dest: Path, slurm: bool, force: bool) -> int:
+    from vggt_fsdp.bundled import resolve_recipe, slurm_script
+
+    try:
+        source = resolve_recipe(name)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    target = dest / source.name if dest.is_dir() else dest
+    copies = [(source, target)] + ([(slurm_script(), target.parent / slurm_script().name)] if slurm else [])
+    existing = [str(to) for _, to in copies if to.exists()]
+    if existing and not force:
+        print(f"error: {', '.join(existing)} exist(s); pass --force to overwrite", file=sys.stderr)
+        return 2
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for frm, to in copies:
+        shutil.copyfile(frm, to)
+        print(f"wrote {to} (from {frm})")
+    print(f"# try it: vggt-fsdp recipe show {target}")
+    if slurm:
+        print(f"# on SLURM: sbatch --nodes N {target.parent / slurm_script().name} {target} [key=value ...]")
     return 0
 
 
