@@ -1,22 +1,31 @@
-"""FLOPs of one training step, the accelerators' peak throughput, and model FLOPs utilisation (MFU).
+"""Model FLOPs of one training step, the accelerators' peak throughput, and model FLOPs utilisation (MFU).
 
 MFU counts the FLOPs the model needs (forward and backward once), not the FLOPs the hardware ran: the
-forward that activation checkpointing repeats in backward is excluded. To count exactly that, the
-count runs `torch.utils.flop_counter.FlopCounterMode` on a plain copy of the model (never sharded,
-never checkpointed).
+forward that activation checkpointing repeats in backward is excluded, and so is the q k^T that a fused
+attention backward recomputes. The count runs the package's counter (`vggt_fsdp.memory.flops.Counter`,
+which the step-time planner uses too) on a plain copy of the model (never sharded, never checkpointed)
+on the benchmark's device.
 
 Counting at the benchmark's full shape would need the memory of an un-checkpointed step, which is the
 very thing that does not fit. It is not needed: for a batch of B scenes of S frames, every op of the
 model is per frame (patch embed, frame attention, MLPs, DPT heads: linear in S) or across the frames
 of a scene (global attention, the camera trunk: quadratic in S), and everything is per scene (linear
 in B). So FLOPs(B, S) = B * (a + b S + c S^2), exactly, and three counts at one scene of 1, 2 and 3
-frames give a, b and c. (Counting on the `meta` device would need no memory at all, but the model's
-RoPE reads its positions' maximum, a value meta tensors do not have.)
+frames give a, b and c.
 
-Scaled-dot-product attention is counted through its fused kernels' FLOP formulas on CUDA (less the
-q k^T their backward formula recomputes); the CPU kernel has no formula, so on the CPU the count forces
-the math backend, whose matrix products are counted instead. Both give 4 N^2 d per head forward and
-twice that backward.
+Why not count on the meta device, which needs no memory at all? What blocks it is autocast:
+`torch.autocast` cannot be entered on the meta device, not even to disable it (torch 2.13:
+`torch.autocast("meta", enabled=False)` raises "unsupported scalarType"), and VGGT's forward disables
+autocast around its fp32 heads, as fp32 units under bf16 autocast must. (FLOPs do not depend on dtypes;
+the planner therefore counts on meta unit by unit, each unit called directly: `vggt_fsdp/memory/steptime.py`.
+Its model FLOPs for the 40GB recipe's 24-frame step equal this module's count on the H200 exactly,
+569,861,497,663,488: tests/test_steptime.py.) A whole-model meta count is also slow: every elementwise
+op runs a Python meta kernel, about 45 s for VGGT-1B on this project's CPU, where three small counts on
+a GPU take seconds.
+
+Scaled-dot-product attention is counted through its fused kernels' FLOP formulas on CUDA; on the CPU
+the count forces the math backend, whose matrix products are counted instead. Both give 4 N^2 d per
+head forward and twice that backward.
 """
 from __future__ import annotations
 
@@ -26,25 +35,19 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
-# Dense BF16 tensor-core peak per GPU in TFLOP/s (vendor datasheets, without 2:4 sparsity).
-# Matched against torch.cuda.get_device_name() as substrings, in this order: most specific first.
-PEAK_BF16_DENSE_TFLOPS: tuple[tuple[str, float], ...] = (
-    ("H100 PCIe", 756.0),
-    ("H100 NVL", 835.0),
-    ("H100", 989.0),  # SXM5
-    ("H200", 989.0),  # same compute as H100 SXM5, more and faster memory
-    ("A100", 312.0),
-)
+from vggt_fsdp.memory.devices import card_for_device_name
+from vggt_fsdp.memory.flops import ATTENTION_BACKWARD, Counter, surrogate_loss
+
+__all__ = ["StepFlops", "count_step_flops", "mfu", "peak_tflops", "quadratic_in_frames", "surrogate_loss"]
 
 
 def peak_tflops(device_name: str) -> float | None:
-    """The dense BF16 peak of the named GPU, or None when the table does not know it (and on the CPU)."""
-    for key, value in PEAK_BF16_DENSE_TFLOPS:
-        if key.lower() in device_name.lower():
-            return value
-    return None
+    """The dense BF16 peak of the named GPU (torch.cuda.get_device_name()) from the planner's card
+    catalog (vggt_fsdp/memory/devices.yaml, which names card variants: an H200 NVL is not an H200 SXM),
+    or None when the catalog does not know the card (and on the CPU)."""
+    card = card_for_device_name(device_name)
+    return None if card is None else card.peak_tflops["bf16"]
 
 
 def mfu(flops_per_step: float, step_time_s: float, peak: float | None) -> float | None:
@@ -64,56 +67,23 @@ class StepFlops:
         return self.forward + self.backward
 
 
-def surrogate_loss(outputs: object) -> torch.Tensor:
-    """Sum of the means of every floating-point tensor in a (nested) model output.
-
-    Stands in for the training loss when counting: it makes every output receive a gradient, as the
-    real losses do, while its own FLOPs (a few per output element) are negligible beside the model's.
-    """
-    tensors: list[torch.Tensor] = []
-
-    def collect(obj: object) -> None:
-        if isinstance(obj, torch.Tensor):
-            if obj.is_floating_point() and obj.requires_grad:
-                tensors.append(obj)
-        elif isinstance(obj, dict):
-            for value in obj.values():
-                collect(value)
-        elif isinstance(obj, (list, tuple)):
-            for value in obj:
-                collect(value)
-
-    collect(outputs)
-    if not tensors:
-        raise ValueError("the model output holds no floating-point tensor that requires grad")
-    return sum(t.float().mean() for t in tensors)
-
-
 SAMPLE_FRAMES = (1, 2, 3)  # frames per scene of the three counts that fix the quadratic
 
 
 def _fused_attention_backward_ops() -> tuple:
-    aten = torch.ops.aten
-    names = ("_scaled_dot_product_flash_attention_backward", "_scaled_dot_product_efficient_attention_backward",
-             "_scaled_dot_product_cudnn_attention_backward", "_flash_attention_backward",
-             "_efficient_attention_backward")
-    return tuple(getattr(aten, name) for name in names if hasattr(aten, name))
+    """The fused attention backward ops, whose FLOP formula includes recomputing q k^T."""
+    return tuple(ATTENTION_BACKWARD)
 
 
 def _count(model: nn.Module, inputs: tuple, loss_fn: Callable[[object], torch.Tensor]) -> tuple[int, int]:
+    """Model FLOPs (forward, backward) of one call of `model` and the backward of `loss_fn` of its output."""
     model.zero_grad(set_to_none=True)
-    with FlopCounterMode(display=False) as forward_counter:
+    with Counter() as forward_counter:
         loss = loss_fn(model(*inputs))
-    with FlopCounterMode(display=False) as backward_counter:
+    with Counter() as backward_counter:
         loss.backward()
     model.zero_grad(set_to_none=True)
-    backward = backward_counter.get_total_flops()
-    # The fused attention kernels' backward formula counts five products: the four of the gradients
-    # plus q k^T recomputed. The recompute is not model FLOPs (the math path has only the four), and
-    # with equal query/value head widths, as in every VGGT attention, it is one fifth of the count.
-    per_op = backward_counter.get_flop_counts()["Global"]
-    fused = sum(per_op.get(op, 0) for op in _fused_attention_backward_ops())
-    return forward_counter.get_total_flops(), backward - fused // 5
+    return forward_counter.work.model_flops, backward_counter.work.model_flops
 
 
 def quadratic_in_frames(counts: dict[int, int], frames: int) -> int:

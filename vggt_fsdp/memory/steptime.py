@@ -1,0 +1,358 @@
+"""One GPU's step time for a VGGT training step, predicted before anything is launched.
+
+The time model, in one place:
+
+    step time = sum over kinds k of FLOPs_k / rate_k  +  memory-bound bytes / rate_memory
+
+- FLOPs of each kind (attention, matmul, convolution) and memory-bound bytes are *counted*, not
+  estimated: each call of the step (the patch-embed conv, one block of each group at its shape, the
+  camera head, one chunk of each DPT head) runs forward and backward on the meta device under a
+  `flops.Counter` (`flops.py` says what is counted and how a meta run is made to look like a GPU's:
+  fused attention, autocast's casts). The step is the sum of its calls (`StepWork.model`), plus the
+  forward ops that activation checkpointing runs again in backward (`StepWork.recompute`: per block
+  unit, by its policy, from the ops of its own counted forward), plus the optimizer's, gradient
+  clipping's and FSDP2's copies of parameters and gradients (`state_bytes`, a formula over the units).
+  Not counted: the few ops between units (token concatenation, RoPE tables, the position-embedding
+  interpolation, joining the DPT chunks): no FLOPs (tests/test_steptime.py checks the model FLOPs
+  against a whole-model count), a few hundred MB of traffic at VGGT-1B's 24 frames.
+- The rates are the card's (`devices.py`): measured on a profiled H200 step, derived for other cards.
+  Kinds run one after another (eager PyTorch on one stream: the profile shows the GPU busy the whole
+  step); communication is assumed hidden behind compute, as FSDP2 prefetching does
+  (benchmarks/comm_model.py estimates whether it is).
+
+Which batch: the time of a step depends on how the sampler splits the frame budget into scenes; the
+prediction is for the split with the most global attention (images x frames per scene), the slowest.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+
+from vggt_fsdp.memory import devices, planner
+from vggt_fsdp.memory.flops import KINDS, CallCount, OpRecord, Work, count_call, total
+from vggt_fsdp.memory.planner import Batch, UnitInfo
+
+TIME_KINDS = (*KINDS, "memory")
+DTYPES = {2: torch.bfloat16, 4: torch.float32}
+
+
+# ======================================================================================== results
+@dataclass(frozen=True)
+class StepWork:
+    """The counted work of one training step at one batch shape."""
+
+    batch: Batch
+    model: Work  # forward and backward once
+    recompute: Work  # forward ops checkpointing runs again
+    state_bytes: int  # optimizer, clipping, FSDP2 parameter and gradient copies
+    parts: dict[str, Work] = field(default_factory=dict)  # model work by part of the model
+    recompute_parts: dict[str, Work] = field(default_factory=dict)
+
+    def by_kind(self) -> dict[str, int]:
+        """What the card runs: FLOPs by kind, and memory-bound bytes under "memory"."""
+        flops = (self.model + self.recompute).by_kind()
+        return {**flops, "memory": self.model.bytes + self.recompute.bytes + self.state_bytes}
+
+    @property
+    def recompute_fraction(self) -> float:
+        """Recompute FLOPs over model FLOPs."""
+        return self.recompute.total_flops / self.model.model_flops
+
+    def to_dict(self) -> dict:
+        return {
+            "batch": {"scenes": self.batch.scenes, "frames_per_scene": self.batch.frames,
+                      "image_hw": [self.batch.height, self.batch.width]},
+            "model": self.model.to_dict(), "recompute": self.recompute.to_dict(),
+            "state_bytes": self.state_bytes, "recompute_fraction": round(self.recompute_fraction, 4),
+            "parts": {k: v.to_dict() for k, v in self.parts.items()},
+            "recompute_parts": {k: v.to_dict() for k, v in self.recompute_parts.items()},
+        }
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """A predicted step time on one card."""
+
+    card: str
+    provenance: str
+    seconds: dict[str, float]  # by TIME_KINDS
+    model_flops: int
+    peak_bf16_flops: float
+
+    @property
+    def total_s(self) -> float:
+        return sum(self.seconds.values())
+
+    @property
+    def mfu(self) -> float:
+        return self.model_flops / self.total_s / self.peak_bf16_flops
+
+    def to_dict(self) -> dict:
+        return {"card": self.card, "predicted_step_s": round(self.total_s, 4),
+                "seconds_by_kind": {k: round(v, 4) for k, v in self.seconds.items()},
+                "predicted_mfu": round(self.mfu, 4), "rates": self.provenance}
+
+
+def predict(work: StepWork, card: devices.Card) -> StepTime:
+    rates = card.rates()
+    seconds = {kind: amount / rates[kind] for kind, amount in work.by_kind().items()}
+    return StepTime(card.name, card.provenance(), seconds, work.model.model_flops, card.peak("attention"))
+
+
+# ======================================================================================== the step
+def time_batch(frames_per_gpu: int, frames_range: tuple[int, int], image_hw: tuple[int, int], patch: int) -> Batch:
+    """The split of the frame budget the time is predicted for: the most images x frames per scene."""
+    scenes, frames = max(planner.scene_splits(frames_per_gpu, frames_range), key=lambda bs: (bs[0] * bs[1] ** 2, bs[1]))
+    return Batch(scenes, frames, image_hw[0], image_hw[1], patch)
+
+
+def step_work(model_cfg, parallel_cfg, batch: Batch, *, world_size: int = 1, gpus_per_node: int = 8,
+              freeze: tuple[str, ...] = ()) -> StepWork:
+    """Count the work of one training step of `batch` under `parallel_cfg` (its checkpoint policy and
+    precision; the sharding only for the state traffic)."""
+    units = planner.unit_layout(model_cfg, parallel_cfg, tuple(freeze))
+    calls = _calls(model_cfg, parallel_cfg, units, batch, tuple(freeze))
+    parts = {name: c.count.forward + c.count.backward for name, c in calls.items()}
+    # Scale each counted call by how often the step makes it.
+    parts = {name: parts[name] * calls[name].times for name in parts}
+    recompute_parts = _recompute(units, calls, parallel_cfg)
+    shard = planner.shard_size(parallel_cfg, world_size, gpus_per_node)
+    return StepWork(batch, total(parts.values()), total(recompute_parts.values()), state_bytes(units, shard),
+                    parts, recompute_parts)
+
+
+@dataclass(frozen=True)
+class _Call:
+    count: CallCount
+    times: int  # calls of this kind in a step
+    units: tuple[str, ...]  # the block units (paths) this call stands for, or the head unit
+    prefix: str = ""  # where a unit's modules sit inside the call ("" for a block counted alone)
+
+
+_CALLS: dict[str, dict[str, _Call]] = {}
+
+
+def _calls(model_cfg, parallel_cfg, units: list[UnitInfo], batch: Batch, freeze) -> dict[str, _Call]:
+    """The counted calls of a step, by part. They depend on the model, the batch, the precision and the
+    frozen parameters, not on the checkpoint policy: cached across policies."""
+    dtypes = tuple((u.path, u.param_bytes) for u in units)
+    key = repr((model_cfg, parallel_cfg.precision, parallel_cfg.layout, dtypes, freeze, batch))
+    if key not in _CALLS:
+        _CALLS[key] = _count_calls(model_cfg, parallel_cfg, units, batch)
+    return _CALLS[key]
+
+
+def _autocast(parallel_cfg, param_bytes: int) -> torch.dtype | None:
+    """The autocast a unit computes under: bf16 units under the recipe's bf16 autocast; fp32 units
+    (autocast disabled inside them) and the no-autocast mode compute in their parameters' dtype."""
+    precision = parallel_cfg.precision
+    uses = getattr(precision, "autocast", True) and precision.param_dtype != "fp32"
+    return torch.bfloat16 if uses and param_bytes == 2 else None
+
+
+def _count_calls(model_cfg, parallel_cfg, units: list[UnitInfo], b: Batch) -> dict[str, _Call]:
+    from vggt_fsdp.model.layers import patch_positions
+
+    model = planner._meta_model(model_cfg)
+    agg, pe = model_cfg.aggregator, model_cfg.patch_embed
+    by_path = {u.path: u for u in units}
+    trainable = {p.name for u in units for p in u.params if p.trainable}
+    flow = planner._grad_flow(model_cfg, units)
+    order = list(flow)
+    # A stage's input requires grad when anything before it trains.
+    input_grad = {key: (order.index(key) > 0 and flow[order[order.index(key) - 1]]) for key in order}
+    tokens = b.patches + 1 + agg.num_register_tokens
+    start = 1 + agg.num_register_tokens
+    calls: dict[str, _Call] = {}
+
+    def unit_copy(path: str, param_bytes: int):
+        """A meta copy of the module at `path` in its compute dtype, trainable as the recipe says."""
+        module = copy.deepcopy(model.get_submodule(path)).to(DTYPES[param_bytes])
+        for name, param in module.named_parameters():
+            param.requires_grad_(f"{path}.{name}" in trainable)
+        return module
+
+    def meta(*shape, dtype, grad=False):
+        return torch.empty(*shape, device="meta", dtype=dtype, requires_grad=grad)
+
+    # -- stem: the patch-embed conv of the root unit, on the normalised images.
+    e_root = by_path[""].param_bytes
+    stem_path = "aggregator.patch_embed.patch_embed"
+    stem_input_dtype = torch.float32 if _autocast(parallel_cfg, e_root) else DTYPES[e_root]
+    calls["stem"] = _Call(count_call(unit_copy(stem_path, e_root), meta(b.images, 3, b.height, b.width,
+                                                                         dtype=stem_input_dtype),
+                                     autocast=_autocast(parallel_cfg, e_root)), 1, ())
+
+    # -- blocks: one counted call per group and trainability; every block of the group is that call.
+    rope_tables = {}
+    if agg.rope_freq > 0:
+        positions = patch_positions(b.ph, b.pw, start, torch.device("meta"))
+        length = max(b.ph, b.pw) + 1
+        rope_tables["frame"] = model.aggregator.rope.tables(positions, model.aggregator.rope_half_dim, length)
+        rope_tables["global"] = model.aggregator.rope.tables(positions.repeat(1, b.frames, 1),
+                                                             model.aggregator.rope_half_dim, length)
+    groups = {
+        "dino": ([f"aggregator.patch_embed.blocks.{i}" for i in range(pe.depth)], (b.images, 1 + pe.num_register_tokens
+                                                                                    + b.patches), None, "dino"),
+        "frame": ([f"aggregator.frame_blocks.{i}" for i in range(agg.depth)], (b.images, tokens),
+                  rope_tables.get("frame"), "frame"),
+        "global": ([f"aggregator.global_blocks.{i}" for i in range(agg.depth)], (b.scenes, b.frames * tokens),
+                   rope_tables.get("global"), "global"),
+    }
+    for group, (paths, (batch, seq), pos, flow_key) in groups.items():
+        signatures: dict[tuple, list[str]] = {}
+        for i, path in enumerate(paths):
+            u = by_path[path]
+            sig = (u.param_bytes, input_grad[f"{flow_key}.{i}"], tuple(p.trainable for p in u.params))
+            signatures.setdefault(sig, []).append(path)
+        for n, (sig, members) in enumerate(signatures.items()):
+            param_bytes, grad, _ = sig
+            block = unit_copy(members[0], param_bytes)
+            x = meta(batch, seq, agg.embed_dim, dtype=DTYPES[param_bytes], grad=grad)
+            count = count_call(block, x, pos=pos, autocast=_autocast(parallel_cfg, param_bytes))
+            calls[f"{group} blocks" + (f" ({n})" if n else "")] = _Call(count, len(members), tuple(members))
+
+    # -- heads: the camera head whole (its trunk blocks inside), one chunk of each DPT head per chunk size.
+    D = model_cfg.token_dim
+    e_tokens = by_path[f"aggregator.global_blocks.{agg.depth - 1}"].param_bytes
+    if model_cfg.enable_camera:
+        u = by_path["camera_head"]
+        last = meta(b.scenes, b.frames, tokens, D, dtype=DTYPES[e_tokens], grad=flow["aggregator"])
+        head = unit_copy("camera_head", u.param_bytes)
+        count = count_call(head, [None] * (agg.depth - 1) + [last], autocast=_autocast(parallel_cfg, u.param_bytes))
+        trunk = tuple(p for p in by_path if p.startswith("camera_head.trunk."))
+        calls["camera head"] = _Call(count, 1, ("camera_head", *trunk), prefix="camera_head.")
+    chunk = model_cfg.dpt_head.frames_chunk_size or b.images
+    sizes = [min(chunk, b.images - s) for s in range(0, b.images, chunk)]
+    for name in ("depth_head", "point_head"):
+        if not getattr(model_cfg, f"enable_{name.split('_')[0]}"):
+            continue
+        u = by_path[name]
+        head = unit_copy(name, u.param_bytes)
+        for size in sorted(set(sizes), reverse=True):
+            layers = [meta(size, b.patches, D, dtype=DTYPES[e_tokens], grad=flow["aggregator"]) for _ in range(4)]
+            count = count_call(head._forward_chunk, b.height, b.width, *layers, root=head,
+                               autocast=_autocast(parallel_cfg, u.param_bytes))
+            label = name.replace("_", " ") + (f" (chunks of {size})" if len(set(sizes)) > 1 else "")
+            calls[label] = _Call(count, sizes.count(size), (name,))
+    return calls
+
+
+# ======================================================================================== recompute
+def _recompute(units: list[UnitInfo], calls: dict[str, _Call], parallel_cfg) -> dict[str, Work]:
+    """The forward work each checkpointed unit runs again in backward, summed by part."""
+    policy = {u.path: u.checkpoint for u in units}
+    attention_names = _attention_names(parallel_cfg)
+    out: dict[str, Work] = {}
+    for name, call in calls.items():
+        work = Work()
+        if call.prefix:  # units inside one counted call (the camera trunk blocks)
+            for path in call.units[1:]:
+                inner = path[len(call.prefix):]
+                work = work + recompute_of(call.count, policy[path], inner, attention_names)
+            work = work * call.times
+        elif call.units and call.units[0] in ("depth_head", "point_head"):
+            work = recompute_of(call.count, policy[call.units[0]], "", attention_names) * call.times
+        else:
+            for path in call.units:
+                work = work + recompute_of(call.count, policy[path], "", attention_names)
+        if work.total_flops or work.bytes:
+            out[name] = work
+    return out
+
+
+def _attention_names(parallel_cfg) -> tuple[str, ...]:
+    """Attribute names of VGGT's attention sub-module inside a block (`Block.attn`)."""
+    return ("attn",)
+
+
+def recompute_of(count: CallCount, policy: str, prefix: str, attention_names: tuple[str, ...]) -> Work:
+    """The forward work that `policy` re-runs for the unit at `prefix` inside a counted call ("": the
+    call is the unit): none nothing; block and chunks every forward op of the unit; attention the ops
+    of its attention sub-module."""
+    def under(names: set[str], r: OpRecord) -> bool:
+        return any(m in names or any(m.startswith(n + ".") for n in names) for m in r.modules)
+
+
+    if policy == "none":
+        return Work()
+    if policy in ("block", "chunks"):
+        return count.forward if not prefix else count.forward_of(lambda r: under({prefix}, r))
+    if policy == "attention":
+        names = {f"{prefix}.{a}" if prefix else a for a in attention_names}
+        return count.forward_of(lambda r: under(names, r))
+    raise ValueError(f"the step-time model knows checkpoint policies none, attention, block and chunks, not {policy!r}")
+
+
+# ======================================================================================== state traffic
+def state_bytes(units: list[UnitInfo], shard: int) -> int:
+    """Memory-bound bytes of the parameters and gradients, per step (formula):
+
+    FSDP2 all-gather, per unit and gather (two when the unit is resharded after forward, else one): the
+    shard cast from fp32 into the all-gather input (4 + e B an element of the shard) and the output
+    copied into the unsharded parameters (2e B an element); none on a 1-rank mesh, where FSDP2 casts
+    the fp32 parameters once a gather (4 + e). Reduce-scatter, per trainable element: the unsharded
+    gradient (e) cast into the reduce dtype (r), and the shard accumulated into the fp32 gradient
+    (4 + 4 + 4 a shard element). Gradient clipping: the norm reads each shard gradient, the scale reads
+    and writes it (12 B a shard element). Fused AdamW: reads parameter, gradient and both moments, writes
+    parameter and moments (28 B a shard element).
+    """
+    total_bytes = 0
+    for u in units:
+        e, r = u.param_bytes, u.reduce_bytes
+        numel = sum(p.numel for p in u.params)
+        shard_numel = sum(p.shard_numel(shard) for p in u.params)
+        trainable = sum(p.numel for p in u.params if p.trainable)
+        trainable_shard = sum(p.shard_numel(shard) for p in u.params if p.trainable)
+        gathers = 2 if u.reshard and u.kind != "root" else 1
+        if shard == 1:
+            total_bytes += gathers * numel * (4 + e)
+        else:
+            total_bytes += gathers * (shard_numel * (4 + e) + numel * 2 * e)
+            total_bytes += trainable * (e + r)
+        total_bytes += trainable_shard * (12 + 12 + 28)
+    return total_bytes
+
+
+# ======================================================================================== calibration
+def described_step(step: dict) -> StepWork:
+    """The work of a step described as devices.yaml describes a measured one: a `model` and a `parallel`
+    recipe section (keys not given at their defaults), the world size and the batch."""
+    from vggt_fsdp.parallel.config import ParallelConfig
+    from vggt_fsdp.recipe import ModelSpec, from_data, model_config
+
+    spec = from_data(ModelSpec, step["model"], "model")
+    parallel = from_data(ParallelConfig, step["parallel"], "parallel")
+    cfg = model_config(spec)
+    b = step["batch"]
+    batch = Batch(b["scenes"], b["frames"], b["height"], b["width"], cfg.aggregator.patch_size)
+    return step_work(cfg, parallel, batch, world_size=step["world_size"], freeze=tuple(spec.freeze))
+
+
+def measured_work(step: dict) -> dict[str, int]:
+    """devices.yaml's `work` of a measured step: FLOPs by kind and memory-bound bytes, as counted now."""
+    by_kind = described_step(step).by_kind()
+    return {"attention": by_kind["attention"], "matmul": by_kind["matmul"],
+            "convolution": by_kind["convolution"], "bytes": by_kind["memory"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m vggt_fsdp.memory.steptime CARD`: the `work` line of a measured card's entry in
+    devices.yaml, counted by the current code (paste it there after a change to what is counted)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m vggt_fsdp.memory.steptime", description=main.__doc__)
+    parser.add_argument("card", help="a measured card of devices.yaml, e.g. h200")
+    args = parser.parse_args(argv)
+    measured = devices.card(args.card).measured
+    if measured is None:
+        parser.error(f"{args.card} has no measurement in devices.yaml (its rates are derived)")
+    work = measured_work(measured.step)
+    print("        work: {" + ", ".join(f"{k}: {v}" for k, v in work.items()) + "}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
