@@ -1,25 +1,30 @@
-"""`vggt-fsdp data preview RECIPE [key=value ...] --out DIR`: look at what the trainer will see.
+"""`vggt-fsdp data`: look at what the trainer will see, and check a dataset before training on it.
 
-Builds one batch of the recipe's data section exactly as training does (same sampler, augmentation
-and normalisation), writes DIR/batch.png (a row per frame: image with its visible track points, depth,
-valid-point mask, world points as colours) and DIR/batch.json (shapes, dtypes and value ranges),
-and prints the JSON.
+    data preview RECIPE [key=value ...] --out DIR   one batch of each source of the recipe's data
+        section, built exactly as training builds it (same sampler, crops, augmentation and
+        normalisation): DIR/batch-<source>.png (labelled panels: a row per frame with its image and
+        visible track points, depth, valid-point mask and world points as colours) and DIR/batch.json
+        (shapes, dtypes and value ranges of every tensor); a line per source on stdout.
+    data check RECIPE [key=value ...]                reads every frame of every scene of every source
+        once through the training readers and geometry checks; reports unreadable files, invalid
+        cameras and depth statistics per source, with progress on stderr; exit status 1 on any problem.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 
 
 def build_parser(parser: argparse.ArgumentParser) -> None:
+    from vggt_fsdp.cli import add_recipe_arguments
+
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    preview = sub.add_parser("preview", help="write a PNG sheet and a JSON summary of one batch")
-    preview.add_argument("recipe", help="recipe YAML file")
-    preview.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. data.image_width=252")
+    preview = sub.add_parser("preview", help="write a labelled PNG sheet per source and a JSON summary of one batch")
+    add_recipe_arguments(preview, "data.image_width=252")
     preview.add_argument("--out", required=True, help="output directory (created if missing)")
     preview.add_argument("--split", choices=("train", "val"), default="train")
     preview.add_argument("--step", type=int, default=0, help="which step's batch (the sampler is deterministic)")
@@ -27,33 +32,78 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     preview.add_argument("--world-size", type=int, default=1)
     preview.add_argument("--frames-per-gpu", type=int, default=None,
                          help="frame budget when the recipe says data.frames_per_gpu=auto")
-    preview.add_argument("--max-rows", type=int, default=16, help="frames drawn in the sheet (JSON covers all)")
+    preview.add_argument("--max-rows", type=int, default=16, help="frames drawn per sheet (the JSON covers all)")
+    check = sub.add_parser("check", help="read every scene once; report bad files, invalid cameras, depth statistics")
+    add_recipe_arguments(check, "data.root=/data/co3d")
+    check.add_argument("--split", choices=("train", "val", "all"), default="all")
+    check.add_argument("--frames-per-scene", type=int, default=0,
+                       help="read at most this many frames of each scene, spread over it (0: every frame)")
+    check.add_argument("--json", default=None, help="also write the full report here")
+    check.add_argument("--max-problems", type=int, default=20, help="problems listed per source (--json has all)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from vggt_fsdp.data import build_dataloader
     from vggt_fsdp.recipe import load_recipe_or_exit
 
     recipe = load_recipe_or_exit(args.recipe, args.overrides)
+    return preview(recipe, args) if args.action == "preview" else check(recipe, args)
+
+
+def preview(recipe, args: argparse.Namespace) -> int:
+    from vggt_fsdp.data import build_dataloader
+    from vggt_fsdp.data.png import write_png
+    from vggt_fsdp.data.sheet import batch_sheet
+
     budget = args.frames_per_gpu
     if budget is None and recipe.data.frames_per_gpu == "auto":
         raise SystemExit("data.frames_per_gpu is 'auto' in this recipe: pass --frames-per-gpu N "
                          "(for example the number `vggt-fsdp plan RECIPE` fits)")
-    loader = build_dataloader(recipe.data, rank=args.rank, world_size=args.world_size, split=args.split,
-                              frames_per_gpu=budget, num_workers=0)
-    loader.load_state_dict(loader.sampler.state_at(args.step))
-    batch = next(iter(loader))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    summary = {"recipe": args.recipe, "overrides": args.overrides, "split": args.split, "step": args.step,
-               "rank": args.rank, "tensors": describe_batch(batch)}
+    summary = {"recipe": str(args.recipe), "overrides": args.overrides, "split": args.split, "step": args.step,
+               "rank": args.rank, "world_size": args.world_size, "sources": {}}
+    for label, data in per_source(recipe.data):
+        loader = build_dataloader(data, rank=args.rank, world_size=args.world_size, split=args.split,
+                                  frames_per_gpu=budget, num_workers=0)
+        loader.load_state_dict(loader.sampler.state_at(args.step))
+        batch = next(iter(loader))
+        b, s, _, h, w = batch["images"].shape
+        png = out / f"batch-{label}.png"
+        title = f"{label}  {args.split} step {args.step} rank {args.rank}: {b} scenes x {s} frames, {w}x{h}"
+        write_png(png, batch_sheet(batch, args.max_rows, title))
+        tensors = describe_batch(batch)
+        summary["sources"][label] = {"png": str(png), "tensors": tensors}
+        mask = tensors["point_masks"]["true_fraction"]
+        depth = tensors["depths"]
+        depth_text = f", depth {depth['min']:.3g} to {depth['max']:.3g} (normalised)" if "min" in depth else ""
+        print(f"{label}: {b} scenes x {s} frames, {w}x{h}, valid points {100 * mask:.0f}%{depth_text} -> {png}")
     (out / "batch.json").write_text(json.dumps(summary, indent=2) + "\n")
-    from vggt_fsdp.data.png import write_png
-
-    write_png(out / "batch.png", batch_sheet(batch, args.max_rows))
-    print(json.dumps(summary, indent=2))
-    print(f"# wrote {out / 'batch.png'} and {out / 'batch.json'}")
+    print(f"# shapes, dtypes and value ranges: {out / 'batch.json'}")
     return 0
+
+
+def per_source(data):
+    """(label, a data section holding only that source) for each source of `data`."""
+    if not data.sources:
+        yield data.label, data
+        return
+    for entry in data.sources:
+        yield entry.label, dataclasses.replace(data, sources=[entry])
+
+
+def check(recipe, args: argparse.Namespace) -> int:
+    from vggt_fsdp.data.audit import check_data, format_report
+
+    splits = ["train", "val"] if args.split == "all" else [args.split]
+    reports = check_data(recipe.data, splits, args.frames_per_scene)
+    format_report(reports, args.max_problems)
+    problems = sum(len(r.problems) for r in reports)
+    if args.json:
+        Path(args.json).write_text(json.dumps([r.summary() for r in reports], indent=2) + "\n")
+        print(f"# full report: {args.json}")
+    print(f"# {problems} problem(s) in {sum(r.frames_read for r in reports)} frames read"
+          + ("" if problems else ": the data reads as training reads it"))
+    return 1 if problems else 0
 
 
 def describe_batch(batch: dict[str, torch.Tensor]) -> dict[str, dict]:
@@ -74,49 +124,3 @@ def describe_batch(batch: dict[str, torch.Tensor]) -> dict[str, dict]:
                          mean=round(float(data.mean()), 6))
         info[key] = entry
     return info
-
-
-def batch_sheet(batch: dict[str, torch.Tensor], max_rows: int) -> np.ndarray:
-    """(rows * H, 4 * W, 3) uint8: per frame, image (+ visible tracks), depth, mask, world points."""
-    images, depths, masks = batch["images"], batch["depths"], batch["point_masks"]
-    points = batch["world_points"]
-    b, s = images.shape[:2]
-    rows = []
-    for i in range(b):
-        valid_depth = depths[i][masks[i]]
-        lo, hi = (float(valid_depth.min()), float(valid_depth.max())) if valid_depth.numel() else (0.0, 1.0)
-        valid_pts = points[i][masks[i]]
-        p_lo = valid_pts.amin(0) if valid_pts.numel() else torch.zeros(3)
-        p_hi = valid_pts.amax(0) if valid_pts.numel() else torch.ones(3)
-        for j in range(s):
-            if len(rows) == max_rows:
-                break
-            image = images[i, j].permute(1, 2, 0).numpy().copy()
-            if "tracks" in batch:
-                _draw_tracks(image, batch["tracks"][i, j], batch["track_vis_mask"][i, j])
-            mask = masks[i, j].numpy()
-            depth = _colormap((depths[i, j].numpy() - lo) / max(hi - lo, 1e-6)) * mask[..., None]
-            xyz = ((points[i, j] - p_lo) / (p_hi - p_lo).clamp_min(1e-6)).clamp(0, 1).numpy() * mask[..., None]
-            rows.append(np.concatenate([image, depth, np.repeat(mask[..., None], 3, -1), xyz], 1))
-    return (np.concatenate(rows, 0) * 255).round().clip(0, 255).astype(np.uint8)
-
-
-# Control points of a perceptually ordered dark-blue -> cyan -> yellow -> red map.
-_MAP_X = np.array([0.0, 0.25, 0.5, 0.75, 1.0])
-_MAP_RGB = np.array([[0.19, 0.07, 0.23], [0.16, 0.47, 0.93], [0.25, 0.93, 0.60], [0.97, 0.73, 0.22], [0.6, 0.05, 0.02]])
-
-
-def _colormap(values: np.ndarray) -> np.ndarray:
-    values = np.clip(values, 0.0, 1.0)
-    return np.stack([np.interp(values, _MAP_X, _MAP_RGB[:, c]) for c in range(3)], -1)
-
-
-def _draw_tracks(image: np.ndarray, tracks: torch.Tensor, visible: torch.Tensor) -> None:
-    """Mark visible track points (pixel-index coordinates) with 3x3 dots, a colour per track."""
-    height, width = image.shape[:2]
-    for n, ((u, v), vis) in enumerate(zip(tracks.tolist(), visible.tolist())):
-        if not vis:
-            continue
-        col, row = int(round(u)), int(round(v))
-        colour = _colormap(np.array((n * 0.618) % 1.0))
-        image[max(row - 1, 0):min(row + 2, height), max(col - 1, 0):min(col + 2, width)] = colour
