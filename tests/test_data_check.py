@@ -53,3 +53,14 @@ def test_unlistable_scenes_and_impossible_cameras_are_reported_per_source(tmp_pa
     assert "camera 1 is OPENCV; only undistorted PINHOLE and SIMPLE_PINHOLE" in out
     assert "source synthetic (synthetic), train split: rendered on the fly: no files to read" in out
     assert "source folder" in out and "2 frames read" in out
+
+
+def test_colmap_depth_maps_are_compared_with_the_models_sparse_points(tmp_path, capsys):
+    world = render_world(4, 2, (24, 32), open_top=False)
+    write_colmap(tmp_path, world, depth_kind="png")  # 16-bit millimetres
+    base = ["data", "check", "recipes/cpu_tiny.yaml", "data.source=colmap", f"data.root={tmp_path}",
+            "data.val_fraction=0.0", "data.colmap.depth_path=depths/{stem}.png"]
+    assert main([*base, "data.colmap.depth_scale=0.001", "--split", "train"]) == 0
+    assert "depth maps / depth of the model's sparse points: 1" in capsys.readouterr().out
+    assert main([*base, "--split", "train"]) == 1  # depth_scale left at 1: millimetres read as metres
+    assert "the depth maps are 1000 times the depth of the model's sparse points" in capsys.readouterr().out

@@ -128,6 +128,7 @@ def test_depth_path_patterns_and_png_scale(tmp_path, world):
 @pytest.mark.parametrize("key, value, message", [
     ("depth_path", "depths/all.npy", r"data.colmap.depth_path='depths/all.npy' names no image"),
     ("depth_path", "depths/{stem}.exr", r"must end in .npy, .pfm or .png"),
+    ("depth_path", "{scene}/{stem}.npy", r"KeyError\('scene'\); only \{name\} and \{stem\} may appear"),
     ("depth_scale", 0.0, r"data.colmap.depth_scale=0.0 must be > 0"),
 ])
 def test_colmap_settings_are_checked_at_load(key, value, message):

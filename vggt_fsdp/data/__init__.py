@@ -130,11 +130,6 @@ class SceneLoader:
         self._state = sampler.state_dict()
         self._counts = {key: dict.fromkeys(self.labels, 0) for key in ("frames", "skipped_frames")}
 
-    @property
-    def source(self) -> SceneSource:
-        """The first (for a single-source section, the only) source."""
-        return self.sources[0]
-
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         self.sampler.load_state_dict(self._state)  # restart where the consumer is, not the prefetcher
         loader = DataLoader(_SpecDataset(self.sources, self.augment), batch_sampler=self.sampler,

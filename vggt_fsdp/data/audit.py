@@ -2,7 +2,8 @@
 
 Each frame goes through the same reader and geometry checks as training (FileSceneSource.load_frame),
 so what fails here would fail (or, with data.skip_bad_frames, be skipped) in training. The report
-lists, per source and split, unreadable files, invalid cameras and depth statistics.
+lists, per source and split, unreadable files, invalid cameras and depth statistics; for COLMAP
+sources it also compares the depth maps with the model's sparse points (a wrong depth scale shows).
 """
 from __future__ import annotations
 
@@ -12,9 +13,14 @@ from dataclasses import dataclass, field
 from typing import Callable, TextIO
 
 import numpy as np
+import torch
 
 from vggt_fsdp.data.base import DataError
 from vggt_fsdp.data.config import DataConfig, SourceConfig
+from vggt_fsdp.geometry import project_points
+
+# colmap: depth maps further than this fraction from the model's sparse points' depths are reported
+MAX_POINT_RATIO_ERROR = 0.05
 
 
 @dataclass
@@ -32,6 +38,8 @@ class SourceReport:
     depth: list[tuple[float, float, float]] = field(default_factory=list)
     focal_over_width: list[float] = field(default_factory=list)
     sizes: set[tuple[int, int]] = field(default_factory=set)
+    # colmap: per frame, median of (depth map / depth of the model's sparse points it observes)
+    point_ratios: list[float] = field(default_factory=list)
 
     def summary(self) -> dict:
         out = {"label": self.label, "source": self.source, "root": self.root, "split": self.split,
@@ -46,6 +54,9 @@ class SourceReport:
                                            "min": float(np.min(self.valid_fraction))}
             out["focal_over_width"] = {"min": float(min(self.focal_over_width)), "max": float(max(self.focal_over_width))}
             out["image_sizes"] = sorted(f"{w}x{h}" for h, w in self.sizes)
+        if self.point_ratios:
+            out["depth_over_sparse_points"] = {"median": float(np.median(self.point_ratios)),
+                                               "frames": len(self.point_ratios)}
         return out
 
 
@@ -93,6 +104,13 @@ def check_source(cfg: SourceConfig, data: DataConfig, split: str, progress: Prog
             _read(source, scene, int(frame), report)
             progress.update(f"[data check] {cfg.label} ({split}): scene {scene + 1}/{len(source)}, "
                             f"{report.frames_read} frames read, {len(report.problems)} problem(s)")
+    if report.point_ratios:
+        ratio = float(np.median(report.point_ratios))
+        if abs(ratio - 1) > MAX_POINT_RATIO_ERROR:
+            report.problems.append(
+                f"{cfg.label}: the depth maps are {ratio:.4g} times the depth of the model's sparse points they "
+                f"see (median over {len(report.point_ratios)} frames): check the source's colmap.depth_scale, "
+                "or that the depth maps belong to this model")
     progress.update(f"[data check] {cfg.label} ({split}): {report.scenes} scenes, {report.frames_read} frames read, "
                     f"{len(report.problems)} problem(s)", force=True)
     return report
@@ -112,6 +130,24 @@ def _read(source, scene: int, frame: int, report: SourceReport) -> None:
     height, width = raw.image.shape[-2:]
     report.focal_over_width.append(float(raw.intrinsics[0, 0]) / width)
     report.sizes.add((height, width))
+    points = source.observed_points(scene, frame) if hasattr(source, "observed_points") else None
+    if points is not None and len(points):
+        ratio = _depth_over_points(raw, points)
+        if ratio is not None:
+            report.point_ratios.append(ratio)
+
+
+def _depth_over_points(raw, points: torch.Tensor) -> float | None:
+    """Median of depth map / camera depth at the pixels where the frame sees `points` (world, (N, 3))."""
+    uv, z = project_points(points.float(), raw.extrinsics, raw.intrinsics)
+    height, width = raw.depth.shape
+    col, row = uv[:, 0].round(), uv[:, 1].round()
+    inside = (z > 0) & (col >= 0) & (col < width) & (row >= 0) & (row < height)
+    depth = raw.depth[row[inside].long(), col[inside].long()]
+    seen = depth > 0
+    if not seen.any():
+        return None
+    return float((depth[seen] / z[inside][seen]).median())
 
 
 def check_data(data: DataConfig, splits: list[str], frames_per_scene: int = 0,
@@ -136,6 +172,10 @@ def format_report(reports: list[SourceReport], max_problems: int = 20,
             write(f"  depth: {d['min']:.3g} to {d['max']:.3g} m (median of frame medians {d['median_of_frame_medians']:.3g} m); "
                   f"valid pixels {100 * v['mean']:.1f}% on average, {100 * v['min']:.1f}% at least")
             write(f"  cameras: fx / width {f['min']:.3g} to {f['max']:.3g}; image sizes {', '.join(s['image_sizes'])}")
+        if "depth_over_sparse_points" in s:
+            ratio = s["depth_over_sparse_points"]
+            write(f"  depth maps / depth of the model's sparse points: {ratio['median']:.4g} (median over "
+                  f"{ratio['frames']} frames)")
         for problem in report.problems[:max_problems]:
             write(f"  problem: {problem}")
         if len(report.problems) > max_problems:

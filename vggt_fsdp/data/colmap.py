@@ -18,7 +18,7 @@ from pathlib import Path, PurePosixPath
 import torch
 
 from vggt_fsdp.data.base import DataError, RawFrame
-from vggt_fsdp.data.colmap_model import Camera, Image, model_files, read_cameras, read_images
+from vggt_fsdp.data.colmap_model import Camera, Image, model_files, read_cameras, read_images, read_points3d
 from vggt_fsdp.data.config import DataConfig, SourceConfig
 from vggt_fsdp.data.files import FileSceneSource
 from vggt_fsdp.data.io import read_depth_file, read_rgb
@@ -45,6 +45,7 @@ class ColmapSource(FileSceneSource):
                             "scene folders holding a COLMAP model (data.colmap.model_dir)")
         self._scenes = self.load_split(names, split, cfg.val_fraction, self._load)
         self.frame_counts = [len(images) for _, images, _ in self._scenes]
+        self._points: tuple[int, dict[int, torch.Tensor] | None] | None = None  # one scene's, see observed_points
 
     def _load(self, name: str) -> tuple[dict[int, Camera], list[Image], Path]:
         """(cameras, registered images in name order, the model's cameras file) of one scene."""
@@ -88,6 +89,26 @@ class ColmapSource(FileSceneSource):
         extrinsics = torch.cat([rotation, torch.tensor(image.tvec, dtype=torch.float64)[:, None]], -1)
         return RawFrame(pixels, depth, valid, extrinsics.float(), _intrinsics(camera), where=where,
                         depth_file=str(depth_path))
+
+
+    def observed_points(self, scene: int, frame: int) -> torch.Tensor | None:
+        """World points (N, 3) of the model's points3D that the frame's image observes, or None when
+        the model has no points3D file: `data check` compares the depth maps with them. Only the
+        latest scene's points are kept (the check reads scene by scene)."""
+        if self._points is None or self._points[0] != scene:
+            *_, points_file = model_files(self.root / self.scene_names[scene] / self.cfg.model_dir)
+            table = None
+            if points_file.is_file():
+                by_image: dict[int, list] = {}
+                for point in read_points3d(points_file).values():
+                    for image_id in set(point.image_ids):
+                        by_image.setdefault(image_id, []).append(point.xyz)
+                table = {k: torch.tensor(v, dtype=torch.float64) for k, v in by_image.items()}
+            self._points = (scene, table)
+        table = self._points[1]
+        if table is None:
+            return None
+        return table.get(self._scenes[scene][1][frame].id, torch.zeros(0, 3, dtype=torch.float64))
 
 
 def _intrinsics(camera: Camera) -> torch.Tensor:

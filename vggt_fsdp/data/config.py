@@ -122,6 +122,11 @@ class ColmapConfig:
     def validate(self, where: str = "data.colmap") -> None:
         if "{name}" not in self.depth_path and "{stem}" not in self.depth_path:
             raise ValueError(f"{where}.depth_path={self.depth_path!r} names no image: use {{name}} or {{stem}}")
+        try:
+            self.depth_path.format(name="image.jpg", stem="image")
+        except (KeyError, IndexError, ValueError) as err:
+            raise ValueError(f"{where}.depth_path={self.depth_path!r}: {err!r}; only {{name}} and {{stem}} "
+                             "may appear in braces") from None
         if not self.depth_path.endswith((".npy", ".pfm", ".png")):
             raise ValueError(f"{where}.depth_path={self.depth_path!r} must end in .npy, .pfm or .png")
         if not self.depth_scale > 0:
