@@ -53,3 +53,13 @@ def test_data_preview_draws_each_source_of_a_mixture(tmp_path, capsys):
         assert decode_png((out / f"batch-{label}.png").read_bytes()).std() > 10
         assert summary["sources"][label]["tensors"]["images"]["shape"][-2:] == [28, 56]
     assert "mine: 2 scenes x 2 frames" in capsys.readouterr().out
+
+
+def test_a_source_that_cannot_be_previewed_is_named_and_the_status_is_non_zero(tmp_path, capsys):
+    write_folder(tmp_path / "data", render_world(2, 3, (28, 40)), depth_kinds=("npy",))
+    sources = (f"data.sources=[{{source: synthetic}}, {{source: folder, root: '{tmp_path / 'data'}', name: mine, "
+               "val_fraction: 0.0}]")  # every scene trains: none is held out for validation
+    code = main(["data", "preview", "recipes/cpu_tiny.yaml", *SMALL, sources, "--out", str(tmp_path / "p"),
+                 "--split", "val"])
+    out = capsys.readouterr().out
+    assert code == 1 and "mine: no preview: the val split has no scenes" in out and "synthetic: 2 scenes" in out

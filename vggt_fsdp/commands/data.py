@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def preview(recipe, args: argparse.Namespace) -> int:
-    from vggt_fsdp.data import build_dataloader
+    from vggt_fsdp.data import DataError, build_dataloader
     from vggt_fsdp.data.png import write_png
     from vggt_fsdp.data.sheet import batch_sheet
 
@@ -62,11 +62,17 @@ def preview(recipe, args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     summary = {"recipe": str(args.recipe), "overrides": args.overrides, "split": args.split, "step": args.step,
                "rank": args.rank, "world_size": args.world_size, "sources": {}}
+    failed = 0
     for label, data in per_source(recipe.data):
-        loader = build_dataloader(data, rank=args.rank, world_size=args.world_size, split=args.split,
-                                  frames_per_gpu=budget, num_workers=0)
-        loader.load_state_dict(loader.sampler.state_at(args.step))
-        batch = next(iter(loader))
+        try:
+            loader = build_dataloader(data, rank=args.rank, world_size=args.world_size, split=args.split,
+                                      frames_per_gpu=budget, num_workers=0)
+            loader.load_state_dict(loader.sampler.state_at(args.step))
+            batch = next(iter(loader))
+        except DataError as err:
+            print(f"{label}: no preview: {err}")
+            failed += 1
+            continue
         b, s, _, h, w = batch["images"].shape
         png = out / f"batch-{label}.png"
         title = f"{label}  {args.split} step {args.step} rank {args.rank}: {b} scenes x {s} frames, {w}x{h}"
@@ -79,7 +85,7 @@ def preview(recipe, args: argparse.Namespace) -> int:
         print(f"{label}: {b} scenes x {s} frames, {w}x{h}, valid points {100 * mask:.0f}%{depth_text} -> {png}")
     (out / "batch.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"# shapes, dtypes and value ranges: {out / 'batch.json'}")
-    return 0
+    return 1 if failed else 0
 
 
 def per_source(data):

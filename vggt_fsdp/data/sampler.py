@@ -15,7 +15,7 @@ from typing import Iterator
 
 import numpy as np
 
-from vggt_fsdp.data.base import SampleSpec
+from vggt_fsdp.data.base import DataError, SampleSpec
 from vggt_fsdp.data.config import DataConfig
 
 _SPLIT_TAG = {"train": 0, "val": 1}
@@ -46,7 +46,7 @@ class Mixture:
             raise ValueError(f"a source with no scenes cannot fill its epoch length: scenes {scene_counts}, "
                              f"epoch lengths {epoch_lengths}")
         if sum(epoch_lengths) < 1:
-            raise ValueError(f"the {split} split has no scenes")
+            raise DataError(f"the {split} split has no scenes")
         self.scene_counts, self.epoch_lengths = list(scene_counts), list(epoch_lengths)
         self.labels = labels or [str(i) for i in range(len(scene_counts))]
         self.seed, self.tag, self.total = seed, _SPLIT_TAG[split], sum(epoch_lengths)
@@ -112,7 +112,7 @@ class DynamicBatchSampler:
             raise ValueError(f"split={split!r}; valid: {sorted(_SPLIT_TAG)}")
         if isinstance(scenes, int):
             if scenes < 1:
-                raise ValueError(f"the {split} split has no scenes")
+                raise DataError(f"the {split} split has no scenes")
             scenes = Mixture([scenes], [scenes], cfg.seed, split)
         if not isinstance(frames_per_gpu, int) or frames_per_gpu < cfg.frames_range[1]:
             raise ValueError(f"frames_per_gpu={frames_per_gpu!r} must be an int >= data.frames_range[1]="
