@@ -6,11 +6,13 @@ is for (the first paragraph of its header).
 --slurm the multi-node SLURM script beside it, to edit and run in your own project.
 `recipe show RECIPE [key=value ...]`: the resolved recipe, then the parallel plan: which modules become
 FSDP units, their parameter and reduce dtypes, and what is checkpointed. The model is built on the meta
-device, so this is instant and needs no process group, even for VGGT-1B.
+device, so this is instant and needs no process group, even for VGGT-1B. With `--get KEY` it prints only
+that resolved value (e.g. `--get train.output_dir`, for scripts such as the SLURM one).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -30,6 +32,8 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     show = sub.add_parser("show", help="print the resolved recipe and its FSDP / precision / checkpoint plan")
     add_recipe_arguments(show, "parallel.checkpoint.policy=block")
     show.add_argument("--plan-only", action="store_true", help="print only the plan table")
+    show.add_argument("--get", action="append", default=[], metavar="KEY",
+                      help="print only this dotted key's resolved value, one line each (repeatable)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,10 +44,32 @@ def run(args: argparse.Namespace) -> int:
     from vggt_fsdp.recipe import dump_recipe, load_recipe_or_exit
 
     recipe = load_recipe_or_exit(args.recipe, args.overrides)
+    if args.get:
+        return print_values(recipe, args.get)
     if not args.plan_only:
         print(f"# resolved recipe: {args.recipe} {' '.join(args.overrides)}".rstrip())
         print(dump_recipe(recipe))
     print(describe_plan(recipe))
+    return 0
+
+
+def print_values(recipe, keys: list[str]) -> int:
+    """Each dotted key's resolved value on its own line: strings as they are, anything else as JSON."""
+    from vggt_fsdp.recipe import recipe_to_dict
+
+    data = recipe_to_dict(recipe)
+    values = []
+    for key in keys:
+        node = data
+        for depth, part in enumerate(key.split(".")):
+            if not isinstance(node, dict) or part not in node:
+                where = ".".join(key.split(".")[:depth]) or "the recipe"
+                valid = sorted(node) if isinstance(node, dict) else f"none: {where} is a value"
+                print(f"error: --get {key}: {where} has no key {part!r}; valid keys: {valid}", file=sys.stderr)
+                return 2
+            node = node[part]
+        values.append(node if isinstance(node, str) else json.dumps(node))
+    print("\n".join(values))
     return 0
 
 
