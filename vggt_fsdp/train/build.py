@@ -17,7 +17,6 @@ import fnmatch
 import json
 import os
 import random
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -181,6 +180,7 @@ def build_trainer(recipe, lock=None) -> Built:
     from vggt_fsdp.model import build_model, materialize
     from vggt_fsdp.parallel import build_accelerator, prepare_model
     from vggt_fsdp.parallel.accelerate import topology_notice
+    from vggt_fsdp.parallel.materialize import one_process_init
     from vggt_fsdp.recipe import model_config
     from vggt_fsdp.train import preflight
     from vggt_fsdp.train.faults import rank0_decides
@@ -203,9 +203,9 @@ def build_trainer(recipe, lock=None) -> Built:
                   (preflight.PreflightError,))
     frozen = freeze(model, recipe.model.freeze)
     plan = prepare_model(accelerator, model, recipe.parallel)
-    with warnings.catch_warnings():
-        # DTensor's CPU RNG draws each shard from the local generator; fine for a random init.
-        warnings.filterwarnings("ignore", message="DTensor random operators may not have complete support")
+    # As one process would with rank 0's random state, each rank keeping its shards (on the CPU, DTensor
+    # alone draws every shard of a weight from the same local generator state: repeated rows).
+    with one_process_init(device):
         materialize(model, device)
     if recipe.model.init_weights:
         load_initial_weights(model, recipe.model.init_weights)
