@@ -153,19 +153,40 @@ class OpRecord:
 
 @dataclass
 class CallCount:
-    """A counted module call: its forward ops one by one (recompute re-runs some of them) and the
-    whole backward."""
+    """A counted module call: its forward ops one by one, the moments its forward saved tensors for
+    backward (`saves`: how many ops had run, and inside which modules), and the whole backward."""
 
     forward_ops: list[OpRecord] = field(default_factory=list)
+    saves: list[tuple[int, frozenset[str]]] = field(default_factory=list)
     backward: Work = field(default_factory=Work)
 
     @property
     def forward(self) -> Work:
         return total(r.work for r in self.forward_ops)
 
-    def forward_of(self, keep: Callable[[OpRecord], bool]) -> Work:
-        """The forward work of the ops `keep` selects."""
-        return total(r.work for r in self.forward_ops if keep(r))
+    def recompute(self, inside: Callable[[frozenset[str]], bool]) -> Work:
+        """The forward work a non-reentrant checkpoint of the modules `inside` selects runs again in
+        backward. Each call of such a module (a run of consecutive ops inside it) is re-run from its
+        start until it has saved again every tensor its backward unpacks, then stops (torch's early
+        stop): the ops after its last save, such as the output projection whose input was saved before
+        it ran, are not re-run."""
+        work = Work()
+        for start, end in _runs([inside(r.modules) for r in self.forward_ops]):
+            last_save = max((n for n, modules in self.saves if inside(modules) and start <= n <= end), default=start)
+            work = work + total(r.work for r in self.forward_ops[start:last_save])
+        return work
+
+
+def _runs(flags: list[bool]) -> list[tuple[int, int]]:
+    """(start, end) of each run of True in `flags`; end is exclusive."""
+    runs, start = [], None
+    for i, flag in enumerate([*flags, False]):
+        if flag and start is None:
+            start = i
+        elif not flag and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs
 
 
 # ======================================================================================== counting
@@ -217,10 +238,11 @@ class Counter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        self.records.append(OpRecord(func, op_work(func, args, kwargs, out), self._modules()))
+        self.records.append(OpRecord(func, op_work(func, args, kwargs, out), self.modules()))
         return out
 
-    def _modules(self) -> frozenset[str]:
+    def modules(self) -> frozenset[str]:
+        """The modules running now, by path relative to the counted module."""
         if self.tracker is None:
             return frozenset()
         prefix = self.root + "."
@@ -239,17 +261,23 @@ def count_call(fn: Callable, *args, root: torch.nn.Module | None = None, autocas
     caller's (meta) tensors. Forward ops are attributed to the sub-modules of the module called (paths
     relative to it); a method's own ops to none."""
     root = fn if isinstance(fn, torch.nn.Module) else root
+    saves: list[tuple[int, frozenset[str]]] = []
     with MetaFunctions(autocast):
         tracker = ModuleTracker()
         with tracker, Counter(tracker, type(root).__name__ if root is not None else "") as forward:
-            out = fn(*args, **kwargs)
+            def pack(t: torch.Tensor) -> torch.Tensor:
+                saves.append((len(forward.records), forward.modules()))
+                return t
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                out = fn(*args, **kwargs)
         outputs = [t for t in tree_flatten(out)[0]
                    if isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad]
         grads = [torch.ones_like(t) for t in outputs]
         with Counter() as backward:
             if outputs:
                 torch.autograd.backward(outputs, grads)
-    return CallCount(forward.records, backward.work)
+    return CallCount(forward.records, saves, backward.work)
 
 
 # ======================================================================================== meta functions
@@ -288,7 +316,7 @@ class MetaFunctions(TorchFunctionMode):
                 args, kwargs = _cast(args, kwargs, _LOWERABLE, self.autocast)
             elif name in AUTOCAST_FP32:
                 args, kwargs = _cast(args, kwargs, _WIDENABLE, torch.float32)
-            elif name in AUTOCAST_FP32_OUTPUT and "dtype" not in kwargs and _first_dtype(args) in _WIDENABLE:
+            elif name in AUTOCAST_FP32_OUTPUT and kwargs.get("dtype") is None and _first_dtype(args) in _WIDENABLE:
                 kwargs = {**kwargs, "dtype": torch.float32}
         if func is F.scaled_dot_product_attention and args[0].device.type == "meta":
             return _fused_attention(*args, **kwargs)

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vggt_fsdp.memory import devices, planner
-from vggt_fsdp.memory.flops import KINDS, CallCount, OpRecord, Work, count_call, total
+from vggt_fsdp.memory.flops import KINDS, CallCount, Work, count_call, total
 from vggt_fsdp.memory.planner import Batch, UnitInfo
 
 TIME_KINDS = (*KINDS, "memory")
@@ -270,19 +270,17 @@ def _attention_names(parallel_cfg) -> tuple[str, ...]:
 
 def recompute_of(count: CallCount, policy: str, prefix: str, attention_names: tuple[str, ...]) -> Work:
     """The forward work that `policy` re-runs for the unit at `prefix` inside a counted call ("": the
-    call is the unit): none nothing; block and chunks every forward op of the unit; attention the ops
-    of its attention sub-module."""
-    def under(names: set[str], r: OpRecord) -> bool:
-        return any(m in names or any(m.startswith(n + ".") for n in names) for m in r.modules)
-
+    call is the unit): none nothing; block and chunks the unit's forward, attention its attention
+    sub-module's, each as far as a non-reentrant checkpoint re-runs it (`CallCount.recompute`)."""
+    def under(names: set[str]):
+        return lambda modules: any(m in names or any(m.startswith(n + ".") for n in names) for m in modules)
 
     if policy == "none":
         return Work()
     if policy in ("block", "chunks"):
-        return count.forward if not prefix else count.forward_of(lambda r: under({prefix}, r))
+        return count.recompute(under({prefix}) if prefix else lambda modules: True)
     if policy == "attention":
-        names = {f"{prefix}.{a}" if prefix else a for a in attention_names}
-        return count.forward_of(lambda r: under(names, r))
+        return count.recompute(under({f"{prefix}.{a}" if prefix else a for a in attention_names}))
     raise ValueError(f"the step-time model knows checkpoint policies none, attention, block and chunks, not {policy!r}")
 
 
