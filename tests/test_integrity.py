@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,7 @@ from torch import nn
 
 from vggt_fsdp.train import checkpoint as ckpt
 from vggt_fsdp.train.integrity import NonFiniteWeightsError, checksum_files, nonfinite_names, verify_files
+from vggt_fsdp.train.lock import LOCK_NAME
 from vggt_fsdp.train.metrics import read_metrics, truncate_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -340,3 +343,48 @@ def test_nan_initial_weights_exit_nonzero_and_export_nothing(tmp_path):
     assert "holds NaN or Inf in 1 tensor(s): aggregator.camera_token" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (out / "model.safetensors").exists() and not (out / "checkpoints").exists()
+
+
+# ------------------------------------------------------------------------------------- start-up SIGTERM
+def _sigterm_blocked(pid: int) -> bool:
+    status = Path(f"/proc/{pid}/status").read_text()
+    blocked = int(next(line for line in status.splitlines() if line.startswith("SigBlk:")).split()[1], 16)
+    return bool(blocked & (1 << (signal.SIGTERM - 1)))
+
+
+@pytest.mark.parametrize("when", ["importing", "after the lock"])
+def test_sigterm_during_startup_exits_zero_and_leaves_nothing(tmp_path, when):
+    """A SIGTERM while Python imports torch (held until the handler is in place) or while the model is
+    built (after the lock was taken) ends the trainer with code 0, its lock released, nothing trained."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vggt_fsdp.train", str(REPO / "recipes" / "cpu_tiny.yaml"), "data.image_width=56",
+         "data.frames_range=[2,3]", "data.frames_per_gpu=3", "train.progress_bar=false", f"train.output_dir={out}"],
+        cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)), stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 180
+        ready = (lambda: _sigterm_blocked(proc.pid)) if when == "importing" else (out / LOCK_NAME).is_file
+        while proc.poll() is None and not ready() and time.time() < deadline:
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert "during start-up" in err and "Traceback" not in err
+    assert not (out / LOCK_NAME).exists() and not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()
+    if when == "after the lock":  # the trainer held the directory: it says what happened there
+        assert json.loads((out / "preempted.json").read_text()) == {"step": None, "checkpoint": None}
+
+
+def test_train_command_exits_zero_after_a_clean_stop(tmp_path, capsys):
+    from vggt_fsdp.commands.train import _exit_code
+
+    status = tmp_path / "status.json"
+    assert _exit_code(1, True, status) == 1  # signalled, but no rank said it stopped cleanly
+    status.write_text(json.dumps({"step": None, "checkpoint": None}))
+    assert _exit_code(1, True, status) == 0 and "stopped during start-up" in capsys.readouterr().err
+    status.write_text(json.dumps({"step": 7, "checkpoint": "/x/step-0000007"}))
+    assert _exit_code(1, True, status) == 0 and "preempted at step 7" in capsys.readouterr().err
+    assert _exit_code(1, False, status) == 1  # no signal forwarded: the failure stands
