@@ -103,35 +103,37 @@ def check_fused_skip(device_type: str) -> dict:
     guard = NonFiniteGuard(max_in_row=3, device=device)
     x = torch.randn(16, 64, device=device)
 
-    def step(scale: float) -> None:
+    def gradients(scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         loss = model(x).pow(2).mean() * scale
         loss.backward()
-        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
-        skip = guard.flag(loss, norm)
-        # Exactly what Trainer._optimizer_step does with fused AdamW: no host sync.
-        optimizer.found_inf = skip
+        return loss, torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
+
+    def update(loss: torch.Tensor, norm: torch.Tensor) -> None:
+        # Exactly what Trainer._train_step and _optimizer_step do with fused AdamW.
+        optimizer.found_inf = guard.flag(loss, norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    step(1.0)  # one finite step: moments exist
+    update(*gradients(1.0))  # one finite step: moments exist
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     state_before = [{k: v.clone() for k, v in s.items()} for s in optimizer.state.values()]
+    grads = gradients(float("nan"))
     syncs = []
-    if device.type == "cuda":
+    if device.type == "cuda":  # the skip decision must not make the host wait for the device
         import warnings
 
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("warn")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            step(float("nan"))
+            update(*grads)
         torch.cuda.set_sync_debug_mode("default")
         syncs = sorted({str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)})
     else:
-        step(float("nan"))
+        update(*grads)
     unchanged = all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     state_unchanged = all(torch.equal(a[k], b[k]) for a, b in zip(optimizer.state.values(), state_before) for k in a)
-    step(1.0)
+    update(*gradients(1.0))
     moved = any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
     return {"device": device_type, "fused": fused, "params_unchanged_after_nan_step": unchanged,
             "optimizer_state_unchanged": state_unchanged, "finite_step_after_moves_params": moved,

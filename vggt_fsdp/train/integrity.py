@@ -94,7 +94,7 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
-def _collective_device(tensor_device: torch.device) -> torch.device:
+def collective_device(tensor_device: torch.device) -> torch.device:
     """NCCL reduces CUDA tensors only (parameters may live on the host with cpu_offload)."""
     if dist.is_initialized() and "nccl" in str(dist.get_backend()) and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
@@ -116,7 +116,7 @@ def nonfinite_names(named: Iterable[tuple[str, torch.Tensor]], collective: bool 
                                                                                               device=device)
                          for _, t in named]).to(torch.int32)
     if collective and dist.is_initialized() and dist.get_world_size() > 1:
-        flags = flags.to(_collective_device(device))
+        flags = flags.to(collective_device(device))
         dist.all_reduce(flags)
     return [name for (name, _), bad in zip(named, flags.tolist()) if bad]
 

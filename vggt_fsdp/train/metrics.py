@@ -165,10 +165,10 @@ def sum_counts(counts: dict[str, dict[str, int]], device: torch.device) -> dict[
     all-reduce (collective)."""
     keys = [(name, label) for name in sorted(counts) for label in sorted(counts[name])]
     if dist.is_initialized() and dist.get_world_size() > 1 and keys:
-        from vggt_fsdp.train.integrity import _collective_device
+        from vggt_fsdp.train.integrity import collective_device
 
         values = torch.tensor([counts[n][label] for n, label in keys], dtype=torch.int64,
-                              device=_collective_device(device))
+                              device=collective_device(device))
         dist.all_reduce(values)
         for (name, label), value in zip(keys, values.tolist()):
             counts[name][label] = value
