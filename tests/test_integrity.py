@@ -92,6 +92,8 @@ DAMAGE = {
     "corrupt COMPLETE marker": (lambda d: (d / ckpt.MARKER).write_text('{"step": 2, "world'), "unreadable"),
     "empty COMPLETE marker": (lambda d: (d / ckpt.MARKER).write_text(""), "unreadable"),
     "marker without its fields": (lambda d: (d / ckpt.MARKER).write_text("[1, 2]"), "lacks step, world_size"),
+    "a file record without its size": (lambda d: (d / ckpt.MARKER).write_text(json.dumps(
+        {"step": 2, "world_size": 1, "files": {".metadata": {"crc32": []}}})), "lacks step, world_size"),
     "rank file not in the manifest": (lambda d: _drop_from_manifest(d, "rank00000.pt"),
                                       "rank00000.pt is not in the COMPLETE manifest"),
 }

@@ -170,7 +170,9 @@ def read_marker(path: Path) -> dict:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{path / MARKER} is unreadable ({type(err).__name__}: {err})") from None
     if not (isinstance(marker, dict) and isinstance(marker.get("step"), int)
-            and isinstance(marker.get("world_size"), int) and isinstance(marker.get("files", {}), dict)):
+            and isinstance(marker.get("world_size"), int) and isinstance(marker.get("files", {}), dict)
+            and all(isinstance(r, dict) and isinstance(r.get("size"), int) and isinstance(r.get("crc32"), list)
+                    for r in marker.get("files", {}).values())):
         raise CheckpointError(f"{path / MARKER} lacks step, world_size or files: {str(marker)[:200]}")
     return marker
 
