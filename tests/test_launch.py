@@ -68,12 +68,22 @@ def test_running_the_file_trains_it_with_the_command_line_as_overrides(path, mon
     import vggt_fsdp.train.__main__ as entry
 
     calls = []
-    monkeypatch.setattr(entry, "main", lambda argv, prog: calls.append((argv, prog)) or 7)
-    monkeypatch.setattr(sys, "argv", [str(path), "train.max_steps=2", "train.output_dir=OUT"])
+    monkeypatch.setattr(entry, "main", lambda argv, prog, script: calls.append((argv, prog, script)) or 7)
+    monkeypatch.setattr(sys, "argv", ["ignored", "train.max_steps=2", "train.output_dir=OUT"])  # run_path sets [0]
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_path(str(path), run_name="__main__")
     assert exit_info.value.code == 7  # the trainer's exit status is the process's
-    assert calls == [([str(path), "train.max_steps=2", "train.output_dir=OUT"], f"python {path}")]
+    assert calls == [(["train.max_steps=2", "train.output_dir=OUT"], f"python {path}", str(path))]
+
+
+def test_a_recipe_run_as_a_script_takes_only_overrides(capsys):
+    from vggt_fsdp.train.__main__ import parse_args
+
+    args = parse_args(["train.max_steps=2"], "python my.yaml", script="/abs/my.yaml")
+    assert (args.recipe, args.overrides) == ("/abs/my.yaml", ["train.max_steps=2"])
+    with pytest.raises(SystemExit):
+        parse_args(["--help"], "python my.yaml", script="/abs/my.yaml")
+    assert capsys.readouterr().out.startswith("usage: python my.yaml [-h] [key=value ...]")
 
 
 # ----------------------------------------------------------------------------- the loader guards the layout

@@ -17,19 +17,25 @@ from typing import NoReturn, Sequence
 PROG = "python -m vggt_fsdp.train"
 
 
-def parse_args(argv: list[str] | None = None, prog: str = PROG) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
-    parser.add_argument("recipe", help="recipe YAML file")
+def parse_args(argv: list[str] | None = None, prog: str = PROG, script: str | None = None) -> argparse.Namespace:
+    """`script`: the recipe file that is running itself; argv then holds only its overrides."""
+    if script is None:
+        parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+        parser.add_argument("recipe", help="recipe file, or a bundled recipe's name")
+    else:
+        parser = argparse.ArgumentParser(prog=prog, description="Train this recipe with the processes the "
+                                         "launcher started (one, without a launcher).")
+        parser.set_defaults(recipe=script)
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted overrides, e.g. train.max_steps=5 train.output_dir=runs/x")
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None, prog: str = PROG) -> int:
+def main(argv: list[str] | None = None, prog: str = PROG, script: str | None = None) -> int:
     # A SIGTERM during the slow imports below is held until stop_during_startup() installs the
     # handler that ends start-up cleanly (exit 0), instead of killing the process mid-import.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-    args = parse_args(argv, prog)
+    args = parse_args(argv, prog, script)
     # As upstream trains: fewer fragmentation OOMs with varying batch shapes; the memory planner
     # assumes it. Must be set before CUDA's allocator starts; a user's own setting wins.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
@@ -56,7 +62,7 @@ def run_recipe_script(path: str, argv: Sequence[str]) -> NoReturn:
     """Train the recipe file at `path`, which is being run as a script (`python RECIPE.yaml key=value ...`,
     as `accelerate launch` and `torchrun` run it); `argv` is that process's sys.argv. A recipe's last line
     calls this (vggt_fsdp/recipe_script.py), so keep its signature."""
-    sys.exit(main([path, *argv[1:]], prog=f"python {path}"))
+    sys.exit(main(list(argv[1:]), prog=f"python {argv[0]}", script=path))
 
 
 if __name__ == "__main__":
