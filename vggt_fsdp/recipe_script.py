@@ -49,10 +49,9 @@ def check_script_layout(text: str) -> None:
     last_number, last = body[-1]
     if not last.startswith(f"# {QUOTES};"):
         raise ValueError(f"line {last_number}: a recipe with `{SCRIPT_KEY}` must end with the line that "
-                         f"closes it and calls the trainer:\n{LAST_LINE}\n(keys after that line are not "
-                         f"read as part of the string; move them above it)")
-    count = text.count(QUOTES)
-    if count != 2:
+                         f"closes it and calls the trainer:\n{LAST_LINE}\n(Python would read anything after "
+                         f"that line as code: move it above)")
+    if text.count(QUOTES) != 2:
         extra = [n for n, line in body if line.count(QUOTES) > (n in (first[0], last_number))]
         raise ValueError(f"line(s) {extra}: a recipe with `{SCRIPT_KEY}` may hold {QUOTES} only on its "
                          f"first key's line and its last line (Python would end the string there); "
