@@ -31,6 +31,9 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="recipe override (repeatable), e.g. parallel.checkpoint.policy=attention")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    from vggt_fsdp.commands.model_option import add_model_option
+
+    add_model_option(parser, plan=True)  # --model MODULE:CALLABLE --size N: your own model
 
 
 def _image_hw(text: str) -> tuple[int, int]:
@@ -94,6 +97,10 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         recipe = load_recipe(args.recipe, args.overrides)
+        if args.model:  # a user's model in place of the recipe's VGGT: memory/generic.py
+            from vggt_fsdp.commands.model_option import run_plan
+
+            return run_plan(args, recipe, *device_memory(args.gpu_memory))
         data, result = report(recipe, args)
     except (OSError, ValueError) as err:  # a bad recipe, override, size or shape: say which, no traceback
         print(f"vggt-fsdp plan: {err}", file=sys.stderr)

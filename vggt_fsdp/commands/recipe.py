@@ -32,6 +32,9 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     show = sub.add_parser("show", help="print the resolved recipe and its FSDP / precision / checkpoint plan")
     add_recipe_arguments(show, "parallel.checkpoint.policy=block")
     show.add_argument("--plan-only", action="store_true", help="print only the plan table")
+    from vggt_fsdp.commands.model_option import add_model_option
+
+    add_model_option(show)  # --model MODULE:CALLABLE: your own model in place of the recipe's VGGT
     show.add_argument("--get", action="append", default=[], metavar="KEY",
                       help="print only this dotted key's resolved value, one line each (repeatable)")
 
@@ -49,7 +52,26 @@ def run(args: argparse.Namespace) -> int:
     if not args.plan_only:
         print(f"# resolved recipe: {args.recipe} {' '.join(args.overrides)}".rstrip())
         print(dump_recipe(recipe))
-    print(describe_plan(recipe))
+    return print_plan(recipe, args.model)
+
+
+def print_plan(recipe, model_spec: str | None) -> int:
+    """The plan of the recipe's VGGT, or of the model `--model` builds; a `parallel.layout` that does not
+    fit that model is one `error:` line and exit status 2."""
+    model = None
+    if model_spec:
+        from vggt_fsdp.commands.model_option import user_model_or_exit
+        from vggt_fsdp.memory.generic import describe_model
+
+        _, model = user_model_or_exit(model_spec)
+        print(f"# model: {describe_model(model)}, from --model {model_spec}")
+    try:
+        print(describe_plan(recipe, model))
+    except ValueError as err:
+        whose = (f"the model {model_spec} builds" if model_spec else "the VGGT the recipe's model: section "
+                 "describes; for your own model pass --model MODULE:CALLABLE")
+        print(f"error: {err} (in {whose})", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -127,12 +149,14 @@ def copy_recipe(name: str, dest: Path, slurm: bool, force: bool) -> int:
     return 0
 
 
-def describe_plan(recipe) -> str:
+def describe_plan(recipe, model=None) -> str:
+    """`model`: a module to plan (any device; meta is instant) instead of the recipe's VGGT."""
     from vggt_fsdp.model.vggt import build_model
     from vggt_fsdp.parallel import plan_parallelism
     from vggt_fsdp.recipe import model_config
 
-    model = build_model(model_config(recipe.model), device="meta")
+    if model is None:
+        model = build_model(model_config(recipe.model), device="meta")
     plan = plan_parallelism(model, recipe.parallel)
     total = sum(unit.num_params for unit in plan.units)
     precision = recipe.parallel.precision
