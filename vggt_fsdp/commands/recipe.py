@@ -167,7 +167,8 @@ def describe_plan(recipe, model=None) -> str:
         plan.table(),
         f"# autocast: {autocast}; master weights and optimizer state fp32",
         f"# checkpoint wrappers: {len(plan.checkpoint_wrapped)} modules (checkpoint column: attention = the "
-        f"block's attention sub-module, block = the whole block)",
+        f"block's attention sub-module, block = the whole block, selective(S) = the whole block keeping S: "
+        f"sdpa the attention output and logsumexp, qkv the qkv projection)",
         "# per-chunk checkpointing: " + (", ".join(plan.chunk_checkpointed) or "none"),
     ]
     return "\n".join(lines)

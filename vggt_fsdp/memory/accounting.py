@@ -8,7 +8,9 @@ Two instruments, both usable on the CPU:
   (and views of them) are not activations and are skipped. With non-reentrant checkpointing the
   checkpoint's inputs are saved through the same hooks, while the tensors inside a checkpointed region
   are not saved at all (the checkpoint's own hooks take over there), so the count is what stays alive
-  between forward and backward under the active policy.
+  between forward and backward under the active policy. A selective checkpoint's cache (the outputs its
+  policy keeps) lives beside autograd, not in saved tensors: the counter adds what each cache holds after
+  its block's forward (`parallel.checkpointing.observe_selective_cache`), charged like a saved tensor.
 - `measure_model_state`: FSDP2's model-state buffers (sharded parameters, sharded gradients, optimizer
   state, and the peaks of unsharded parameters, all-gather and reduce-scatter buffers) from
   `torch.distributed._tools.fsdp2_mem_tracker.FSDPMemTracker`, for one training step.
@@ -21,6 +23,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from vggt_fsdp.parallel.checkpointing import observe_selective_cache
 
 
 def _is_parameter(t: torch.Tensor) -> bool:
@@ -59,9 +63,18 @@ class SavedTensorCounter:
         self._seen: set[int] = set()
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._hooks: contextlib.AbstractContextManager | None = None
+        self._sac: contextlib.AbstractContextManager | None = None
         self.report = SavedTensorReport(by_group={name: 0 for name in [*self._groups, self.OTHER]})
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        self._charge(t)
+        return t  # keep the tensor itself: the graph holds it exactly as it would without the counter
+
+    def _charge_all(self, tensors: list[torch.Tensor]) -> None:
+        for t in tensors:
+            self._charge(t)
+
+    def _charge(self, t: torch.Tensor) -> None:
         if not _is_parameter(t):
             storage = t.untyped_storage()
             key = storage._cdata  # the StorageImpl: unique per live storage, also for meta tensors
@@ -71,7 +84,6 @@ class SavedTensorCounter:
                 self.report.by_group[group] += storage.nbytes()
                 self.report.total_bytes += storage.nbytes()
                 self.report.num_storages += 1
-        return t  # keep the tensor itself: the graph holds it exactly as it would without the counter
 
     def _enter_group(self, name: str) -> Callable:
         def hook(module: nn.Module, args: object) -> None:
@@ -94,10 +106,13 @@ class SavedTensorCounter:
                 self._handles.append(module.register_forward_hook(self._exit_group(name), always_call=True))
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
         self._hooks.__enter__()
+        self._sac = observe_selective_cache(self._charge_all)
+        self._sac.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        assert self._hooks is not None
+        assert self._hooks is not None and self._sac is not None
+        self._sac.__exit__(*exc)
         self._hooks.__exit__(*exc)
         for handle in self._handles:
             handle.remove()

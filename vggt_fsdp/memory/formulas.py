@@ -19,8 +19,12 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+from vggt_fsdp.parallel.config import parse_policy_label
+
 DeviceKind = Literal["cpu", "cuda"]
-BlockPolicy = Literal["none", "attention", "block"]
+# A block's checkpoint policy as the parallel plan labels it: none | attention | block |
+# selective(S), S the saved tensors joined by "+" (parallel.config.policy_label, e.g. selective(sdpa+qkv)).
+BlockPolicy = str
 
 FP32 = 4
 
@@ -117,17 +121,41 @@ def block_saved(s: BlockShape, k: Kernels, policy: BlockPolicy) -> int:
     attention: the same with `attention_saved` replaced by nothing: the checkpoint keeps the attention
                input (norm1's output, already counted).
     block:     x only (the checkpoint's saved input).
+    selective: x and what the SAC cache keeps (`selective_saved`).
     """
     if policy == "block":
         return s.unit
+    if policy.startswith("selective"):
+        return selective_saved(s, k, parse_policy_label(policy)[1])
     stats = 2 * s.tokens * k.ln_stats(s.e)
     ls = 1 if s.layerscale else 0
     kept = s.unit * (1 + 1 + ls + 1 + 1 + 4 + 4 + ls) + 2 * stats  # x, n1, ls1 in, x1, n2, fc1, gelu, ls2 in
     if policy == "attention":
         return kept
     if policy != "none":
-        raise ValueError(f"block policy {policy!r}; valid choices: none, attention, block")
+        raise ValueError(f"block policy {policy!r}; valid choices: none, attention, block, selective(...)")
     return kept + attention_saved(s, k)
+
+
+def selective_saved(s: BlockShape, k: Kernels, save: tuple[str, ...]) -> int:
+    """A selective block (parallel/checkpointing.py): x (the checkpoint's saved input), plus per name in
+    `save` the outputs of the ops its SAC policy marks MUST_SAVE:
+
+    sdpa: the fused SDPA op's outputs: the attention output (1 unit) and logsumexp (B * h * lse_len
+          fp32); 2 C e + 4 h bytes per token (VGGT-1B, bf16: 2,112 B). CUDA's flash and cuDNN kernels
+          also return RNG seed and offset scalars (16 B a block), not counted.
+    qkv:  the output of the matmuls before SDPA, the qkv projection (3 units; 6 C e per token, VGGT-1B
+          bf16: 6,144 B).
+    """
+    unknown = set(save) - {"sdpa", "qkv"}
+    if unknown or not save:
+        raise ValueError(f"selective save set {tuple(save)}; valid names: sdpa, qkv")
+    total = s.unit
+    if "sdpa" in save:
+        total += s.unit + s.batch * s.heads * k.lse_len(s.seq, s.e) * FP32
+    if "qkv" in save:
+        total += 3 * s.unit
+    return total
 
 
 def block_recompute(s: BlockShape, k: Kernels, policy: BlockPolicy) -> int:
@@ -136,7 +164,34 @@ def block_recompute(s: BlockShape, k: Kernels, policy: BlockPolicy) -> int:
         return 0
     if policy == "attention":
         return attention_saved(s, k)
-    return block_saved(s, k, "none") - s.unit
+    # block: everything but the input; selective: everything but the input and the cached outputs.
+    return block_saved(s, k, "none") - block_saved(s, k, policy)
+
+
+def block_forward_flops(s: BlockShape) -> dict[str, int]:
+    """FLOPs of one `Block.forward` by kind (2 per multiply-add, as torch.utils.flop_counter counts):
+    matmul: qkv (3C), proj (C), fc1 (4C), fc2 (4C wide) over T tokens of C: 24 T C^2;
+    attention: q k^T and the weighted sum of v per sequence: 4 B N^2 C."""
+    return {"matmul": 24 * s.tokens * s.dim * s.dim, "attention": 4 * s.batch * s.seq * s.seq * s.dim}
+
+
+def block_recompute_flops(s: BlockShape, policy: BlockPolicy) -> dict[str, int]:
+    """FLOPs backward re-runs for one block under `policy` (the forward recompute only), by kind:
+
+    none: nothing. block: the whole forward (`block_forward_flops`). attention: the attention
+    sub-module: the qkv and proj matmuls (8 T C^2) and attention. selective: the whole forward except
+    the cached ops: no attention with sdpa saved, no qkv matmul (6 T C^2) with qkv saved.
+    """
+    full = block_forward_flops(s)
+    if policy == "none":
+        return {"matmul": 0, "attention": 0}
+    if policy == "block":
+        return full
+    if policy == "attention":
+        return {"matmul": 8 * s.tokens * s.dim * s.dim, "attention": full["attention"]}
+    save = parse_policy_label(policy)[1]
+    return {"matmul": full["matmul"] - (6 * s.tokens * s.dim * s.dim if "qkv" in save else 0),
+            "attention": 0 if "sdpa" in save else full["attention"]}
 
 
 def block_backward_work(s: BlockShape) -> int:

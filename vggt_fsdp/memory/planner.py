@@ -38,8 +38,13 @@ GiB = 1024**3
 FRAGMENTATION = 1.05
 NON_PYTORCH_BYTES = int(1.25 * GiB)
 
-# Checkpoint options the fitter tries, cheapest recompute first within each head setting.
-BLOCK_POLICIES = ("none", "attention", "every_4", "every_3", "every_2", "block")
+# Checkpoint options the fitter tries, least recompute first within each head setting: the order of
+# their recompute FLOPs (formulas.block_recompute_flops) for VGGT-1B's blocks at 24 frames a scene, 518 px
+# (0, 0.25, 0.255, 0.33, 0.34, 0.5, 0.77, 1 of a forward; tests/test_memory.py checks it). The order is
+# shape-dependent: attention is cheaper than selective(sdpa) in short scenes, selective cheaper than
+# every_4 in longer ones.
+BLOCK_POLICIES = ("none", "every_4", "selective(sdpa+qkv)", "every_3", "selective(sdpa)", "every_2", "attention",
+                  "block")
 HEAD_POLICIES = ("none", "chunks")
 
 
@@ -637,24 +642,29 @@ def max_frames_that_fit(model_cfg, parallel_cfg, world_size, image_hw, device_me
 
 
 def policy_candidates(parallel_cfg) -> list:
-    """Checkpoint settings in order of increasing recompute: block policy for every block group (none,
-    attention, every 4th/3rd/2nd block, every block) with DPT chunk recompute off, then the same with it
-    on. The camera trunk keeps the recipe's own setting (one token per frame: nothing to gain)."""
-    from vggt_fsdp.parallel.config import GroupCheckpoint
+    """Checkpoint settings, one per BLOCK_POLICIES entry (none, every 4th/3rd/2nd block, selective with
+    each save set, attention, every block) for every block group, with DPT chunk recompute off, then the
+    same with it on. The camera trunk keeps the recipe's own setting (one token per frame: nothing to
+    gain)."""
+    from vggt_fsdp.parallel.config import GroupCheckpoint, parse_policy_label
 
     out = []
     for heads in HEAD_POLICIES:
         for name in BLOCK_POLICIES:
             cfg = dataclasses.replace(parallel_cfg, checkpoint=dataclasses.replace(parallel_cfg.checkpoint))
+            save = list(cfg.checkpoint.save)
             if name.startswith("every_"):
                 policy, n = "every_n", int(name.split("_")[1])
             else:
-                policy, n = name, cfg.checkpoint.n
-            groups = {g: GroupCheckpoint(policy=policy, n=n) for g in ("dino", "frame", "global")}
+                (policy, saved), n = parse_policy_label(name), cfg.checkpoint.n
+                save = list(saved) or save
+            groups = {g: GroupCheckpoint(policy=policy, n=n, save=save if policy == "selective" else None)
+                      for g in ("dino", "frame", "global")}
             if "camera_trunk" in parallel_cfg.checkpoint.groups:
                 groups["camera_trunk"] = parallel_cfg.checkpoint.groups["camera_trunk"]
             cfg.checkpoint.policy = policy
             cfg.checkpoint.n = n
+            cfg.checkpoint.save = save
             cfg.checkpoint.groups = groups
             cfg.checkpoint.heads = heads
             out.append((f"blocks {name}, heads {heads}", cfg))

@@ -1,44 +1,66 @@
 """Activation checkpointing: which modules are recomputed in backward, and the wrapping itself.
 
-Policies (per block group, `parallel.checkpoint`):
-- none:      keep every activation.
-- attention: wrap only the attention sub-module of each block: its saved tensors (qkv, q and k after
-             qk-norm and RoPE, the SDPA output: about a third of a block's, by memory/formulas.py) are
-             recomputed, one attention forward per block; the rest, the MLP's wide ones among them, is kept.
-- block:     wrap whole blocks: a block keeps only its input.
+Policies (per block group, `parallel.checkpoint`), by what backward re-runs (formulas in
+memory/formulas.py: `block_saved` for the bytes kept, `block_recompute_flops` for the work re-done):
+- none:      keep every activation; nothing re-runs.
+- attention: wrap the attention sub-module of each block: it keeps only its input, and backward re-runs
+             the whole attention forward (qkv projection, qk-norm, RoPE, the SDPA kernel, the output
+             projection). The rest of the block is kept, the MLP's wide activations among them (about
+             two thirds of a block's bytes). This recomputes the costliest part and keeps the cheap one.
+- selective: wrap whole blocks, keeping the block input and the tensors named in `save`:
+             sdpa: the fused SDPA op's outputs (attention output and logsumexp; whichever backend ran:
+                   flash, efficient, cuDNN, the CPU flash kernel), so backward never re-runs attention;
+             qkv:  the outputs of the block's matmuls that run before its SDPA op (for `layers.Block`:
+                   the qkv projection), so backward skips the qkv matmul; qk-norm and RoPE, elementwise,
+                   are recomputed from it.
+             Everything else (norms, the other projections, the MLP) is recomputed. Op-level, through
+             torch.utils.checkpoint's selective checkpoint contexts (`CheckpointPolicy.MUST_SAVE`).
+- block:     wrap whole blocks: a block keeps only its input; backward re-runs its whole forward.
 - every_n:   wrap whole blocks, the 1st, (n+1)-th, ... of each group: a dial between none and block.
 Heads with a `checkpoint_chunks` attribute (VGGT's DPT heads) recompute per chunk of frames when
 `checkpoint.heads` is "chunks"; the head implements that itself, this module only sets the flag.
 
 Wrappers are torch's non-reentrant `checkpoint_wrapper`, applied before `fully_shard` (as torchtitan
 does), replacing the module in its parent; state-dict keys are unchanged because the wrapper strips its
-own prefix.
+own prefix. Under `parallel.compile` the compiled region contains the wrapper (parallel/compiling.py),
+so the partitioner applies the same policy to the graph.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
     CheckpointImpl,
     CheckpointWrapper,
     checkpoint_wrapper,
 )
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from vggt_fsdp.parallel.config import CheckpointConfig
+from vggt_fsdp.parallel.config import SAVE_ORDER, CheckpointConfig, policy_label
 
 WRAPPED_PREFIX = "_checkpoint_wrapped_module."
 
 
 @dataclass(frozen=True)
 class BlockPolicy:
-    policy: str  # none | attention | block
+    policy: str  # none | attention | selective | block
     group: str | None
+    save: tuple[str, ...] = ()  # selective: the saved tensors, in SAVE_ORDER
+
+    @property
+    def label(self) -> str:
+        """`none`, `attention`, `block`, `selective(sdpa)`, `selective(sdpa+qkv)` (config.policy_label)."""
+        return policy_label(self.policy, self.save)
 
 
 def block_policies(groups: list[str | None], cfg: CheckpointConfig) -> list[BlockPolicy]:
     """What each block (given its group, in model order) gets: every_n resolved to block/none by the
-    block's index inside its group."""
+    block's index inside its group, selective's save set from the group's override or the section."""
     seen: dict[str | None, int] = {}
     result = []
     for group in groups:
@@ -49,19 +71,147 @@ def block_policies(groups: list[str | None], cfg: CheckpointConfig) -> list[Bloc
         n = (override.n if override is not None and override.n is not None else cfg.n)
         if policy == "every_n":
             policy = "block" if index % n == 0 else "none"
-        result.append(BlockPolicy(policy=policy, group=group))
+        save: tuple[str, ...] = ()
+        if policy == "selective":
+            names = override.save if override is not None and override.save is not None else cfg.save
+            save = tuple(name for name in SAVE_ORDER if name in names)
+        result.append(BlockPolicy(policy=policy, group=group, save=save))
     return result
 
 
-def wrap_modules(model: nn.Module, paths: list[str]) -> None:
-    """Replace each module at `paths` by a non-reentrant checkpoint wrapper around it."""
+# --------------------------------------------------------------------------------------- selective
+def _aten_ops(names: tuple[str, ...]) -> frozenset:
+    aten = torch.ops.aten
+    return frozenset(getattr(aten, name).default for name in names if hasattr(aten, name))
+
+
+# The fused SDPA kernels F.scaled_dot_product_attention dispatches to. Its math fallback is composite
+# (matmuls and a softmax, no op of its own) and cannot be named: SelectivePolicy.check refuses it.
+SDPA_OPS = _aten_ops((
+    "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention",
+    "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_fused_attention_overrideable",
+))
+# What an nn.Linear runs as (addmm with a bias, mm without; bmm for inputs it cannot flatten).
+MATMUL_OPS = _aten_ops(("mm", "addmm", "bmm", "baddbmm"))
+
+
+class SelectivePolicy:
+    """The SAC policy of one checkpointed block call: MUST_SAVE for the ops whose outputs `save` names,
+    PREFER_RECOMPUTE for every other op.
+
+    `qkv` is positional: the matmuls before the block's first SDPA op. The forward and each recompute
+    count separately (`ctx.is_recompute`), so both passes make the same decisions in the same order.
+    """
+
+    def __init__(self, save: tuple[str, ...]):
+        self.save = frozenset(save)
+        self.calls = {False: 0, True: 0}
+        self.sdpa_calls = {False: 0, True: 0}
+
+    def __call__(self, ctx, op, *args, **kwargs) -> CheckpointPolicy:
+        recompute = bool(ctx.is_recompute)
+        self.calls[recompute] += 1
+        if op in SDPA_OPS:
+            self.sdpa_calls[recompute] += 1
+            return CheckpointPolicy.MUST_SAVE if "sdpa" in self.save else CheckpointPolicy.PREFER_RECOMPUTE
+        if op in MATMUL_OPS and "qkv" in self.save and self.sdpa_calls[recompute] == 0:
+            return CheckpointPolicy.MUST_SAVE
+        return CheckpointPolicy.PREFER_RECOMPUTE
+
+    def check(self, module: nn.Module) -> None:
+        """After a forward: a selective block must have run a fused SDPA op (nothing ran under the policy
+        when gradients are off, and nothing needs saving then)."""
+        if self.calls[False] and not self.sdpa_calls[False]:
+            raise RuntimeError(
+                f"selective checkpointing (save {sorted(self.save)}) of a {type(module).__name__} ran no fused "
+                f"SDPA op ({', '.join(sorted(str(op) for op in SDPA_OPS))}): the block has no "
+                "F.scaled_dot_product_attention, or SDPA fell back to its math kernel, whose composite ops "
+                "cannot be named. Choose policy block (or attention) for this group, or let SDPA use a "
+                "fused kernel (dtype, head dim, torch.nn.attention.sdpa_kernel)")
+
+
+def _traced_contexts(save: tuple[str, ...]):
+    """context_fn for a compiled block: dynamo needs a constant function (a partial of this one per save
+    set); AOT autograd calls it once per trace, and each trace gets a fresh policy."""
+    return create_selective_checkpoint_contexts(SelectivePolicy(save))
+
+
+_observers: list[Callable[[list[torch.Tensor]], None]] = []
+
+
+@contextlib.contextmanager
+def observe_selective_cache(observer: Callable[[list[torch.Tensor]], None]) -> Iterator[None]:
+    """Call `observer(tensors)` with what each eager selective block's SAC cache holds after its forward.
+
+    These tensors stay alive until the block's backward but never pass through saved-tensor hooks (the
+    SAC cache keeps them beside autograd), so memory accounting (memory/accounting.py) needs this."""
+    _observers.append(observer)
+    try:
+        yield
+    finally:
+        _observers.remove(observer)
+
+
+def _cached_tensors(caching_mode) -> list[torch.Tensor]:
+    """The tensors a SAC forward context cached (its private `storage`: {op: list or dict of entries},
+    each entry a tree of _VersionWrapper(tensor) or a marker)."""
+    storage = getattr(caching_mode, "storage", None)
+    if storage is None:
+        raise RuntimeError("this torch's selective checkpoint context has no `storage`; the SAC cache "
+                           "cannot be measured (vggt_fsdp.parallel.checkpointing._cached_tensors)")
+    tensors = []
+    for per_op in storage.values():
+        entries = per_op.values() if isinstance(per_op, dict) else per_op
+        for entry in entries:
+            for leaf in torch.utils._pytree.tree_leaves(entry):
+                value = getattr(leaf, "val", None)
+                if isinstance(value, torch.Tensor):
+                    tensors.append(value)
+    return tensors
+
+
+def selective_checkpoint(module: nn.Module, *args, save: tuple[str, ...], traced_context_fn: Callable,
+                         **kwargs):
+    """`checkpoint_fn` of a selective block's CheckpointWrapper: non-reentrant checkpoint with a SAC
+    policy saving `save`. Eager: checks the forward and reports the cache to observers; compiled: the
+    constant `traced_context_fn`, applied to the graph by AOT autograd's partitioner."""
+    if torch.compiler.is_compiling():
+        return checkpoint(module, *args, use_reentrant=False, context_fn=traced_context_fn, **kwargs)
+    policy = SelectivePolicy(save)
+    contexts = create_selective_checkpoint_contexts(policy)
+    out = checkpoint(module, *args, use_reentrant=False, context_fn=lambda: contexts, **kwargs)
+    policy.check(module)
+    if _observers and policy.calls[False]:
+        cached = _cached_tensors(contexts[0])
+        for observer in _observers:
+            observer(cached)
+    return out
+
+
+def _selective_wrapper(module: nn.Module, save: tuple[str, ...]) -> CheckpointWrapper:
+    traced = functools.partial(_traced_contexts, save)
+    return checkpoint_wrapper(module, checkpoint_impl=CheckpointImpl.NO_REENTRANT,
+                              checkpoint_fn=functools.partial(selective_checkpoint, save=save,
+                                                              traced_context_fn=traced))
+
+
+# --------------------------------------------------------------------------------------- wrapping
+def wrap_modules(model: nn.Module, paths: list[str], saves: Mapping[str, tuple[str, ...]] | None = None) -> None:
+    """Replace each module at `paths` by a non-reentrant checkpoint wrapper around it; a path in `saves`
+    gets the selective policy keeping those tensors."""
+    saves = saves or {}
     for path in paths:
         parent_path, _, name = path.rpartition(".")
         parent = model.get_submodule(parent_path)
         child = getattr(parent, name)
         if isinstance(child, CheckpointWrapper):
             raise ValueError(f"{path} is already checkpoint-wrapped; apply the parallel plan once")
-        parent.register_module(name, checkpoint_wrapper(child, checkpoint_impl=CheckpointImpl.NO_REENTRANT))
+        wrapper = (_selective_wrapper(child, saves[path]) if path in saves
+                   else checkpoint_wrapper(child, checkpoint_impl=CheckpointImpl.NO_REENTRANT))
+        parent.register_module(name, wrapper)
 
 
 def set_chunk_checkpointing(model: nn.Module, paths: list[str]) -> None:
@@ -69,9 +219,11 @@ def set_chunk_checkpointing(model: nn.Module, paths: list[str]) -> None:
         model.get_submodule(path).checkpoint_chunks = True
 
 
-def apply_checkpointing(model: nn.Module, wrap: list[str], chunked: list[str]) -> None:
-    """Wrap the modules at `wrap` and switch on per-chunk recompute in the modules at `chunked`."""
-    wrap_modules(model, wrap)
+def apply_checkpointing(model: nn.Module, wrap: list[str], chunked: list[str],
+                        saves: Mapping[str, tuple[str, ...]] | None = None) -> None:
+    """Wrap the modules at `wrap` (selectively those in `saves`) and switch on per-chunk recompute in
+    the modules at `chunked`."""
+    wrap_modules(model, wrap, saves)
     set_chunk_checkpointing(model, chunked)
 
 

@@ -9,7 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Union
 
-CheckpointPolicy = Literal["none", "attention", "block", "every_n"]
+CheckpointPolicy = Literal["none", "attention", "selective", "block", "every_n"]
+# What a block under the selective policy keeps for backward (parallel/checkpointing.py says which ops).
+SavedTensors = Literal["sdpa", "qkv"]
+SAVE_ORDER: tuple[str, ...] = ("sdpa", "qkv")
 HeadCheckpoint = Literal["none", "chunks"]
 ShardingMode = Literal["full", "hybrid"]
 ParamDtype = Literal["bf16", "fp32"]
@@ -88,14 +91,19 @@ class PrecisionConfig:
 class GroupCheckpoint:
     policy: CheckpointPolicy = "attention"
     n: Union[int, None] = None  # for every_n; None: the section's n
+    save: Union[list[SavedTensors], None] = None  # for selective; None: the section's save
 
 
 @dataclass
 class CheckpointConfig:
-    # none | attention (the attention sub-module of each block) | block (whole blocks) |
-    # every_n (whole blocks, every n-th of each group, starting with the first).
+    # none | attention (the attention sub-module of each block) | selective (whole blocks, keeping the
+    # tensors named in `save`) | block (whole blocks) | every_n (whole blocks, every n-th of each group,
+    # starting with the first).
     policy: CheckpointPolicy = "attention"
     n: int = 2
+    # selective: what each block keeps instead of recomputing it. sdpa: the attention output and its
+    # logsumexp (no attention forward in backward); qkv: the qkv projection's output (no qkv matmul).
+    save: list[SavedTensors] = field(default_factory=lambda: ["sdpa"])
     # Per-group overrides; keys are group names from parallel.layout.groups.
     groups: dict[str, GroupCheckpoint] = field(default_factory=dict)
     # Heads with a `checkpoint_chunks` attribute (VGGT's DPT heads): "chunks" recomputes each chunk of
@@ -105,9 +113,44 @@ class CheckpointConfig:
     def validate(self) -> None:
         if self.n < 1:
             raise ValueError(f"parallel.checkpoint.n must be >= 1, got {self.n}")
+        _check_save(self.save, "parallel.checkpoint.save")
         for name, group in self.groups.items():
             if group.n is not None and group.n < 1:
                 raise ValueError(f"parallel.checkpoint.groups.{name}.n must be >= 1, got {group.n}")
+            if group.save is not None:
+                _check_save(group.save, f"parallel.checkpoint.groups.{name}.save")
+                if group.policy != "selective":
+                    raise ValueError(f"parallel.checkpoint.groups.{name}.save applies to policy selective, "
+                                     f"but the group's policy is {group.policy!r}; remove save or set "
+                                     f"parallel.checkpoint.groups.{name}.policy=selective")
+
+
+def _check_save(save: list[str], key: str) -> None:
+    if not save:
+        raise ValueError(f"{key} is empty: a selective block must keep something (choose from "
+                         f"{list(SAVE_ORDER)}), or use policy block to keep only the block input")
+    if len(set(save)) != len(save):
+        raise ValueError(f"{key} names a tensor twice: {save}")
+
+
+def policy_label(policy: str, save: tuple[str, ...] | list[str] = ()) -> str:
+    """The name of a block's checkpoint policy in plans and tables: `none`, `attention`, `block`, or
+    `selective(sdpa)`, `selective(sdpa+qkv)`: the saved tensors in SAVE_ORDER, joined by `+`."""
+    if policy != "selective":
+        return policy
+    return f"selective({'+'.join(name for name in SAVE_ORDER if name in save)})"
+
+
+def parse_policy_label(label: str) -> tuple[str, tuple[str, ...]]:
+    """(policy, saved tensors) of a `policy_label`; raises on anything else."""
+    if label in ("none", "attention", "block"):
+        return label, ()
+    if label.startswith("selective(") and label.endswith(")"):
+        save = tuple(label[len("selective("):-1].split("+"))
+        if save and all(name in SAVE_ORDER for name in save) and policy_label("selective", save) == label:
+            return "selective", save
+    raise ValueError(f"block checkpoint policy {label!r}; valid: none, attention, block, "
+                     f"selective(S) with S a '+'-joined subset of {list(SAVE_ORDER)} in that order")
 
 
 @dataclass

@@ -34,7 +34,7 @@ class UnitPlan:
     param_dtype: str  # bf16 | fp32: compute dtype of the all-gathered parameters
     reduce_dtype: str  # bf16 | fp32: gradient reduce-scatter dtype
     reshard_after_forward: bool
-    checkpoint: str  # none | attention | block | chunks: what of this unit is recomputed
+    checkpoint: str  # none | attention | selective(...) | block | chunks: what of this unit is recomputed
     num_params: int  # parameters this unit owns (not those of units nested in it)
 
 
@@ -43,6 +43,7 @@ class ParallelPlan:
     units: list[UnitPlan]
     checkpoint_wrapped: list[str] = field(default_factory=list)  # modules given a checkpoint wrapper
     chunk_checkpointed: list[str] = field(default_factory=list)  # modules whose checkpoint_chunks is set
+    selective: dict[str, tuple[str, ...]] = field(default_factory=dict)  # wrapped block -> tensors it saves
 
     def table(self) -> str:
         header = ("unit", "kind", "group", "params", "param", "reduce", "reshard", "checkpoint")
@@ -90,14 +91,17 @@ def plan_parallelism(model: nn.Module, cfg: ParallelConfig) -> ParallelPlan:
     owners = _param_owners(model, blocks + modules)
 
     wrapped: list[str] = []
+    selective: dict[str, tuple[str, ...]] = {}
     units: list[UnitPlan] = []
     reshard = cfg.sharding.reshard_after_forward
     for path, policy in zip(blocks, block_policies(groups, cfg.checkpoint)):
         if policy.policy == "attention":
             wrapped += _attention_paths(model, path, cfg.layout.attention_types)
-        elif policy.policy == "block":
+        elif policy.policy in ("block", "selective"):
             wrapped.append(path)
-        units.append(_unit(path, "block", policy.group, cfg, reshard, policy.policy, owners))
+            if policy.policy == "selective":
+                selective[path] = policy.save
+        units.append(_unit(path, "block", policy.group, cfg, reshard, policy.label, owners))
 
     chunked = _chunk_paths(model) if cfg.checkpoint.heads == "chunks" else []
     if cfg.checkpoint.heads == "chunks" and not chunked:
@@ -108,7 +112,7 @@ def plan_parallelism(model: nn.Module, cfg: ParallelConfig) -> ParallelPlan:
         units.append(_unit(path, "module", None, cfg, reshard, recompute, owners))
     # The root is not resharded after forward: backward starts with it, so it would be gathered again at once.
     units.append(_unit("", "root", None, cfg, False, "none", owners))
-    return ParallelPlan(units=units, checkpoint_wrapped=wrapped, chunk_checkpointed=chunked)
+    return ParallelPlan(units=units, checkpoint_wrapped=wrapped, chunk_checkpointed=chunked, selective=selective)
 
 
 def _module_units(model: nn.Module, cfg: ParallelConfig, blocks: list[str]) -> list[str]:
@@ -167,7 +171,7 @@ def apply_parallelism(model: nn.Module, cfg: ParallelConfig, mesh: DeviceMesh | 
     CPU, or on the mesh's device.
     """
     plan = plan_parallelism(model, cfg)
-    apply_checkpointing(model, plan.checkpoint_wrapped, plan.chunk_checkpointed)
+    apply_checkpointing(model, plan.checkpoint_wrapped, plan.chunk_checkpointed, plan.selective)
     if cfg.compile:
         compile_blocks(model, [unit.path for unit in plan.units if unit.kind == "block"])
     mesh = mesh if mesh is not None else build_mesh(cfg.sharding, default_device_type())
