@@ -169,8 +169,8 @@ class Trainer:
                             outcome.last_checkpoint = self.save()
                         self._save_due = False
                     elif step % cfg.checkpoint_every == 0:
-                        log(f"checkpoint of step {step} postponed: it ends a non-finite step; saved at the next "
-                            "finite one")
+                        log(f"checkpoint of step {step} postponed: the step was non-finite; it is written after "
+                            "the next finite step")
             else:
                 self._refuse_nonfinite_end()
                 outcome.last_checkpoint = self.save()
