@@ -214,3 +214,75 @@ def test_plan_command_with_a_users_model(capsys):
 def test_plan_command_says_what_a_users_model_needs(args, message, capsys):
     assert cli(["plan", RECIPE, "--model", MODEL, *args]) == 2
     assert message in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------- your own loop
+def _torchrun(out: Path, timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
+    """examples/train_own_model.py on 2 CPU processes: 6 steps, a checkpoint every 3."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               str(EXAMPLE / "train_own_model.py"), RECIPE, "train.max_steps=6", "train.checkpoint_every=3",
+               "train.log_every=3", f"train.output_dir={out}"]
+    proc = subprocess.Popen(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
+                                                    **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its workers
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"timed out after {timeout} s: {' '.join(command)}\n{stderr[-4000:]}")
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+
+
+def _losses(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def example_runs(tmp_path_factory):
+    """Run 1 is killed (SIGKILL) while writing its step-6 checkpoint, after logging step 6; run 2, the
+    same command, resumes from step 3. Run 1's log up to the kill is the straight run."""
+    from vggt_fsdp.train import checkpoint as ckpt
+
+    out = tmp_path_factory.mktemp("own") / "run"
+    killed = _torchrun(out, VGGT_FSDP_CRASH_IN_SAVE="6")
+    after_kill = {"complete": [s for s, _ in ckpt.complete_checkpoints(out / "checkpoints")],
+                  "entries": sorted(p.name for p in (out / "checkpoints").iterdir()),
+                  "losses": _losses(out / "losses.jsonl")}
+    resumed = _torchrun(out)
+    return {"out": out, "killed": killed, "after_kill": after_kill, "resumed": resumed}
+
+
+def test_a_kill_while_saving_leaves_the_previous_checkpoint(example_runs):
+    assert example_runs["killed"].returncode != 0
+    after = example_runs["after_kill"]
+    assert after["complete"] == [3]
+    assert after["entries"] == [".tmp-step-0000006", "step-0000003"]  # the half-written one, never read
+    assert [r["step"] for r in after["losses"]] == [1, 2, 3, 4, 5, 6]
+
+
+def test_the_resumed_run_repeats_the_straight_runs_losses_exactly(example_runs):
+    resumed = example_runs["resumed"]
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "resumed from" in resumed.stderr and "step-0000003 at step 3" in resumed.stderr
+    straight = {r["step"]: r["loss"] for r in example_runs["after_kill"]["losses"]}
+    again = _losses(example_runs["out"] / "losses.jsonl")[6:]
+    assert [r["step"] for r in again] == [4, 5, 6]
+    assert all(r["world_size"] == 2 for r in again)
+    assert [r["loss"] for r in again] == [straight[step] for step in (4, 5, 6)]  # bit for bit
+    assert straight[6] < straight[1]
+
+
+def test_the_export_is_the_last_checkpoint_and_loads_strictly(example_runs):
+    from safetensors.torch import load_file
+
+    from vggt_fsdp.train import checkpoint as ckpt
+
+    out = example_runs["out"]
+    assert [s for s, _ in ckpt.complete_checkpoints(out / "checkpoints")] == [3, 6]
+    exported = load_file(str(out / "model.safetensors"))
+    last = ckpt.consolidated_model_state(out / "checkpoints" / "step-0000006")
+    assert exported.keys() == last.keys()
+    assert all(torch.equal(exported[name], last[name]) for name in last)
+    model = own_model.build()
+    model.load_state_dict(exported, strict=True)  # the model's own names: no FSDP or wrapper prefixes
