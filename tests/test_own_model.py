@@ -217,11 +217,11 @@ def test_plan_command_says_what_a_users_model_needs(args, message, capsys):
 
 
 # ---------------------------------------------------------------------------------------- your own loop
-def _torchrun(out: Path, timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
+def _torchrun(out: Path, *overrides: str, timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
     """examples/train_own_model.py on 2 CPU processes: 6 steps, a checkpoint every 3."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                str(EXAMPLE / "train_own_model.py"), RECIPE, "train.max_steps=6", "train.checkpoint_every=3",
-               "train.log_every=3", f"train.output_dir={out}"]
+               "train.log_every=3", f"train.output_dir={out}", *overrides]
     proc = subprocess.Popen(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
                                                     **env},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -241,7 +241,8 @@ def _losses(path: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def example_runs(tmp_path_factory):
     """Run 1 is killed (SIGKILL) while writing its step-6 checkpoint, after logging step 6; run 2, the
-    same command, resumes from step 3. Run 1's log up to the kill is the straight run."""
+    same command, resumes from step 3. Run 1's log up to the kill is the straight run. Run 2's recipe
+    asks for 4 processes: the launcher's 2 are used, and build_accelerator says so."""
     from vggt_fsdp.train import checkpoint as ckpt
 
     out = tmp_path_factory.mktemp("own") / "run"
@@ -249,7 +250,7 @@ def example_runs(tmp_path_factory):
     after_kill = {"complete": [s for s, _ in ckpt.complete_checkpoints(out / "checkpoints")],
                   "entries": sorted(p.name for p in (out / "checkpoints").iterdir()),
                   "losses": _losses(out / "losses.jsonl")}
-    resumed = _torchrun(out)
+    resumed = _torchrun(out, "accelerate.num_processes=4")
     return {"out": out, "killed": killed, "after_kill": after_kill, "resumed": resumed}
 
 
@@ -286,3 +287,25 @@ def test_the_export_is_the_last_checkpoint_and_loads_strictly(example_runs):
     assert all(torch.equal(exported[name], last[name]) for name in last)
     model = own_model.build()
     model.load_state_dict(exported, strict=True)  # the model's own names: no FSDP or wrapper prefixes
+
+
+def test_build_accelerator_says_when_the_launcher_overrides_the_recipes_process_count(example_runs):
+    notice = ("[vggt-fsdp] launched with 2 process(es) but the recipe's accelerate.num_processes is 4: "
+              "running with 2")
+    assert example_runs["resumed"].stderr.count(notice) == 1  # rank 0 only
+    assert "launched with" not in example_runs["killed"].stderr
+
+
+@pytest.mark.parametrize("section, world, expected", [
+    ({"num_processes": 8}, 8, None),
+    ({"num_processes": 8}, 2, "launched with 2 process(es) but the recipe's accelerate.num_processes is 8"),
+    ({}, 4, None),  # no process count in the recipe: nothing to compare
+])
+def test_topology_notice(section, world, expected):
+    from vggt_fsdp.parallel.accelerate import topology_notice
+
+    notice = topology_notice(section, world)
+    if expected is None:
+        assert notice is None
+    else:
+        assert notice.startswith(expected) and "accelerate-config RECIPE" in notice  # how to start the recipe's

@@ -134,7 +134,10 @@ def _cpu_model(build: Callable[[], nn.Module], parallel_cfg) -> tuple[nn.Module,
     with torch.no_grad():
         for tensor in [*model.parameters(), *model.buffers()]:
             local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
-            local.uniform_(-0.02, 0.02) if local.is_floating_point() else local.zero_()
+            if local.is_floating_point():
+                local.uniform_(-0.02, 0.02)
+            else:
+                local.zero_()  # index-like buffers: zeros index anything
     return model.train(), [u.path for u in plan.units if u.kind == "block"]
 
 
