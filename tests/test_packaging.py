@@ -3,6 +3,7 @@ list | copy` work on them, and every command takes a bundled recipe's name where
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -127,3 +128,16 @@ def test_recipe_copy_writes_a_recipe_that_loads_and_the_slurm_script_on_request(
     assert cli.main(["recipe", "copy", "cpu_tiny", str(tmp_path / "mine"), "--slurm"]) == 0
     assert (tmp_path / "mine" / "cpu_tiny.yaml").is_file()
     assert (tmp_path / "mine" / "train_multinode.sbatch").read_bytes() == bundled.slurm_script().read_bytes()
+
+
+# ----------------------------------------------------------------------------- a clone stands alone
+CITED = re.compile(r"(?<![\w./-])((?:benchmarks|docs|examples|recipes|tests|vggt_fsdp|\.ci)/[\w./-]*[\w/])")
+IN_THE_WHEEL_ONLY = {"vggt_fsdp/recipes/"}  # where a wheel puts recipes/
+
+
+def test_every_repository_path_the_docs_and_recipes_cite_exists():
+    documents = [REPO / "README.md", REPO / "tests" / "fixtures" / "README.md", *RECIPES,
+                 REPO / "recipes" / bundled.SLURM_SCRIPT]
+    missing = {(doc.name, path) for doc in documents for path in CITED.findall(doc.read_text())
+               if path not in IN_THE_WHEEL_ONLY and not (REPO / path).exists()}
+    assert not missing
