@@ -210,6 +210,33 @@ def run_config(config: Config, profile: Profile, timeout_s: float, flops_cache: 
     return result
 
 
+def predict(config: Config, profile: Profile, device_name: str | None) -> dict:
+    """The planner's view of a configuration, from `vggt-fsdp plan --json` at the measured shape: its
+    recompute fraction, and its step time on the card that measured (the card torch names; none on the
+    CPU, where no step time is predicted). The worst-case shape only: a mix has no single shape."""
+    from vggt_fsdp.hardware import card_for_device_name
+
+    if config.role == "volumes" or config.mix:
+        return {}
+    card = card_for_device_name(device_name) if device_name else None
+    height, width = profile.image
+    cmd = [sys.executable, "-m", "vggt_fsdp.cli", "plan", config.recipe, *config.overrides,
+           *([f"hardware.device={card.name}"] if card is not None else []),
+           "--frames", str(config.frames), "--gpus", str(config.world_size), "--image", f"{height}x{width}",
+           "--json"]
+    if config.gpu_memory_gib is not None:
+        cmd += ["--gpu-memory", str(config.gpu_memory_gib)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1:] or [f"exit {proc.returncode}"],
+                "command": shlex.join(cmd[2:])}
+    planned = json.loads(proc.stdout)
+    return {"card": card.name if card is not None else None,
+            "step_s": planned.get("predicted_step_s") if card is not None else None,
+            "recompute_fraction": planned.get("recompute_fraction"),
+            "peak_bytes": planned["plan"].get("peak_bytes"), "command": shlex.join(["vggt-fsdp", *cmd[4:]])}
+
+
 def _write(doc: dict, out: Path, stem: str, charts: bool) -> None:
     from benchmarks.report import write_report
 
@@ -302,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[compare] {config.name}: frames {config.frames}, world size {config.world_size}", flush=True)
         result = run_config(config, profile, timeout, flops_cache)
         print(f"[compare]   -> {result['status']} in {result['wall_s']:.0f} s", flush=True)
+        if result.get("status") == "ok":
+            result["predicted"] = predict(config, profile, (result.get("device") or {}).get("name")
+                                          if (result.get("device") or {}).get("type") == "cuda" else None)
         doc["results"].append(result)
         errors_in_row = errors_in_row + 1 if result["status"] == "error" else 0
         _write(doc, args.out, _stem(doc["results"], profile), charts=False)

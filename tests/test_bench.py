@@ -255,6 +255,18 @@ def test_plan_orders_recipes_first_and_baseline_uses_upstream_choices():
     assert (by_role["recipe_40g"].gpu_memory_gib, by_role["recipe_80g"].gpu_memory_gib) == (40.0, 80.0)
 
 
+@pytest.mark.parametrize("device_name, card", [(None, None), ("NVIDIA H200", "h200")])
+def test_predict_asks_the_planner_at_the_measured_shape_and_card(device_name, card):
+    profile = compare_recipes.PROFILES["cpu"]
+    config = compare_recipes.Config("40GB recipe", "recipe_40g", compare_recipes.RECIPE_40G, 2, 8,
+                                    [*profile.overrides, *compare_recipes.BLOCK_POLICY_BEFORE])
+    predicted = compare_recipes.predict(config, profile, device_name)
+    assert predicted["card"] == card and "--frames 2 --gpus 8 --image 112x112" in predicted["command"]
+    assert 0.2 < predicted["recompute_fraction"] < 0.5  # every block recomputed whole: about a third
+    assert (predicted["step_s"] is None) == (card is None)  # no step time is predicted for a CPU
+    assert compare_recipes.predict(compare_recipes.replace(config, mix=2), profile, device_name) == {}
+
+
 def test_run_config_records_a_failing_subprocess():
     profile = compare_recipes.PROFILES["cpu"]
     config = compare_recipes.Config("missing", "recipe_40g", "recipes/does_not_exist.yaml", 2, 1)
