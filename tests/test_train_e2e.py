@@ -92,9 +92,10 @@ def test_kill_during_checkpoint_write_leaves_previous_checkpoint(runs):
 def test_resume_is_exact(runs):
     a = [r for r in read_metrics(runs["root"] / "a" / "metrics.jsonl") if "val" not in r]
     b = [r for r in read_metrics(runs["root"] / "b" / "metrics.jsonl") if "val" not in r]
-    # b's file holds steps 1-4 of the killed run (its last step logged before the kill) and 3-4 again.
+    # The killed run logged steps 1-4; resumed from step 2, its records of 3-4 moved to
+    # metrics-discarded.jsonl and 3-4 were logged again: each step once.
     b_by_step = {r["step"]: r["loss"] for r in b}
-    assert [r["step"] for r in a] == [1, 2, 3, 4]
+    assert [r["step"] for r in a] == [1, 2, 3, 4] and [r["step"] for r in b] == [1, 2, 3, 4]
     for record in a:
         assert b_by_step[record["step"]] == pytest.approx(record["loss"], rel=0, abs=1e-6)
     wa, wb = _exported(runs["root"] / "a" / "model.safetensors"), _exported(runs["root"] / "b" / "model.safetensors")
@@ -135,6 +136,8 @@ def test_metrics_records_have_the_documented_fields(runs):
     assert record["frames_per_s"] > 0 and record["host_rss_gib"] > 0
     assert {"loss_camera", "loss_depth", "loss_point"} <= set(record["loss_terms"])
     assert set(record["grad_norm_groups"]) == {"aggregator", "camera", "depth", "point"}
+    # Frames and replaced bad frames per source, summed over both ranks since the run began.
+    assert record["data"]["skipped_frames"] == {"synthetic": 0} and record["data"]["frames"]["synthetic"] > 0
 
 
 def test_loss_falls_on_the_tiny_synthetic_task(tmp_path):
