@@ -322,7 +322,7 @@ def build_workload(spec: BenchSpec, recipe, device: torch.device,
     optimizer = build_optimizer(model, recipe.optim, device.type)
     groups = clip_groups(model, recipe.optim.clip_groups)
     task = VGGTTask(None, recipe.loss, cfg.aggregator.patch_size, 1 + cfg.aggregator.num_register_tokens,
-                    tracks=bool(recipe.model.heads.track), autocast=lambda: autocast_context(recipe, device))
+                    tracks=bool(recipe.model.heads.track))
     host_batches = batches_for(spec, recipe) if host_batches is None else host_batches
     batches = [move_batch(batch, device) for batch in host_batches]
 

@@ -159,13 +159,12 @@ def describe_plan(recipe, model=None) -> str:
         model = build_model(model_config(recipe.model), device="meta")
     plan = plan_parallelism(model, recipe.parallel)
     total = sum(unit.num_params for unit in plan.units)
-    precision = recipe.parallel.precision
-    autocast = "off" if precision.param_dtype == "fp32" else f"{precision.param_dtype} autocast around the forward"
+    from vggt_fsdp.parallel.precision import describe
     lines = [
         f"# parallel plan: {len(plan.units)} FSDP units, {total:,} parameters, "
         f"sharding {recipe.parallel.sharding.mode}, cpu_offload {recipe.parallel.sharding.cpu_offload}",
         plan.table(),
-        f"# autocast: {autocast}; master weights and optimizer state fp32",
+        f"# precision: {describe(recipe.parallel.precision)}; master weights and optimizer state fp32",
         f"# checkpoint wrappers: {len(plan.checkpoint_wrapped)} modules (checkpoint column: attention = the "
         f"block's attention sub-module, block = the whole block, selective(S) = the whole block keeping S: "
         f"sdpa the attention output and logsumexp, qkv the qkv projection)",

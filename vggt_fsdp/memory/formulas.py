@@ -10,7 +10,8 @@ so a reader can check a term line by line against the model code. Units:
     n     images in a DPT chunk (scenes x frames of the chunk)
 
 Device facts (`Kernels`) cover what differs between the CPU and CUDA kernels: the dtype of LayerNorm
-statistics, whether SDPA's output needs a copy before `proj`, and the length of SDPA's logsumexp.
+statistics, whether SDPA's output needs a copy before `proj`, the length of SDPA's logsumexp, and what
+bf16 autocast adds (`parallel.precision.autocast`: on CUDA it runs LayerNorm in fp32).
 Only sizes appear here; `planner.py` turns them into a memory plan.
 """
 from __future__ import annotations
@@ -34,6 +35,24 @@ class Kernels:
     """What the planner must know about the kernels of one device kind."""
 
     kind: DeviceKind
+    # The bf16 forward runs under autocast (parallel.precision.autocast). It changes saved bytes on CUDA
+    # only: CUDA autocast runs LayerNorm in fp32, so each LayerNorm of a bf16 block saves an fp32 copy of
+    # its input, weight and bias and returns fp32; CPU autocast leaves LayerNorm in its input's dtype
+    # (checked on the CPU with memory/cuda_autocast.py, tests/test_precision.py). fp32 units run with
+    # autocast off: nothing changes for e = 4.
+    autocast: bool = False
+
+    def fp32_norms(self, e: int) -> bool:
+        """True when a LayerNorm of a block computing in `e`-byte elements runs in fp32 (CUDA autocast)."""
+        return self.kind == "cuda" and self.autocast and e < FP32
+
+    def norm_input(self, e: int) -> int:
+        """Bytes of one element of the input a LayerNorm saves: autocast's fp32 copy, or the input itself."""
+        return FP32 if self.fp32_norms(e) else e
+
+    def norm_param_copies(self, dim: int, e: int) -> int:
+        """Autocast's fp32 copies of a LayerNorm's weight and bias, saved for its backward."""
+        return 2 * dim * FP32 if self.fp32_norms(e) else 0
 
     def ln_stats(self, e: int) -> int:
         """Bytes of one LayerNorm mean (or rstd) element: CUDA keeps fp32 statistics for every input
@@ -86,8 +105,9 @@ def attention_saved(s: BlockShape, k: Kernels) -> int:
     """`Attention.forward` (without its input, which the caller's norm1 output is):
 
     qkv Linear output (3 units; q, k, v are views of it, and v, or q and k without qk-norm/RoPE, are saved
-    by SDPA); with qk-norm the LayerNorm mean+rstd of q and of k (4 * T * h stats); with qk-norm or RoPE
-    new q and k (2 units) saved by SDPA (RoPE's tables are shared by all blocks: `rope_tables_saved`);
+    by SDPA); with qk-norm the LayerNorm mean+rstd of q and of k (4 * T * h stats), and under CUDA
+    autocast the fp32 copies of q and k (and of the norms' weights) those LayerNorms save; with qk-norm
+    or RoPE new q and k (2 units) saved by SDPA (RoPE's tables: `rope_tables_saved`);
     SDPA output (1 unit) and logsumexp (B * h * lse_len fp32);
     the output's copy before `proj` where the layout needs one (`Kernels.attn_out_copy`), which `proj`
     saves as its input (otherwise `proj` saves a view of the SDPA output).
@@ -95,6 +115,8 @@ def attention_saved(s: BlockShape, k: Kernels) -> int:
     total = 3 * s.unit
     if s.qk_norm:
         total += 4 * s.tokens * s.heads * k.ln_stats(s.e)
+        if k.fp32_norms(s.e):
+            total += 2 * s.tokens * s.dim * FP32 + 2 * k.norm_param_copies(s.dim // s.heads, s.e)
     if s.qk_norm or s.rope_len:
         total += 2 * s.unit
     total += s.unit  # SDPA output
@@ -103,11 +125,24 @@ def attention_saved(s: BlockShape, k: Kernels) -> int:
     return total
 
 
-def rope_tables_saved(s: BlockShape) -> int:
-    """`RotaryPositionEmbedding2D._tables`: cos and sin for rows and columns, (1, 1, rope_len, d/2) each,
-    gathered once per positions tensor and shared by every block that receives it; saved (once) when at
-    least one of those blocks keeps its attention activations."""
-    return 4 * s.rope_len * (s.dim // s.heads // 2) * s.e
+def rope_q_bytes(s: BlockShape, k: Kernels) -> int:
+    """Element bytes of q where RoPE rotates it: fp32 in an fp32 block, or after qk-norm under CUDA
+    autocast (its LayerNorm returns fp32); otherwise the block's dtype."""
+    return FP32 if s.e == FP32 or (s.qk_norm and k.fp32_norms(s.e)) else s.e
+
+
+def rope_tables_saved(s: BlockShape, k: Kernels | None = None) -> int:
+    """`RotaryPositionEmbedding2D.tables`: cos and sin for rows and columns, (1, 1, rope_len, d/2) each, in
+    q's dtype (`rope_q_bytes`; None: the block's dtype). The fp32 tables are gathered once per positions
+    tensor and shared by every block that receives it (`rope_tables_shared`); a lower-precision q makes
+    each block cast, and save, its own copy. Saved by blocks that keep their attention activations."""
+    e = s.e if k is None else rope_q_bytes(s, k)
+    return 4 * s.rope_len * (s.dim // s.heads // 2) * e
+
+
+def rope_tables_shared(s: BlockShape, k: Kernels) -> bool:
+    """True when every block saves the same fp32 tables (one set in all); False: one copy per block."""
+    return rope_q_bytes(s, k) == FP32
 
 
 def block_saved(s: BlockShape, k: Kernels, policy: BlockPolicy) -> int:
@@ -117,9 +152,11 @@ def block_saved(s: BlockShape, k: Kernels, policy: BlockPolicy) -> int:
                attention output (saved by ls1's multiply), x1 = x + ls1(..) (norm2's input), norm2
                mean+rstd, norm2 output (fc1's input), fc1 output (4 units, GELU's input), GELU output
                (4 units, fc2's input), fc2 output (ls2's input). Without LayerScale the two outputs
-               that only ls1/ls2 save are not kept.
+               that only ls1/ls2 save are not kept. Under CUDA autocast norm1 and norm2 save fp32 copies
+               of x and x1 (and of their weights) instead, and return fp32, which qkv and fc1 cast back
+               to bf16 (the copies they save).
     attention: the same with `attention_saved` replaced by nothing: the checkpoint keeps the attention
-               input (norm1's output, already counted).
+               input (norm1's output: fp32 under CUDA autocast, as norm1 returned it).
     block:     x only (the checkpoint's saved input).
     selective: x and what the SAC cache keeps (`selective_saved`).
     """
@@ -127,9 +164,12 @@ def block_saved(s: BlockShape, k: Kernels, policy: BlockPolicy) -> int:
         return s.unit
     if policy.startswith("selective"):
         return selective_saved(s, k, parse_policy_label(policy)[1])
-    stats = 2 * s.tokens * k.ln_stats(s.e)
+    T, C = s.tokens, s.dim
+    stats = 2 * T * k.ln_stats(s.e)
     ls = 1 if s.layerscale else 0
-    kept = s.unit * (1 + 1 + ls + 1 + 1 + 4 + 4 + ls) + 2 * stats  # x, n1, ls1 in, x1, n2, fc1, gelu, ls2 in
+    norms = 2 * (T * C * k.norm_input(s.e) + stats + k.norm_param_copies(C, s.e))  # x, x1 and their norms
+    n1 = T * C * k.norm_input(s.e) if policy == "attention" else s.unit  # as the checkpoint or qkv saves it
+    kept = norms + n1 + s.unit * (ls + 1 + 4 + 4 + ls)  # + ls1 in, n2, fc1, gelu, ls2 in
     if policy == "attention":
         return kept
     if policy != "none":

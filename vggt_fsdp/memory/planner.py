@@ -175,6 +175,7 @@ class UnitInfo:
     reshard: bool
     checkpoint: str
     params: tuple[ParamInfo, ...]
+    casts_inputs: bool = True  # FSDP2 casts the unit's floating inputs to param dtype (parallel/precision.py)
 
     def unsharded(self) -> int:
         return sum(p.numel for p in self.params) * self.param_bytes
@@ -223,6 +224,7 @@ def unit_layout(model_cfg: VGGTConfig, parallel_cfg, freeze: tuple[str, ...] = (
 
 
 def _unit_layout(model_cfg: VGGTConfig, parallel_cfg, freeze: tuple[str, ...]) -> list[UnitInfo]:
+    from vggt_fsdp.parallel.precision import casts_inputs
     from vggt_fsdp.parallel.sharding import plan_parallelism
 
     model = _meta_model(model_cfg)
@@ -235,7 +237,8 @@ def _unit_layout(model_cfg: VGGTConfig, parallel_cfg, freeze: tuple[str, ...]) -
         owned[owner].append(ParamInfo(name, tuple(param.shape), trainable))
     return [
         UnitInfo(u.path, u.kind, u.group, _DTYPE_BYTES[u.param_dtype], _DTYPE_BYTES[u.reduce_dtype],
-                 u.reshard_after_forward, u.checkpoint, tuple(owned[u.path]))
+                 u.reshard_after_forward, u.checkpoint, tuple(owned[u.path]),
+                 casts_inputs(model.get_submodule(u.path), u.param_dtype, parallel_cfg.precision))
         for u in plan.units
     ]
 
@@ -289,7 +292,9 @@ def plan(
 
 def _plan_batch(model_cfg, parallel_cfg, world_size, frames_per_gpu, batch: Batch, device_kind, freeze,
                 gpus_per_node) -> MemoryPlan:
-    kernels = F.Kernels(device_kind)
+    from vggt_fsdp.parallel.precision import uses_autocast
+
+    kernels = F.Kernels(device_kind, autocast=uses_autocast(parallel_cfg.precision))
     units = unit_layout(model_cfg, parallel_cfg, freeze)
     shard = shard_size(parallel_cfg, world_size, gpus_per_node)
 
@@ -436,9 +441,11 @@ def _activation_terms(model_cfg: VGGTConfig, units, b: Batch, k: F.Kernels) -> t
     terms.append(dino_terms[0])
     work.append(dino_terms[1])
     dino_last = F.BlockShape(b.images, dino_seq, C, pe.num_heads, e_root, False, 0, True)
-    terms.append(Term("DINO final norm input", "activation",
-                      (dino_last.unit + 2 * dino_last.tokens * k.ln_stats(e_root)) if flow["dino_norm"] else 0,
-                      "T x C x e + LayerNorm mean/rstd (the last DINO block's output)", group="other"))
+    final_norm = (dino_last.tokens * C * k.norm_input(e_root) + 2 * dino_last.tokens * k.ln_stats(e_root)
+                  + k.norm_param_copies(C, e_root))
+    terms.append(Term("DINO final norm input", "activation", final_norm if flow["dino_norm"] else 0,
+                      "T x C x e (fp32 under CUDA autocast) + LayerNorm mean/rstd (the last DINO block's output)",
+                      group="other"))
 
     # -- aggregator blocks.
     rope = agg.rope_freq > 0
@@ -468,17 +475,15 @@ def _head_input_mode(units: list[UnitInfo]) -> str:
     """How the fp32 heads receive the aggregator's kept layers (the tokens list):
 
     shared:   tokens are already in the heads' dtype (an fp32 aggregator): every head reads the same tensors.
-    per_head: FSDP2 casts each fp32 head unit's floating inputs (MixedPrecisionPolicy.cast_forward_inputs,
-              as `parallel.precision.mp_policy` builds it): each head gets its own fp32 copy of every layer.
+    per_head: FSDP2 casts each fp32 head unit's floating inputs (MixedPrecisionPolicy.cast_forward_inputs:
+              a head without `casts_own_inputs`): each head gets its own fp32 copy of every layer.
     chunk:    tokens arrive in bf16 and the heads cast what they read (DPT: each chunk; camera: its tokens).
     """
-    from vggt_fsdp.parallel.precision import mp_policy
-
     heads = [u for u in units if u.path in ("camera_head", "depth_head", "point_head")]
     token_bytes = next(u.param_bytes for u in units if u.path.startswith("aggregator.global_blocks."))
     if not heads or all(u.param_bytes == token_bytes for u in heads):
         return "shared"
-    casts = all(mp_policy("fp32" if u.param_bytes == 4 else "bf16", "fp32").cast_forward_inputs for u in heads)
+    casts = all(u.casts_inputs for u in heads)
     return "per_head" if casts else "chunk"
 
 
@@ -576,12 +581,14 @@ def _blocks_term(title, group, paths, flows, policies, dtype, k, make_shape, sha
         shape = make_shape(dtype[path])
         if on:
             saved += F.block_saved(shape, k, policy)
-            if policy == "none":
-                tables = F.rope_tables_saved(shape)
+            if policy == "none":  # one shared set of fp32 tables, or each block's own cast copy
+                one = F.rope_tables_saved(shape, k)
+                tables = one if F.rope_tables_shared(shape, k) else tables + one
         worst = max(worst, F.block_recompute(shape, k, policy) + F.block_backward_work(shape))
     mix = ", ".join(f"{n} x {p}" for p, n in counts.items())
     term = Term(f"{title} ({mix})", "activation", saved + tables,
-                f"sum of formulas.block_saved per block (+ rope_tables_saved once); {shape_note}", group=group)
+                f"sum of formulas.block_saved per block (+ rope_tables_saved: once, or per block when cast); "
+                f"{shape_note}", group=group)
     return term, (f"{title}: recompute + grads of one block", worst,
                   "formulas.block_recompute + block_backward_work")
 

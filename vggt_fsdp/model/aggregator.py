@@ -98,7 +98,8 @@ class Aggregator(nn.Module):
     def _embed(self, images: torch.Tensor) -> torch.Tensor:
         """(B, S, 3, H, W) in [0, 1] -> tokens (B*S, P+5, C) with camera and register tokens first."""
         B, S, _, H, W = images.shape
-        images = (images - self._resnet_mean) / self._resnet_std
+        # In the parameters' compute dtype: without autocast nothing else would cast the fp32 buffers' result.
+        images = ((images - self._resnet_mean) / self._resnet_std).to(self.camera_token.dtype)
         patches = self.patch_embed(images.reshape(B * S, 3, H, W))
         camera = _first_and_rest(self.camera_token, B, S).to(patches.dtype)
         registers = _first_and_rest(self.register_token, B, S).to(patches.dtype)

@@ -56,6 +56,10 @@ def _at_least_fp32(t: torch.Tensor | None) -> torch.Tensor | None:
 class VGGT(nn.Module):
     """forward(images (B, S, 3, H, W) or (S, 3, H, W) in [0, 1], query_points (B, N, 2) or (N, 2))."""
 
+    # Precision contract (parallel/precision.py): images and query points stay fp32 on entry; the
+    # aggregator casts the normalised images to its compute dtype, the heads read them in fp32.
+    casts_own_inputs = True
+
     def __init__(self, config: VGGTConfig):
         super().__init__()
         config.validate()

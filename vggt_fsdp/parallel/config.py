@@ -82,9 +82,13 @@ class PrecisionConfig:
     param_dtype: ParamDtype = "bf16"
     # Dtype of the gradient reduce-scatter; fp32 keeps the sum of many ranks' gradients exact enough.
     reduce_dtype: ReduceDtype = "fp32"
-    # Units (patterns over unit paths) computed in fp32 whatever param_dtype says. Upstream runs the
-    # camera, depth and point heads in fp32; blocks inside these modules are fp32 too.
+    # Units (patterns over unit paths) computed in fp32 whatever param_dtype says, with fp32 inputs, in
+    # every mode. Upstream runs the camera, depth and point heads in fp32; blocks inside are fp32 too.
     fp32_modules: list[str] = field(default_factory=lambda: ["camera_head", "depth_head", "point_head"])
+    # bf16 compute: run the forward under bf16 autocast (upstream's way: fp32 norms and softmax, casts
+    # at every matmul), or not (torchtitan's way: every unit computes in its parameters' dtype, norms
+    # keep fp32 statistics inside the kernel). Ignored with param_dtype fp32. See parallel/precision.py.
+    autocast: bool = True
 
 
 @dataclass

@@ -23,7 +23,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 from vggt_fsdp.parallel.checkpointing import apply_checkpointing, block_policies
 from vggt_fsdp.parallel.compiling import compile_blocks
 from vggt_fsdp.parallel.config import ParallelConfig, ShardingConfig
-from vggt_fsdp.parallel.precision import autocast_forward, mp_policy, unit_dtypes
+from vggt_fsdp.parallel.precision import apply_forward_precision, mp_policy, unit_dtypes
 
 
 @dataclass(frozen=True)
@@ -166,7 +166,7 @@ def apply_parallelism(model: nn.Module, cfg: ParallelConfig, mesh: DeviceMesh | 
     """Checkpoint-wrap, then shard `model` in place as `cfg` says; returns the plan it applied.
 
     `mesh`: the 1-D (full) or 2-D (replicate, shard) device mesh; None builds it from the default
-    process group (`build_mesh`). With bf16 compute the forward runs under bf16 autocast (precision.py).
+    process group (`build_mesh`). Precision (input casts, autocast) as parallel/precision.py describes.
     The model may be on the meta device (materialise it afterwards with `model.to_empty(...)`), on the
     CPU, or on the mesh's device.
     """
@@ -180,8 +180,8 @@ def apply_parallelism(model: nn.Module, cfg: ParallelConfig, mesh: DeviceMesh | 
     for unit in plan.units:
         module = model.get_submodule(unit.path) if unit.path else model
         fully_shard(module, mesh=mesh, reshard_after_forward=unit.reshard_after_forward,
-                    mp_policy=mp_policy(unit.param_dtype, unit.reduce_dtype), **offload)
-    autocast_forward(model, cfg.precision.param_dtype, mesh.device_type)
+                    mp_policy=mp_policy(module, unit, cfg.precision), **offload)
+    apply_forward_precision(model, plan, cfg.precision, mesh.device_type)
     return plan
 
 

@@ -106,13 +106,12 @@ def load_initial_weights(model: nn.Module, path: str) -> None:
 class VGGTTask:
     """Batches from helper D's loader, VGGT forward and `compute_loss`."""
 
-    def __init__(self, loader, loss_cfg, patch_size: int, special_tokens: int, tracks: bool, autocast):
+    def __init__(self, loader, loss_cfg, patch_size: int, special_tokens: int, tracks: bool):
         self.sampler = loader  # SceneLoader: state_dict() is the position after the last batch consumed
         self.loader, self.loss_cfg = loader, loss_cfg
-        # The Accelerator's autocast (bf16 when the recipe computes in bf16, as upstream trains): FSDP2
-        # casts parameters, autocast casts activations where the model mixes them with fp32 buffers.
-        # The loss runs outside it, in fp32.
-        self.autocast = autocast
+        # No autocast here: the sharded model's forward carries the recipe's precision (input casts, and
+        # autocast where parallel.precision.autocast asks for it: parallel/precision.py). The loss runs
+        # outside it, in fp32.
         self.patch_size, self.special_tokens, self.tracks = patch_size, special_tokens, tracks
 
     def batches(self):
@@ -120,8 +119,7 @@ class VGGTTask:
 
     def predict(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict:
         query = batch.get("query_points") if self.tracks else None
-        with self.autocast():
-            return model(batch["images"], query_points=query)
+        return model(batch["images"], query_points=query)
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]):
         from vggt_fsdp.losses import compute_loss
@@ -221,7 +219,7 @@ def build_trainer(recipe, lock=None) -> Built:
                               frames_per_gpu=budget, pin_memory=device.type == "cuda")
     agg = model_cfg.aggregator
     task = VGGTTask(loader, recipe.loss, agg.patch_size, 1 + agg.num_register_tokens,
-                    tracks=bool(recipe.model.heads.track), autocast=accelerator.autocast)
+                    tracks=bool(recipe.model.heads.track))
 
     validate = None
     if cfg.val_every:

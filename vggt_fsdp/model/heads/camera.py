@@ -15,6 +15,9 @@ from .head_act import activate_pose
 
 
 class CameraHead(nn.Module):
+    # Precision contract (parallel/precision.py): it casts only the camera tokens it reads.
+    casts_own_inputs = True
+
     def __init__(self, dim_in: int, cfg: CameraHeadConfig):
         super().__init__()
         self.target_dim = POSE_ENCODING_DIMS[cfg.pose_encoding_type]

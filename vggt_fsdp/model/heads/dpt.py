@@ -122,6 +122,9 @@ class DPTHead(nn.Module):
     where H, W are the image size rounded down to a multiple of the patch size.
     """
 
+    # Precision contract (parallel/precision.py): it casts each chunk of the layers it reads, not the layers.
+    casts_own_inputs = True
+
     def __init__(
         self,
         dim_in: int,

@@ -110,6 +110,11 @@ class TrackHead(nn.Module):
     """forward(aggregated_tokens_list, images, patch_start_idx, query_points (B, N, 2) in pixels (x, y),
     iters=None) -> (list of tracks (B, S, N, 2) per iteration, vis (B, S, N), conf (B, S, N) or None)."""
 
+    # Precision contract (parallel/precision.py): like upstream's, the tracker mixes fp32 embeddings and
+    # positions with bf16 features and relies on autocast; query points stay fp32 (not cast on entry).
+    casts_own_inputs = True
+    needs_autocast = True
+
     def __init__(self, dim_in: int, patch_size: int = 14, features: int = 128, iters: int = 4,
                  predict_conf: bool = True, stride: int = 2, corr_levels: int = 7, corr_radius: int = 4,
                  hidden_size: int = 384, out_channels: Sequence[int] = (256, 512, 1024, 1024),
