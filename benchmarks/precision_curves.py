@@ -1,0 +1,176 @@
+"""Loss curves with and without autocast, on the CPU: the numerical effect of `parallel.precision.autocast`.
+
+The same model initialisation, the same batches and the trainer's pieces (sharded model, `VGGTTask`
+forward and loss, AdamW with the recipe's schedule, per-group clipping) trained for N steps in each mode:
+
+- `fp32`: param_dtype fp32, the reference;
+- `bf16 autocast (CUDA rules)`: bf16 parameters under bf16 autocast with CUDA autocast's fp32 list
+  applied on the CPU (`vggt_fsdp.memory.cuda_autocast`: LayerNorm and softmax in fp32), i.e. the
+  arithmetic upstream's recipe runs on a GPU;
+- `bf16 no autocast`: bf16 parameters, MixedPrecisionPolicy only (LayerNorm bf16 in and out with fp32
+  statistics inside the kernel).
+
+(CPU autocast proper is not a separate mode: it changes no op of VGGT's bf16 trunk, so its curve is
+bitwise the no-autocast one; tests/test_precision.py checks that.) One process, a 1-rank fake process
+group. What it cannot show: GPU kernels' own rounding (cuBLAS split-K, cuDNN attention), nor speed.
+
+    python benchmarks/precision_curves.py --preset vggt-tiny --steps 30 --out benchmarks/results/X
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime as dt
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+MODES = {  # name: (param_dtype, autocast, CUDA autocast rules)
+    "fp32": ("fp32", False, False),
+    "bf16 autocast (CUDA rules)": ("bf16", True, True),
+    "bf16 no autocast": ("bf16", False, False),
+}
+
+
+def host_batches(recipe, steps: int, frames: int) -> list[dict[str, torch.Tensor]]:
+    """`steps` batches of the recipe's data section (synthetic source, no augmentation), drawn once."""
+    from vggt_fsdp.data import build_dataloader
+
+    data = dataclasses.replace(recipe.data, source="synthetic", root=None, num_workers=0,
+                               augment=dataclasses.replace(recipe.data.augment, enabled=False))
+    loader = iter(build_dataloader(data, frames_per_gpu=frames, num_workers=0))
+    return [next(loader) for _ in range(steps)]
+
+
+def train_curve(recipe, mode: str, batches: list[dict[str, torch.Tensor]], seed: int) -> dict:
+    """Train one mode over `batches`; the losses (total and per term) of every step."""
+    from vggt_fsdp.memory.cuda_autocast import cuda_autocast_rules
+    from vggt_fsdp.memory.fake_pg import fake_process_group
+    from vggt_fsdp.model import build_model, materialize
+    from vggt_fsdp.parallel import apply_parallelism
+    from vggt_fsdp.recipe import model_config
+    from vggt_fsdp.train.build import VGGTTask, freeze
+    from vggt_fsdp.train.optim import build_optimizer, build_scheduler, clip_grad_norms, clip_groups
+
+    param_dtype, autocast, cuda_rules = MODES[mode]
+    parallel = dataclasses.replace(recipe.parallel, precision=dataclasses.replace(
+        recipe.parallel.precision, param_dtype=param_dtype, autocast=autocast))
+    cfg = model_config(recipe.model)
+    losses, terms, start = [], [], time.perf_counter()
+    with fake_process_group(1):
+        torch.manual_seed(seed)
+        model = build_model(cfg, device="meta")
+        freeze(model, recipe.model.freeze)
+        apply_parallelism(model, parallel)
+        materialize(model, torch.device("cpu"))
+        checksum = float(sum(p.full_tensor().double().sum() for p in model.parameters()))
+        optimizer = build_optimizer(model, recipe.optim, "cpu")
+        scheduler = build_scheduler(optimizer, recipe.schedule, recipe.optim.lr, len(batches))
+        groups = clip_groups(model, recipe.optim.clip_groups)
+        task = VGGTTask(None, recipe.loss, cfg.aggregator.patch_size, 1 + cfg.aggregator.num_register_tokens,
+                        tracks=False)
+        for index, batch in enumerate(batches):
+            with cuda_autocast_rules() if cuda_rules else contextlib.nullcontext():
+                loss, parts = task.loss(model, batch)
+                loss.backward()
+            clip_grad_norms(groups, torch.nn.utils.clip_grad_norm_)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss))
+            terms.append({k: float(v) for k, v in parts.items()})
+            print(f"  {mode}: step {index + 1}/{len(batches)} loss {losses[-1]:.5f}", file=sys.stderr, flush=True)
+    return {"losses": losses, "terms": terms, "init_checksum": checksum, "seconds": time.perf_counter() - start}
+
+
+def compare(curves: dict[str, dict]) -> dict[str, dict]:
+    """Each bf16 mode against fp32: mean and max |loss - fp32 loss| / fp32 loss over the steps."""
+    ref = curves["fp32"]["losses"]
+    out = {}
+    for mode, curve in curves.items():
+        if mode == "fp32":
+            continue
+        rel = [abs(a - b) / abs(b) for a, b in zip(curve["losses"], ref)]
+        out[mode] = {"mean_rel_dev": sum(rel) / len(rel), "max_rel_dev": max(rel),
+                     "final_loss": curve["losses"][-1], "fp32_final_loss": ref[-1]}
+    return out
+
+
+def run(preset: str, steps: int, frames: int, width: int, seed: int, recipe_path: str) -> dict:
+    from vggt_fsdp.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path, [f"model.preset={preset}", f"data.image_width={width}",
+                                       f"data.frames_per_gpu={frames}"])
+    batches = host_batches(recipe, steps, frames)
+    curves = {mode: train_curve(recipe, mode, batches, seed) for mode in MODES}
+    return {"preset": preset, "steps": steps, "frames_per_step": frames, "image_width": width,
+            "shapes": [list(b["images"].shape) for b in batches], "curves": curves, "vs_fp32": compare(curves)}
+
+
+def provenance(argv: list[str]) -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return {"command": "python benchmarks/precision_curves.py " + " ".join(argv),
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
+            "device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+            "commit": commit}
+
+
+def markdown(result: dict) -> str:
+    prov = result["provenance"]
+    lines = ["# Loss with and without autocast (CPU)", "",
+             f"- command: `{prov['command']}`", f"- device: {prov['device']}; torch {prov['torch']}; "
+             f"date {prov['date']}; commit {prov['commit']}",
+             "- CPU numerics only: the `CUDA rules` mode applies CUDA autocast's fp32 list (LayerNorm, softmax) "
+             "on the CPU; no speed figure here (GPU measurement owed).", ""]
+    for run_ in result["runs"]:
+        lines += [f"## {run_['preset']}: {run_['steps']} steps, {run_['frames_per_step']} frames a step, "
+                  f"{run_['image_width']} px", "",
+                  "| mode | first loss | last loss | mean abs. rel. dev. from fp32 | max | seconds |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for mode, curve in run_["curves"].items():
+            dev = run_["vs_fp32"].get(mode)
+            cells = (f"{dev['mean_rel_dev']:.2e}", f"{dev['max_rel_dev']:.2e}") if dev else ("(reference)", "")
+            lines.append(f"| {mode} | {curve['losses'][0]:.5f} | {curve['losses'][-1]:.5f} | {cells[0]} | {cells[1]} "
+                         f"| {curve['seconds']:.0f} |")
+        lines.append("")
+        lines.append("Losses per step: " + "; ".join(
+            f"{mode}: " + ", ".join(f"{x:.4f}" for x in curve["losses"]) for mode, curve in run_["curves"].items()))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", action="append", required=True, help="model preset (repeatable)")
+    parser.add_argument("--steps", type=int, action="append", required=True, help="steps, one per --preset")
+    parser.add_argument("--frames", type=int, default=4)
+    parser.add_argument("--width", type=int, default=112)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--recipe", default="recipes/cpu_tiny.yaml")
+    parser.add_argument("--out", required=True, help="output path without suffix (.json and .md are written)")
+    args = parser.parse_args(argv)
+    if len(args.steps) != len(args.preset):
+        parser.error("give one --steps per --preset")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    runs = [run(p, s, args.frames, args.width, args.seed, args.recipe) for p, s in zip(args.preset, args.steps)]
+    result = {"provenance": provenance(argv), "runs": runs}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    out.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
