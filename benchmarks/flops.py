@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vggt_fsdp.memory.devices import card_for_device_name
+from vggt_fsdp.hardware import card_for_device_name
 from vggt_fsdp.memory.flops import ATTENTION_BACKWARD, Counter, surrogate_loss
 
 __all__ = ["StepFlops", "count_step_flops", "mfu", "peak_tflops", "quadratic_in_frames", "surrogate_loss"]
@@ -44,7 +44,7 @@ __all__ = ["StepFlops", "count_step_flops", "mfu", "peak_tflops", "quadratic_in_
 
 def peak_tflops(device_name: str) -> float | None:
     """The dense BF16 peak of the named GPU (torch.cuda.get_device_name()) from the planner's card
-    catalog (vggt_fsdp/memory/devices.yaml, which names card variants: an H200 NVL is not an H200 SXM),
+    catalog (vggt_fsdp/hardware.yaml, which names card variants: an H200 NVL is not an H200 SXM),
     or None when the catalog does not know the card (and on the CPU)."""
     card = card_for_device_name(device_name)
     return None if card is None else card.peak_tflops["bf16"]

@@ -15,7 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vggt_fsdp.memory import devices, planner, steptime
+from vggt_fsdp import hardware
+from vggt_fsdp.memory import planner, steptime
 from vggt_fsdp.memory.flops import Counter, MetaFunctions, Work, count_call, surrogate_loss
 from vggt_fsdp.model import build_model
 from vggt_fsdp.model.config import get_preset
@@ -45,7 +46,7 @@ def _counted_step(cfg, pc: ParallelConfig, scenes: int, frames: int, image: tupl
     torch.manual_seed(0)
     model = build_model(cfg, "cpu").train()
     plan = plan_parallelism(model, pc)
-    apply_checkpointing(model, plan.checkpoint_wrapped, plan.chunk_checkpointed)
+    apply_checkpointing(model, plan.checkpoint_wrapped, plan.chunk_checkpointed, plan.selective)
     images = torch.rand(scenes, frames, 3, *image)
     with Counter() as forward:
         loss = surrogate_loss(model(images))
@@ -62,10 +63,20 @@ POLICIES = [
     ("every_n", "none", None),
     ("none", "chunks", {"global": GroupCheckpoint(policy="block"), "frame": GroupCheckpoint(policy="attention"),
                         "camera_trunk": GroupCheckpoint(policy="block")}),
+    # selective with each save set (SAC keeps the SDPA op's outputs, the qkv matmul's, or both)
+    *[("selective", "none", {g: GroupCheckpoint(policy="selective", save=save) for g in ("dino", "frame", "global")})
+      for save in (["sdpa"], ["qkv"], ["sdpa", "qkv"])],
 ]
 
 
-@pytest.mark.parametrize("policy,heads,groups", POLICIES, ids=lambda v: str(v) if not isinstance(v, dict) else "mix")
+def _id(value) -> str:
+    if isinstance(value, dict):
+        return "+".join(f"{g}:{c.policy}" + (f"({'+'.join(c.save)})" if getattr(c, "save", None) else "")
+                        for g, c in value.items())
+    return str(value)
+
+
+@pytest.mark.parametrize("policy,heads,groups", POLICIES, ids=_id)
 def test_predicted_flops_equal_a_counted_checkpointed_step(policy, heads, groups):
     """Model FLOPs and recompute FLOPs, by kind, as predicted equal those of a real step (2 scenes of 3
     frames, DPT chunks of 4 and 2 images)."""
@@ -83,7 +94,7 @@ def test_predicted_flops_equal_a_counted_checkpointed_step(policy, heads, groups
 
 
 def test_recompute_grows_with_the_policy():
-    cfg, batch = _tiny(), planner.Batch(1, 3, 28, 28, 14)
+    cfg, batch = _tiny(), planner.Batch(2, 3, 28, 42, 14)  # the shape above: counted once
     fraction = {p: steptime.step_work(cfg, _parallel(p, "none"), batch).recompute_fraction
                 for p in ("none", "attention", "every_n", "block")}
     assert fraction["none"] == 0 < fraction["attention"] < fraction["block"]
@@ -148,7 +159,7 @@ def test_recompute_of_a_block_by_policy():
 # ------------------------------------------------------------------------------ the H200 calibration
 @pytest.fixture(scope="module")
 def h200_step():
-    return steptime.described_step(devices.card("h200").measured.step)
+    return steptime.described_step(hardware.card("h200").measured.step)
 
 
 def test_model_flops_of_the_profiled_step_equal_the_h200_count(h200_step):
@@ -160,14 +171,14 @@ def test_model_flops_of_the_profiled_step_equal_the_h200_count(h200_step):
 
 
 def test_h200_rates_are_the_profile_over_the_counted_work(h200_step):
-    card = devices.card("h200")
+    card = hardware.card("h200")
     profile = json.loads((REPO / card.measured.source["profile"]).read_text())["by_kind"]
     memory_kinds = ("elementwise / reduce", "copy / cast", "layer norm", "other", "optimizer")
     assert card.measured.kernel_ms == pytest.approx({
         "attention": profile["attention"]["ms"], "matmul": profile["matmul"]["ms"],
         "convolution": profile["convolution"]["ms"], "memory": sum(profile[k]["ms"] for k in memory_kinds)})
     by_kind = h200_step.by_kind()
-    # devices.yaml holds the work the code counts for that step (re-derive: python -m vggt_fsdp.memory.steptime h200).
+    # hardware.yaml holds the work the code counts for that step (re-derive: python -m vggt_fsdp.memory.steptime h200).
     assert card.measured.work == {"attention": by_kind["attention"], "matmul": by_kind["matmul"],
                                   "convolution": by_kind["convolution"], "bytes": by_kind["memory"]}
     # So the model predicts the profiled step's kernel time, kind by kind.
@@ -181,7 +192,7 @@ def test_h200_rates_are_the_profile_over_the_counted_work(h200_step):
 
 # ------------------------------------------------------------------------------ cards
 def test_derived_cards_run_at_the_measured_cards_efficiency():
-    h200, a100 = devices.card("h200"), devices.card("a100_40g")
+    h200, a100 = hardware.card("h200"), hardware.card("a100_40g")
     assert a100.measured is None and a100.derived_from == "h200"
     assert a100.efficiency() == pytest.approx(h200.efficiency())
     assert a100.rates()["matmul"] == pytest.approx(h200.rates()["matmul"] * 312 / 989)
@@ -196,10 +207,10 @@ def test_derived_cards_run_at_the_measured_cards_efficiency():
     ("Tesla T4", None),
 ])
 def test_a_device_name_finds_its_card(name, card):
-    found = devices.card_for_device_name(name)
+    found = hardware.card_for_device_name(name)
     assert (found.name if found else None) == card
 
 
 def test_unknown_card_names_the_known_ones():
     with pytest.raises(ValueError, match="did you mean 'a100_80g'"):
-        devices.card("a100_80")
+        hardware.card("a100_80")

@@ -6,6 +6,7 @@ section's dataclass and this module owns the loading:
     model:      ModelSpec (here)                  accelerate: a raw Accelerate config (dict)
     parallel:   ParallelConfig (parallel/config)  data:       DataConfig (data/config)
     loss:       LossConfig (losses)               optim/schedule/train: train/config
+    hardware:   HardwareConfig (hardware): the card the recipe is sized for
 
 Loading is generic and strict: YAML -> plain data -> `key=value` overrides -> dataclasses by their type
 hints. An unknown key, a wrong type or a value outside a Literal fails with the dotted path of the key,
@@ -33,6 +34,7 @@ import yaml
 
 from vggt_fsdp import bundled, recipe_script
 from vggt_fsdp.data.config import DataConfig
+from vggt_fsdp.hardware import CPU, HardwareConfig
 from vggt_fsdp.losses import LossConfig
 from vggt_fsdp.parallel.accelerate import check_accelerate_section
 from vggt_fsdp.parallel.config import ParallelConfig
@@ -105,6 +107,7 @@ class Recipe:
     model: ModelSpec = field(default_factory=ModelSpec)
     # Written out verbatim as the Accelerate config file `accelerate launch` reads.
     accelerate: dict[str, Any] = field(default_factory=dict)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -114,6 +117,10 @@ class Recipe:
 
     def validate(self) -> None:
         check_accelerate_section(self.accelerate, self.parallel)
+        if self.hardware.device is not None and (self.hardware.device == CPU) != bool(self.accelerate.get("use_cpu")):
+            raise ValueError(f"hardware.device is {self.hardware.device!r} but accelerate.use_cpu is "
+                             f"{self.accelerate.get('use_cpu')!r}: a cpu recipe launches CPU processes "
+                             "(use_cpu: true), a GPU recipe GPU ones")
         for head in ("camera", "depth", "point", "track"):
             # Caught here, not at the first step after minutes of model building and sharding.
             if getattr(self.loss, head).enabled and not getattr(self.model.heads, head):

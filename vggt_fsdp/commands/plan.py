@@ -1,35 +1,44 @@
-"""`vggt-fsdp plan RECIPE`: one GPU's predicted peak memory for a recipe, what fits, and what to change.
+"""`vggt-fsdp plan RECIPE [key=value ...]`: one GPU's predicted peak memory and step time for a recipe,
+what fits, and what to change.
 
-Prints the planner's terms (each with its formula), the peak and whether it fits the card, the largest
-frames per GPU that fit under the recipe's checkpoint policy, and the checkpoint policy with the least
-recompute that fits the recipe's (or --frames) frame count. Nothing is allocated; the model is built on
-the meta device.
+Prints the planner's terms (each with its formula), the peak and whether it fits the recipe's card
+(`hardware.device`, or `--gpu-memory`), the largest frames per GPU that fit under the recipe's
+checkpoint policy, the checkpoint policy with the least recompute that fits, and the predicted step
+time on the card (work counted by kind, at the card's rates: `vggt_fsdp/memory/steptime.py`).
+`--optimize` searches per-group checkpoint policies and DPT chunking for the fastest that fits
+(`vggt_fsdp/memory/optimize.py`). Nothing is allocated; the model is built on the meta device.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 
-from vggt_fsdp.memory import planner
+from vggt_fsdp import hardware
+from vggt_fsdp.cli import add_recipe_arguments
+from vggt_fsdp.memory import planner, steptime
 
 GiB = planner.GiB
-# A100-SXM4-40GB's total memory as torch.cuda reports it; the default card without a visible GPU.
-A100_40GB_BYTES = 42_505_273_344
 
 
 def build_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("recipe", help="recipe YAML")
-    parser.add_argument("--gpus", type=int, default=None, help="world size (default: accelerate.num_processes)")
+    add_recipe_arguments(parser, "parallel.checkpoint.policy=attention")
+    parser.add_argument("--set", dest="set_overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="an override like the positional ones (repeatable; kept for older command lines)")
+    parser.add_argument("--gpus", type=int, default=None,
+                        help="world size (default: accelerate.num_processes); one node or whole nodes")
     parser.add_argument("--gpu-memory", type=float, default=None, metavar="GiB",
-                        help="device memory in GiB (default: the visible CUDA device's, else an A100 40GB's 39.6)")
+                        help="device memory in GiB (default: the recipe's card, hardware.device)")
     parser.add_argument("--frames", type=int, default=None, help="frames per GPU (default: data.frames_per_gpu)")
     parser.add_argument("--image", type=_image_hw, default=None, metavar="HxW",
                         help="image size (default: data.image_width at the tallest data.aspect_range)")
-    parser.add_argument("--device-kind", choices=("cuda", "cpu"), default="cuda",
-                        help="kernels to plan for (default cuda)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="recipe override (repeatable), e.g. parallel.checkpoint.policy=attention")
+    parser.add_argument("--device-kind", choices=("cuda", "cpu"), default=None,
+                        help="kernels to plan for (default: cpu for hardware.device cpu, else cuda)")
+    parser.add_argument("--optimize", action="store_true",
+                        help="search per-group checkpoint policies and DPT chunking for the fastest that fits")
+    parser.add_argument("--margin", type=float, default=0.05, metavar="FRACTION",
+                        help="with --optimize: memory to leave free, as a fraction of the card's (default 0.05)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     from vggt_fsdp.commands.model_option import add_model_option
 
@@ -44,70 +53,171 @@ def _image_hw(text: str) -> tuple[int, int]:
     return height, width
 
 
-def device_memory(gib: float | None) -> tuple[int, str]:
-    """(bytes, where the figure came from)."""
+# ======================================================================================== the target
+@dataclass(frozen=True)
+class Target:
+    """What the recipe is planned for: world size, GPUs a node, memory, kernels, and the card (rates)."""
+
+    world_size: int
+    gpus_per_node: int
+    memory_bytes: int
+    memory_source: str
+    device_kind: str
+    card: hardware.Card | None
+
+
+def gpus_per_node(recipe) -> int:
+    """GPUs (processes) a node, from the recipe's accelerate section: num_processes / num_machines."""
+    processes = int(recipe.accelerate.get("num_processes", 1))
+    machines = int(recipe.accelerate.get("num_machines", 1))
+    return max(processes // max(machines, 1), 1)
+
+
+def world_size(recipe, gpus: int | None) -> int:
+    """--gpus checked: at least 1, and at most one node or whole nodes."""
+    per_node = gpus_per_node(recipe)
+    if gpus is None:
+        return int(recipe.accelerate.get("num_processes", 1))
+    if gpus < 1:
+        raise ValueError(f"--gpus {gpus}: a world needs at least 1 GPU")
+    if gpus > per_node and gpus % per_node:
+        raise ValueError(f"--gpus {gpus}: not whole nodes of {per_node} GPUs (accelerate.num_processes / "
+                         f"num_machines); give at most {per_node} or a multiple of {per_node}")
+    return gpus
+
+
+def device_memory(gib: float | None, recipe) -> tuple[int, str]:
+    """(bytes, where the figure came from): --gpu-memory, else the recipe's card, else the visible GPU."""
     if gib is not None:
         if gib <= 0:
             raise ValueError(f"--gpu-memory {gib}: must be > 0")
         return int(gib * GiB), "--gpu-memory"
+    stated = recipe.hardware.memory_bytes()
+    if stated is not None:
+        where = "hardware.memory_gib" if recipe.hardware.memory_gib is not None else hardware.card(
+            recipe.hardware.device).memory_source
+        return stated, f"{recipe.hardware.device}: {where}"
     import torch
 
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         return int(props.total_memory), f"visible device {props.name}"
-    return A100_40GB_BYTES, "no CUDA device visible: an A100 40GB's total (pass --gpu-memory)"
+    raise ValueError("the recipe states no card (hardware.device) and no GPU is visible: set hardware.device "
+                     f"(one of {', '.join(hardware.cards())}) or pass --gpu-memory GiB")
 
 
-def report(recipe, args) -> tuple[dict, planner.MemoryPlan]:
-    """(the JSON summary, the plan it summarises)."""
-    memory, source = device_memory(args.gpu_memory)
-    shape = planner.recipe_shape(recipe, args.gpus, args.image)
+def target(recipe, args) -> Target:
+    memory, source = device_memory(args.gpu_memory, recipe)
+    card = recipe.hardware.card()
+    if card is None and recipe.hardware.device is None:
+        import torch
+
+        if torch.cuda.is_available():
+            card = hardware.card_for_device_name(torch.cuda.get_device_name(torch.cuda.current_device()))
+    kind = args.device_kind or recipe.hardware.kind
+    return Target(world_size(recipe, args.gpus), gpus_per_node(recipe), memory, source, kind, card)
+
+
+# ======================================================================================== the report
+def report(recipe, args, where: Target) -> tuple[dict, planner.MemoryPlan, steptime.StepWork]:
+    """(the JSON summary, the memory plan it summarises, the step's counted work)."""
+    shape = planner.recipe_shape(recipe, where.world_size, args.image)
     frames = args.frames if args.frames is not None else recipe.data.frames_per_gpu
+    common = dict(frames_range=shape.frames_range, freeze=shape.freeze, gpus_per_node=where.gpus_per_node,
+                  track_points=shape.track_points)
     if frames == "auto":  # the largest count that fits (at --gpus/--image): max_frames itself
-        frames = max_frames = planner.resolve_frames_per_gpu(recipe, memory, args.device_kind, gpus=args.gpus,
-                                                             image_hw=args.image)
+        frames = max_frames = planner.resolve_frames_per_gpu(recipe, where.memory_bytes, where.device_kind,
+                                                             gpus=where.world_size, image_hw=args.image,
+                                                             gpus_per_node=where.gpus_per_node)
     else:
-        max_frames = planner.max_frames_that_fit(shape.model_cfg, recipe.parallel, shape.world_size,
-                                                 shape.image_hw, memory, args.device_kind,
-                                                 frames_range=shape.frames_range, freeze=shape.freeze)
+        max_frames = planner.max_frames_that_fit(shape.model_cfg, recipe.parallel, shape.world_size, shape.image_hw,
+                                                 where.memory_bytes, where.device_kind, **common)
     frames_range = planner.clip_range(shape.frames_range, frames)
     result = planner.plan(shape.model_cfg, recipe.parallel, shape.world_size, frames, shape.image_hw,
-                          args.device_kind, frames_range=frames_range, freeze=shape.freeze)
+                          where.device_kind, frames_range=frames_range, freeze=shape.freeze,
+                          gpus_per_node=where.gpus_per_node, track_points=shape.track_points)
     cheapest = planner.cheapest_policy_that_fits(shape.model_cfg, recipe.parallel, shape.world_size, frames,
-                                                 shape.image_hw, memory, args.device_kind,
-                                                 frames_range=frames_range, freeze=shape.freeze)
+                                                 shape.image_hw, where.memory_bytes, where.device_kind,
+                                                 frames_range=frames_range, freeze=shape.freeze,
+                                                 track_points=shape.track_points)
+    batch = steptime.time_batch(frames, frames_range, shape.image_hw, shape.model_cfg.aggregator.patch_size)
+    work = steptime.step_work(shape.model_cfg, recipe.parallel, batch, world_size=shape.world_size,
+                              gpus_per_node=where.gpus_per_node, freeze=shape.freeze)
+    step = steptime.predict(work, where.card) if where.card is not None else None
     summary = {
         "recipe": args.recipe,
-        "gpu_memory_bytes": memory,
-        "gpu_memory_GiB": round(memory / GiB, 2),
-        "gpu_memory_source": source,
-        "fits": result.fits(memory),
-        "margin_GiB": round((memory - result.device_bytes) / GiB, 2),
+        "gpu_memory_bytes": where.memory_bytes,
+        "gpu_memory_GiB": round(where.memory_bytes / GiB, 2),
+        "gpu_memory_source": where.memory_source,
+        "fits": result.fits(where.memory_bytes),
+        "margin_GiB": round((where.memory_bytes - result.device_bytes) / GiB, 2),
         "max_frames_per_gpu": max_frames,
         "cheapest_policy": None if cheapest is None else {
             "label": cheapest[0], "peak_GiB": round(cheapest[2].peak_bytes / GiB, 3),
             "device_GiB": round(cheapest[2].device_bytes / GiB, 3)},
+        "card": None if where.card is None else {"name": where.card.name, "title": where.card.title,
+                                                 "rates": where.card.provenance()},
+        "predicted_step_s": None if step is None else step.to_dict()["predicted_step_s"],
+        "recompute_fraction": round(work.recompute_fraction, 4),
+        "step_time": None if step is None else step.to_dict(),
+        "work": work.to_dict(),
         "plan": result.to_dict(),
     }
-    return summary, result
+    if step is None:
+        summary["step_time_unavailable"] = ("no card with rates: set hardware.device to a GPU card "
+                                            f"({', '.join(hardware.cards())})")
+    return summary, result, work
+
+
+def optimize(recipe, args, where: Target, frames: int) -> dict:
+    """`--optimize`: the frontier and the fastest configuration that fits with the margin."""
+    from vggt_fsdp.memory import optimize as opt
+
+    if where.card is None:
+        raise ValueError("--optimize ranks configurations by predicted step time and needs a card with rates: "
+                         f"set hardware.device ({', '.join(hardware.cards())})")
+    if not 0 <= args.margin < 1:
+        raise ValueError(f"--margin {args.margin}: a fraction of the card's memory, 0 <= margin < 1")
+    shape = planner.recipe_shape(recipe, where.world_size, args.image)
+    found = opt.search(shape.model_cfg, recipe.parallel, world_size=shape.world_size, frames_per_gpu=frames,
+                       image_hw=shape.image_hw, frames_range=shape.frames_range, memory_bytes=where.memory_bytes,
+                       card=where.card, margin=args.margin, device_kind=where.device_kind, freeze=shape.freeze,
+                       gpus_per_node=where.gpus_per_node)
+    return {
+        "card": where.card.name, "margin": args.margin, "frames_per_gpu": frames,
+        "candidates": found.candidates, "planned": found.planned,
+        "frontier": [p.to_dict(where.memory_bytes, args.margin) for p in found.frontier],
+        "best": None if found.best is None else found.best.to_dict(where.memory_bytes, args.margin),
+    }
 
 
 def run(args: argparse.Namespace) -> int:
     from vggt_fsdp.recipe import load_recipe
 
     try:
-        recipe = load_recipe(args.recipe, args.overrides)
+        recipe = load_recipe(args.recipe, [*args.overrides, *args.set_overrides])
         if args.model:  # a user's model in place of the recipe's VGGT: memory/generic.py
             from vggt_fsdp.commands.model_option import run_plan
 
-            return run_plan(args, recipe, *device_memory(args.gpu_memory))
-        data, result = report(recipe, args)
+            return run_plan(args, recipe, *device_memory(args.gpu_memory, recipe))
+        where = target(recipe, args)
+        data, result, work = report(recipe, args, where)
+        if args.optimize:
+            data["optimize"] = optimize(recipe, args, where, result.frames_per_gpu)
     except (OSError, ValueError) as err:  # a bad recipe, override, size or shape: say which, no traceback
         print(f"vggt-fsdp plan: {err}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
+    print_report(args, data, result, work)
+    if args.optimize:
+        print_optimize(data["optimize"], data["gpu_memory_GiB"])
+    return 0
+
+
+# ======================================================================================== printing
+def print_report(args, data: dict, result: planner.MemoryPlan, work: steptime.StepWork) -> None:
     h, w = result.image_hw
     print(f"recipe {args.recipe}: {result.model}")
     print(f"{result.world_size} GPUs (parameters sharded over {result.shard_size}), {result.frames_per_gpu} frames "
@@ -126,4 +236,52 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"least-recompute policy that fits {result.frames_per_gpu} frames per GPU: {cheapest['label']} "
               f"(peak {cheapest['peak_GiB']} GiB, device {cheapest['device_GiB']} GiB)")
-    return 0
+    print()
+    b = work.batch
+    print(f"step time, {b.scenes} scene(s) x {b.frames} frames (the slowest split): model "
+          f"{_si(work.model.model_flops, 'FLOP')}, recompute {work.recompute_fraction:.1%} of it")
+    step = data["step_time"]
+    if step is None:
+        print(f"  {data['step_time_unavailable']}")
+        return
+    card = data["card"]
+    print(f"  on {card['title']} ({card['name']}), rates {card['rates']}")
+    amounts = work.by_kind()
+    for kind, seconds in step["seconds_by_kind"].items():
+        unit = f"{_si(amounts[kind], 'B')} memory-bound" if kind == "memory" else _si(amounts[kind], "FLOP")
+        print(f"  {kind:<12} {_si(seconds, 's'):>9}  ({unit})")
+    print(f"  predicted step {_si(step['predicted_step_s'], 's')}, {b.images / step['predicted_step_s']:.3g} frames/s "
+          f"per GPU, MFU {step['predicted_mfu']:.1%} (an estimate, compute only: communication assumed overlapped)")
+
+
+def _si(value: float, unit: str) -> str:
+    """`value` with an SI prefix and 3-4 significant digits: 569.9 TFLOP, 1.66 TB, 12.3 ms."""
+    prefixes = [(1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"), (1, ""), (1e-3, "m"), (1e-6, "u")]
+    scale, prefix = next(((f, p) for f, p in prefixes if abs(value) >= f), prefixes[-1])
+    return f"{value / scale:.4g} {prefix}{unit}"
+
+
+def print_optimize(found: dict, memory_gib: float) -> None:
+    print()
+    print(f"--optimize: {found['candidates']} checkpoint configurations on {found['card']} at {found['frames_per_gpu']} "
+          f"frames per GPU ({found['planned']} planned in full); frontier of device memory against step time:")
+    rows = [("step", "MFU", "recompute", "device GiB", "fits", "dino / frame / global / heads")]
+    for p in found["frontier"]:
+        blocks = " / ".join(p["blocks"].values())
+        rows.append((_si(p["predicted_step_s"], "s"), f"{p['predicted_mfu']:.1%}", f"{p['recompute_fraction']:.1%}",
+                     f"{p['device_GiB']:.2f}", "yes" if p["fits_with_margin"] else "no", f"{blocks} / {p['heads']}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  " + "  ".join(c.rjust(wd) if i < 5 else c for i, (c, wd) in enumerate(zip(r, widths))))
+    best = found["best"]
+    usable = memory_gib * (1 - found["margin"])
+    if best is None:
+        print(f"no configuration fits {usable:.2f} GiB ({memory_gib} GiB less a {found['margin']:.0%} margin) at "
+              f"{found['frames_per_gpu']} frames per GPU: lower data.frames_per_gpu")
+        return
+    print(f"fastest that fits {usable:.2f} GiB ({memory_gib} GiB less a {found['margin']:.0%} margin): "
+          f"{_si(best['predicted_step_s'], 's')} a step, {best['device_GiB']:.2f} GiB, recompute "
+          f"{best['recompute_fraction']:.1%} of model FLOPs; as overrides:")
+    print("  " + " ".join(best["overrides"]))
+    print("or in the recipe (parallel:):")
+    print(best["checkpoint_yaml"])

@@ -31,6 +31,7 @@ the fused attention backward: the math path's backward has four products where t
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -160,20 +161,24 @@ class CallCount:
     saves: list[tuple[int, frozenset[str]]] = field(default_factory=list)
     backward: Work = field(default_factory=Work)
 
-    @property
+    @functools.cached_property
     def forward(self) -> Work:
         return total(r.work for r in self.forward_ops)
 
-    def recompute(self, inside: Callable[[frozenset[str]], bool]) -> Work:
+    def recompute(self, inside: Callable[[frozenset[str]], bool],
+                  cached: Callable[[], Callable[[OpRecord], bool]] | None = None) -> Work:
         """The forward work a non-reentrant checkpoint of the modules `inside` selects runs again in
         backward. Each call of such a module (a run of consecutive ops inside it) is re-run from its
         start until it has saved again every tensor its backward unpacks, then stops (torch's early
         stop): the ops after its last save, such as the output projection whose input was saved before
-        it ran, are not re-run."""
+        it ran, are not re-run. `cached` makes, per call, the predicate of the ops a selective policy
+        kept (their outputs come from its cache; they do not run again)."""
         work = Work()
         for start, end in _runs([inside(r.modules) for r in self.forward_ops]):
             last_save = max((n for n, modules in self.saves if inside(modules) and start <= n <= end), default=start)
-            work = work + total(r.work for r in self.forward_ops[start:last_save])
+            kept = cached() if cached is not None else (lambda r: False)
+            flags = [kept(r) for r in self.forward_ops[start:end]]  # in order: a policy may count ops
+            work = work + total(r.work for r, k in zip(self.forward_ops[start:last_save], flags) if not k)
         return work
 
 

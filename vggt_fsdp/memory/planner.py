@@ -214,13 +214,60 @@ def _meta_model(cfg: VGGTConfig):
 _LAYOUTS: dict[str, list] = {}
 
 
+_STRUCTURES: dict[str, list] = {}
+
+
 def unit_layout(model_cfg: VGGTConfig, parallel_cfg, freeze: tuple[str, ...] = ()) -> list[UnitInfo]:
     """The FSDP units of the sharding plan (`plan_parallelism` on a meta-device model) with the shapes of
-    the parameters each owns (the innermost unit whose path contains the parameter's name)."""
+    the parameters each owns (the innermost unit whose path contains the parameter's name).
+
+    Layouts that differ only in checkpointing share their units (computed once per structure, with the
+    first checkpoint setting seen) and differ in their labels (`_relabel`): policy searches plan
+    hundreds of checkpoint settings."""
     key = repr((model_cfg, parallel_cfg, freeze))
     if key not in _LAYOUTS:
-        _LAYOUTS[key] = _unit_layout(model_cfg, parallel_cfg, freeze)
+        structure = structure_key(model_cfg, parallel_cfg, freeze)
+        if structure not in _STRUCTURES:
+            _STRUCTURES[structure] = _LAYOUTS[key] = _unit_layout(model_cfg, parallel_cfg, freeze)
+        else:
+            _LAYOUTS[key] = _relabel(_STRUCTURES[structure], _chunkable(model_cfg), parallel_cfg)
     return _LAYOUTS[key]
+
+
+def structure_key(model_cfg: VGGTConfig, parallel_cfg, freeze: tuple[str, ...]) -> str:
+    """What a layout depends on but its checkpoint labels: everything but `parallel.checkpoint`."""
+    return repr((model_cfg, dataclasses.replace(parallel_cfg, checkpoint=None), tuple(freeze)))
+
+
+_CHUNKABLE: dict[str, tuple[str, ...]] = {}
+
+
+def _chunkable(model_cfg: VGGTConfig) -> tuple[str, ...]:
+    """Paths of the modules that can recompute per chunk (`checkpoint_chunks`), per model config."""
+    key = repr(model_cfg)
+    if key not in _CHUNKABLE:
+        _CHUNKABLE[key] = tuple(path for path, module in _meta_model(model_cfg).named_modules()
+                                if hasattr(module, "checkpoint_chunks"))
+    return _CHUNKABLE[key]
+
+
+def _relabel(structure: list[UnitInfo], chunkable: tuple[str, ...], parallel_cfg) -> list[UnitInfo]:
+    """`structure`'s units labelled with `parallel_cfg`'s checkpointing as `plan_parallelism` labels them
+    (tests/test_plan_cli.py checks that they agree): blocks by `block_policies` in model order; a head
+    unit "chunks" when checkpoint.heads is chunks and it holds a module with `checkpoint_chunks`."""
+    from vggt_fsdp.parallel.checkpointing import block_policies
+
+    checkpoint = parallel_cfg.checkpoint
+    blocks = [u for u in structure if u.kind == "block"]
+    labels = iter(p.label for p in block_policies([u.group for u in blocks], checkpoint))
+
+    def label(u: UnitInfo) -> str:
+        if u.kind == "block":
+            return next(labels)
+        chunked = u.kind == "module" and checkpoint.heads == "chunks"
+        return "chunks" if chunked and any(c == u.path or c.startswith(u.path + ".") for c in chunkable) else "none"
+
+    return [dataclasses.replace(u, checkpoint=label(u)) for u in structure]
 
 
 def _unit_layout(model_cfg: VGGTConfig, parallel_cfg, freeze: tuple[str, ...]) -> list[UnitInfo]:
@@ -298,9 +345,8 @@ def _plan_batch(model_cfg, parallel_cfg, world_size, frames_per_gpu, batch: Batc
     units = unit_layout(model_cfg, parallel_cfg, freeze)
     shard = shard_size(parallel_cfg, world_size, gpus_per_node)
 
-    states = _state_terms(units, shard, parallel_cfg.sharding.cpu_offload, device_kind)
+    states, params_live = _model_state_terms(model_cfg, parallel_cfg, freeze, units, shard, device_kind)
     acts, work = _activation_terms(model_cfg, units, batch, kernels)
-    params_live = _unsharded_terms(units, shard, fused_adamw=device_kind == "cuda")
     terms = states + _io_terms(model_cfg, batch) + acts + params_live + work
     phases = _phases(terms, units, shard)
     peak_phase = max(phases, key=phases.get)
@@ -324,6 +370,19 @@ def model_name(cfg: VGGTConfig) -> str:
 
 
 # ---------------------------------------------------------------------------------------- model state
+_STATE_TERMS: dict[tuple, tuple[list[Term], list[Term]]] = {}
+
+
+def _model_state_terms(model_cfg, parallel_cfg, freeze, units, shard: int, device_kind: str):
+    """(sharded state terms, unsharded parameter terms): the same for every batch and checkpoint setting
+    of a structure, so computed once per structure, shard and device kind."""
+    key = (structure_key(model_cfg, parallel_cfg, freeze), shard, device_kind)
+    if key not in _STATE_TERMS:
+        _STATE_TERMS[key] = (_state_terms(units, shard, parallel_cfg.sharding.cpu_offload, device_kind),
+                             _unsharded_terms(units, shard, fused_adamw=device_kind == "cuda"))
+    return _STATE_TERMS[key]
+
+
 def _state_terms(units: list[UnitInfo], shard: int, offload: bool, device_kind: str) -> list[Term]:
     params = [p for u in units for p in u.params]
     trainable = [p for p in params if p.trainable]

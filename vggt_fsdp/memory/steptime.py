@@ -15,7 +15,7 @@ The time model, in one place:
   Not counted: the few ops between units (token concatenation, RoPE tables, the position-embedding
   interpolation, joining the DPT chunks): no FLOPs (tests/test_steptime.py checks the model FLOPs
   against a whole-model count), a few hundred MB of traffic at VGGT-1B's 24 frames.
-- The rates are the card's (`devices.py`): measured on a profiled H200 step, derived for other cards.
+- The rates are the card's (`vggt_fsdp/hardware.py`): measured on a profiled H200 step, derived for other cards.
   Kinds run one after another (eager PyTorch on one stream: the profile shows the GPU busy the whole
   step); communication is assumed hidden behind compute, as FSDP2 prefetching does
   (benchmarks/comm_model.py estimates whether it is).
@@ -26,11 +26,13 @@ prediction is for the split with the most global attention (images x frames per 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 
-from vggt_fsdp.memory import devices, planner
+from vggt_fsdp import hardware
+from vggt_fsdp.memory import planner
 from vggt_fsdp.memory.flops import KINDS, CallCount, Work, count_call, total
 from vggt_fsdp.memory.planner import Batch, UnitInfo
 
@@ -54,6 +56,10 @@ class StepWork:
         """What the card runs: FLOPs by kind, and memory-bound bytes under "memory"."""
         flops = (self.model + self.recompute).by_kind()
         return {**flops, "memory": self.model.bytes + self.recompute.bytes + self.state_bytes}
+
+    def with_recompute(self, parts: dict[str, Work]) -> StepWork:
+        """This step with another recompute, given by part (a policy search composes candidates so)."""
+        return dataclasses.replace(self, recompute=total(parts.values()), recompute_parts=dict(parts))
 
     @property
     def recompute_fraction(self) -> float:
@@ -90,12 +96,16 @@ class StepTime:
         return self.model_flops / self.total_s / self.peak_bf16_flops
 
     def to_dict(self) -> dict:
-        return {"card": self.card, "predicted_step_s": round(self.total_s, 4),
-                "seconds_by_kind": {k: round(v, 4) for k, v in self.seconds.items()},
+        return {"card": self.card, "predicted_step_s": _sig(self.total_s),
+                "seconds_by_kind": {k: _sig(v) for k, v in self.seconds.items()},
                 "predicted_mfu": round(self.mfu, 4), "rates": self.provenance}
 
 
-def predict(work: StepWork, card: devices.Card) -> StepTime:
+def _sig(value: float, digits: int = 6) -> float:
+    return float(f"{value:.{digits}g}")
+
+
+def predict(work: StepWork, card: hardware.Card) -> StepTime:
     rates = card.rates()
     seconds = {kind: amount / rates[kind] for kind, amount in work.by_kind().items()}
     return StepTime(card.name, card.provenance(), seconds, work.model.model_flops, card.peak("attention"))
@@ -119,8 +129,21 @@ def step_work(model_cfg, parallel_cfg, batch: Batch, *, world_size: int = 1, gpu
     parts = {name: parts[name] * calls[name].times for name in parts}
     recompute_parts = _recompute(units, calls, parallel_cfg)
     shard = planner.shard_size(parallel_cfg, world_size, gpus_per_node)
-    return StepWork(batch, total(parts.values()), total(recompute_parts.values()), state_bytes(units, shard),
-                    parts, recompute_parts)
+    key = (planner.structure_key(model_cfg, parallel_cfg, tuple(freeze)), shard)
+    if key not in _STATE_BYTES:
+        _STATE_BYTES[key] = state_bytes(units, shard)
+    return StepWork(batch, total(parts.values()), total(recompute_parts.values()), _STATE_BYTES[key], parts,
+                    recompute_parts)
+
+
+_STATE_BYTES: dict[tuple, int] = {}
+
+
+def part_group(part: str) -> str | None:
+    """The block group a part of `StepWork.parts`/`recompute_parts` belongs to (its blocks' calls are
+    named "<group> blocks", with a suffix when blocks of a group differ), or None for other parts."""
+    name, _, rest = part.partition(" blocks")
+    return name if rest == "" or rest.startswith(" (") else None
 
 
 @dataclass(frozen=True)
@@ -241,10 +264,21 @@ def _count_calls(model_cfg, parallel_cfg, units: list[UnitInfo], b: Batch) -> di
 
 
 # ======================================================================================== recompute
+_RECOMPUTE: dict[tuple, Work] = {}
+
+
+def _recompute_cached(count: CallCount, policy: str, prefix: str, attention_names: tuple[str, ...]) -> Work:
+    key = (id(count), policy, prefix, attention_names)  # counts live in _CALLS: their ids stay theirs
+    if key not in _RECOMPUTE:
+        _RECOMPUTE[key] = recompute_of(count, policy, prefix, attention_names)
+    return _RECOMPUTE[key]
+
+
 def _recompute(units: list[UnitInfo], calls: dict[str, _Call], parallel_cfg) -> dict[str, Work]:
     """The forward work each checkpointed unit runs again in backward, summed by part."""
     policy = {u.path: u.checkpoint for u in units}
     attention_names = _attention_names(parallel_cfg)
+    recompute_of = _recompute_cached
     out: dict[str, Work] = {}
     for name, call in calls.items():
         work = Work()
@@ -269,19 +303,45 @@ def _attention_names(parallel_cfg) -> tuple[str, ...]:
 
 
 def recompute_of(count: CallCount, policy: str, prefix: str, attention_names: tuple[str, ...]) -> Work:
-    """The forward work that `policy` re-runs for the unit at `prefix` inside a counted call ("": the
-    call is the unit): none nothing; block and chunks the unit's forward, attention its attention
-    sub-module's, each as far as a non-reentrant checkpoint re-runs it (`CallCount.recompute`)."""
+    """The forward work that `policy` (a unit's checkpoint label) re-runs for the unit at `prefix` inside
+    a counted call ("": the call is the unit): none nothing; block and chunks the unit's forward,
+    attention its attention sub-module's, selective(...) the block's forward less the ops its policy
+    keeps; each as far as a non-reentrant checkpoint re-runs it (`CallCount.recompute`)."""
     def under(names: set[str]):
         return lambda modules: any(m in names or any(m.startswith(n + ".") for n in names) for m in modules)
 
+    unit = under({prefix}) if prefix else (lambda modules: True)
     if policy == "none":
         return Work()
     if policy in ("block", "chunks"):
-        return count.recompute(under({prefix}) if prefix else lambda modules: True)
+        return count.recompute(unit)
     if policy == "attention":
         return count.recompute(under({f"{prefix}.{a}" if prefix else a for a in attention_names}))
-    raise ValueError(f"the step-time model knows checkpoint policies none, attention, block and chunks, not {policy!r}")
+    if policy.startswith("selective("):
+        return count.recompute(unit, _selective_cache(policy))
+    raise ValueError(f"the step-time model knows checkpoint policies none, attention, selective(...), block and "
+                     f"chunks, not {policy!r}")
+
+
+class _ForwardContext:
+    is_recompute = False
+
+
+def _selective_cache(label: str):
+    """Per block call, the predicate of the ops the selective policy `label` keeps: the policy itself
+    (parallel/checkpointing.py) asked op by op, in forward order, as torch's checkpoint asks it."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    from vggt_fsdp.parallel.checkpointing import SelectivePolicy
+    from vggt_fsdp.parallel.config import parse_policy_label
+
+    _, save = parse_policy_label(label)
+
+    def fresh():
+        policy = SelectivePolicy(save)
+        return lambda r: policy(_ForwardContext, r.op) in (CheckpointPolicy.MUST_SAVE, CheckpointPolicy.PREFER_SAVE)
+
+    return fresh
 
 
 # ======================================================================================== state traffic
@@ -316,7 +376,7 @@ def state_bytes(units: list[UnitInfo], shard: int) -> int:
 
 # ======================================================================================== calibration
 def described_step(step: dict) -> StepWork:
-    """The work of a step described as devices.yaml describes a measured one: a `model` and a `parallel`
+    """The work of a step described as hardware.yaml describes a measured one: a `model` and a `parallel`
     recipe section (keys not given at their defaults), the world size and the batch."""
     from vggt_fsdp.parallel.config import ParallelConfig
     from vggt_fsdp.recipe import ModelSpec, from_data, model_config
@@ -330,7 +390,7 @@ def described_step(step: dict) -> StepWork:
 
 
 def measured_work(step: dict) -> dict[str, int]:
-    """devices.yaml's `work` of a measured step: FLOPs by kind and memory-bound bytes, as counted now."""
+    """hardware.yaml's `work` of a measured step: FLOPs by kind and memory-bound bytes, as counted now."""
     by_kind = described_step(step).by_kind()
     return {"attention": by_kind["attention"], "matmul": by_kind["matmul"],
             "convolution": by_kind["convolution"], "bytes": by_kind["memory"]}
@@ -338,15 +398,15 @@ def measured_work(step: dict) -> dict[str, int]:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m vggt_fsdp.memory.steptime CARD`: the `work` line of a measured card's entry in
-    devices.yaml, counted by the current code (paste it there after a change to what is counted)."""
+    hardware.yaml, counted by the current code (paste it there after a change to what is counted)."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m vggt_fsdp.memory.steptime", description=main.__doc__)
-    parser.add_argument("card", help="a measured card of devices.yaml, e.g. h200")
+    parser.add_argument("card", help="a measured card of hardware.yaml, e.g. h200")
     args = parser.parse_args(argv)
-    measured = devices.card(args.card).measured
+    measured = hardware.card(args.card).measured
     if measured is None:
-        parser.error(f"{args.card} has no measurement in devices.yaml (its rates are derived)")
+        parser.error(f"{args.card} has no measurement in hardware.yaml (its rates are derived)")
     work = measured_work(measured.step)
     print("        work: {" + ", ".join(f"{k}: {v}" for k, v in work.items()) + "}")
     return 0

@@ -1,6 +1,6 @@
 """The cards the planner knows, and the recipe section that states which one a recipe is for.
 
-`devices.yaml` (package data, beside this module) lists each card: its memory, its published peaks and
+`hardware.yaml` (package data, beside this module) lists each card: its memory, its published peaks and
 bandwidth, and the rate at which it runs each kind of work (measured on that card, or derived from a
 measured card's efficiency). `card(name)` returns one; `card_for_device_name` finds the card torch
 reports. A recipe names its card in `hardware.device` (`HardwareConfig`); `cpu` stands for CPU
@@ -16,16 +16,16 @@ from typing import Union
 
 import yaml
 
-CATALOG = Path(__file__).with_name("devices.yaml")
+CATALOG = Path(__file__).with_name("hardware.yaml")
 CPU = "cpu"
 GiB = 1024**3
-# Kinds of work and the peak each is held against when a rate is derived (see devices.yaml).
+# Kinds of work and the peak each is held against when a rate is derived (see hardware.yaml).
 RATE_PEAKS = {"attention": "bf16", "matmul": "bf16", "convolution": "tf32", "memory": "bandwidth"}
 
 
 @dataclass(frozen=True)
 class Measurement:
-    """A profiled step on a card: kernel time and counted work by kind (see devices.yaml)."""
+    """A profiled step on a card: kernel time and counted work by kind (see hardware.yaml)."""
 
     kernel_ms: dict[str, float]
     work: dict[str, int]  # attention, matmul, convolution: FLOPs; bytes: memory-bound bytes
@@ -62,7 +62,7 @@ class Card:
             work = {"attention": m.work["attention"], "matmul": m.work["matmul"],
                     "convolution": m.work["convolution"], "memory": m.work["bytes"]}
             if not all(work.values()):
-                raise ValueError(f"devices.yaml: {self.name}'s measured work is incomplete: {m.work}")
+                raise ValueError(f"hardware.yaml: {self.name}'s measured work is incomplete: {m.work}")
             return {kind: work[kind] / (m.kernel_ms[kind] / 1e3) for kind in RATE_PEAKS}
         base = card(self.derived_from)
         return {kind: rate / base.peak(kind) * self.peak(kind) for kind, rate in base.rates().items()}
@@ -81,8 +81,8 @@ class Card:
 
 @functools.cache
 def cards() -> dict[str, Card]:
-    """Every card of devices.yaml, by name."""
-    raw = yaml.safe_load(CATALOG.read_text())["devices"]
+    """Every card of hardware.yaml, by name."""
+    raw = yaml.safe_load(CATALOG.read_text())["cards"]
     out = {}
     for name, d in raw.items():
         rates = d["rates"]
@@ -94,9 +94,9 @@ def cards() -> dict[str, Card]:
                                                                  "command")})
         derived = rates.get("derived_from")
         if (measured is None) == (derived is None):
-            raise ValueError(f"devices.yaml: {name}.rates needs either `measured` or `derived_from`")
+            raise ValueError(f"hardware.yaml: {name}.rates needs either `measured` or `derived_from`")
         if derived is not None and derived not in raw:
-            raise ValueError(f"devices.yaml: {name}.rates.derived_from {derived!r} is not a card")
+            raise ValueError(f"hardware.yaml: {name}.rates.derived_from {derived!r} is not a card")
         out[name] = Card(name=name, title=d["title"], match=tuple(d["match"]), memory_gib=float(d["memory_gib"]),
                          memory_source=d["memory_source"], peak_tflops=dict(d["peak_tflops"]),
                          bandwidth_gbps=float(d["bandwidth_gbps"]), source=d["source"], measured=measured,
@@ -138,9 +138,9 @@ class HardwareConfig:
     memory per process).
     """
 
-    # A card of vggt_fsdp/memory/devices.yaml (a100_40g, a100_80g, h100_sxm, h200, ...) or cpu; null: unstated.
+    # A card of vggt_fsdp/hardware.yaml (a100_40g, a100_80g, h100_sxm, h200, ...) or cpu; null: unstated.
     device: Union[str, None] = None
-    # The memory to plan against, GiB; null: the card's (devices.yaml).
+    # The memory to plan against, GiB; null: the card's (hardware.yaml).
     memory_gib: Union[float, None] = None
 
     def validate(self) -> None:
