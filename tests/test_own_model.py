@@ -212,7 +212,7 @@ def test_plan_command_with_a_users_model(capsys):
     (["--size", "4", "--frames", "8"], "--frames and --image describe VGGT batches"),
 ])
 def test_plan_command_says_what_a_users_model_needs(args, message, capsys):
-    assert cli(["plan", RECIPE, "--model", MODEL, *args]) == 2
+    assert cli(["plan", RECIPE, "--model", MODEL, "--gpu-memory", "40", *args]) == 2
     assert message in capsys.readouterr().err
 
 
