@@ -7,7 +7,7 @@ import torch
 
 from vggt_fsdp.model.heads.track import TrackHead
 from vggt_fsdp.model.heads.track_blocks import AttnBlock
-from vggt_fsdp.model.heads.track_corr import CorrBlock, sample_features4d
+from vggt_fsdp.model.heads.track_corr import CorrelationLookup, feature_pyramid, sample_features4d
 from vggt_fsdp.model.heads.track_embed import displacement_embedding, grid_sincos_embedding
 
 DIM, PATCH, SPECIAL = 32, 14, 5
@@ -105,7 +105,7 @@ def test_correlation_window_convention():
     fmaps = torch.randn(1, 1, channels, 6, 8)
     target = torch.randn(1, 1, 1, channels)
     x0, y0 = 3.0, 2.0
-    window = CorrBlock(fmaps, num_levels=2, radius=radius).corr_sample(target, torch.tensor([[[[x0, y0]]]]))
+    window = CorrelationLookup(radius)(feature_pyramid(fmaps, 2), target, torch.tensor([[[[x0, y0]]]]))
     assert window.shape == (1, 1, 1, 2 * (2 * radius + 1) ** 2)
     corr = torch.einsum("c,chw->hw", target.flatten(), fmaps[0, 0]) / math.sqrt(channels)
     level0 = window[0, 0, 0, :9].view(3, 3)
@@ -143,3 +143,87 @@ def test_attn_block_residual_is_on_the_normalised_input():
     torch.nn.init.zeros_(block.mlp.fc2.bias)
     x = torch.randn(3, 4, 8) * 5 + 2
     torch.testing.assert_close(block(x), block.norm1(x))
+
+
+# ---------------------------------------------------------------------------------- recompute (issue 13)
+def _preset_head(preset: str, chunk: int | None):
+    from vggt_fsdp.model.config import get_preset
+
+    cfg = get_preset(preset)
+    t, d = cfg.track_head, cfg.dpt_head
+    torch.manual_seed(0)
+    head = TrackHead(cfg.token_dim, features=t.features, iters=t.iters, corr_levels=t.corr_levels,
+                     corr_radius=t.corr_radius, hidden_size=t.hidden_size, out_channels=d.out_channels,
+                     intermediate_layer_idx=d.intermediate_layer_idx, frames_chunk_size=chunk)
+    return cfg, head
+
+
+def _run(head, cfg, scenes=2, frames=3, height=42, width=56, points=5):
+    gen = torch.Generator().manual_seed(1)
+    patches = (height // PATCH) * (width // PATCH)
+    tokens = [torch.randn(scenes, frames, SPECIAL + patches, cfg.token_dim, generator=gen, requires_grad=True)
+              for _ in range(cfg.aggregator.depth)]
+    images = torch.rand(scenes, frames, 3, height, width, generator=gen)
+    queries = torch.rand(scenes, points, 2, generator=gen) * torch.tensor([width - 1.0, height - 1.0])
+    tracks, vis, conf = head(tokens, images, SPECIAL, query_points=queries, apply_sigmoid=False)
+    outputs = [*tracks, vis, conf]
+    weights = torch.Generator().manual_seed(2)
+    sum((o * torch.randn(o.shape, generator=weights)).sum() for o in outputs).backward()
+    grads = {n: p.grad for n, p in head.named_parameters()}
+    grads.update({f"token layer {i}": t.grad for i, t in enumerate(tokens) if t.grad is not None})
+    return [o.detach() for o in outputs], grads
+
+
+@pytest.mark.parametrize("preset", ["vggt-tiny", "vggt-mid"])
+def test_chunked_recompute_equals_the_plain_head(preset):
+    """Frames in chunks of 2 with checkpointing (feature extractor per chunk, each iteration's update, the
+    correlation volumes per chunk) against all frames at once without: outputs to 1e-6 and gradients to
+    1e-5 relative, fp32; the same parameters receive gradients."""
+    cfg, plain = _preset_head(preset, chunk=None)
+    _, chunked = _preset_head(preset, chunk=2)
+    chunked.checkpoint_chunks = True
+    assert chunked.feature_extractor.checkpoint_chunks and chunked.tracker.checkpoint_chunks
+    out_plain, grads_plain = _run(plain, cfg)
+    out_chunked, grads_chunked = _run(chunked, cfg)
+    for a, b in zip(out_plain, out_chunked):
+        assert (a - b).abs().max() <= 1e-6 * a.abs().max()
+    assert {n for n, g in grads_plain.items() if g is not None} == {n for n, g in grads_chunked.items() if g is not None}
+    for name, grad in grads_plain.items():
+        if grad is not None:
+            assert (grad - grads_chunked[name]).norm() <= 1e-5 * grad.norm(), name
+
+
+def test_chunked_recompute_keeps_less():
+    from vggt_fsdp.memory.accounting import count_saved_bytes
+
+    cfg, head = _preset_head("vggt-tiny", chunk=2)
+    saved = {}
+    for on in (False, True):
+        head.checkpoint_chunks = on
+        saved[on], _ = count_saved_bytes(lambda: _run_forward(head, cfg))
+    assert saved[True].total_bytes < saved[False].total_bytes / 5
+
+
+def _run_forward(head, cfg):
+    tokens = [torch.randn(2, 3, SPECIAL + 12, cfg.token_dim, requires_grad=True) for _ in range(cfg.aggregator.depth)]
+    return head(tokens, torch.rand(2, 3, 3, 42, 56), SPECIAL, query_points=torch.rand(2, 5, 2) * 40)
+
+
+def test_bf16_parameters_under_cpu_autocast():
+    # As FSDP2 trains it: bf16 parameters under bf16 autocast. The update transformer's input mixes fp32
+    # embeddings with bf16 features; a bf16 LayerNorm on the CPU refuses an fp32 input.
+    head = tiny_head().to(torch.bfloat16)
+    tokens, images, queries = tiny_inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        tracks, vis, conf = head([t.bfloat16() for t in tokens], images, SPECIAL, query_points=queries)
+    (tracks[-1].float().mean() + vis.float().mean()).backward()
+    assert torch.isfinite(tracks[-1]).all() and head.tracker.corr_mlp.fc1.weight.grad is not None
+
+
+def test_logits_are_the_probabilities_before_the_sigmoid():
+    head = tiny_head()
+    tokens, images, queries = tiny_inputs()
+    _, vis, conf = head(tokens, images, SPECIAL, query_points=queries)
+    _, vis_logits, conf_logits = head(tokens, images, SPECIAL, query_points=queries, apply_sigmoid=False)
+    torch.testing.assert_close(torch.sigmoid(vis_logits), vis)
+    torch.testing.assert_close(torch.sigmoid(conf_logits), conf)

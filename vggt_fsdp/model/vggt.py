@@ -106,12 +106,16 @@ class VGGT(nn.Module):
 
         # The track head follows the surrounding precision.
         if self.track_head is not None and query_points is not None:
-            tracks, vis, conf = self.track_head(
-                tokens_list, images=images, patch_start_idx=patch_start_idx, query_points=query_points)
+            tracks, vis_logits, conf_logits = self.track_head(
+                tokens_list, images=images, patch_start_idx=patch_start_idx, query_points=query_points,
+                apply_sigmoid=False)
             predictions["track"] = tracks[-1]
             predictions["track_list"] = tracks  # every iteration, for the per-iteration track loss
-            predictions["vis"] = vis
-            predictions["conf"] = conf
+            predictions["vis"] = torch.sigmoid(vis_logits)
+            predictions["conf"] = torch.sigmoid(conf_logits) if conf_logits is not None else None
+            # The loss takes logits: BCE of a bf16 probability saturates (1 - p rounds to 0 beyond logit ~5.5).
+            predictions["vis_logits"] = vis_logits
+            predictions["conf_logits"] = conf_logits
 
         if not self.training:
             predictions["images"] = images  # as upstream: kept for visualisation at inference

@@ -82,7 +82,9 @@ class EfficientUpdateFormer(nn.Module):
         nn.init.trunc_normal_(self.flow_head.weight, std=0.001)
 
     def forward(self, x: Tensor) -> Tensor:
-        tokens = self.input_transform(self.input_norm(x))
+        # The input mixes fp32 embeddings with features; it is computed in the parameters' dtype (under
+        # CPU autocast a bf16 LayerNorm refuses an fp32 input; CUDA autocast casts both to fp32 anyway).
+        tokens = self.input_transform(self.input_norm(x.to(self.input_norm.weight.dtype)))
         init_tokens = tokens
         batch, num_tracks, frames, _ = tokens.shape
         if self.add_space_attn:
