@@ -106,15 +106,17 @@ def test_commands_take_a_bundled_name(argv, tmp_path, monkeypatch, capsys):
 
 
 # ----------------------------------------------------------------------------- recipe list / copy
-def test_recipe_list_names_each_recipe_with_its_processes_frames_and_purpose(capsys):
+def test_recipe_list_names_each_recipe_with_its_card_processes_frames_and_purpose(capsys):
+    from vggt_fsdp.hardware import card
+
     assert cli.main(["recipe", "list"]) == 0
     lines = capsys.readouterr().out.splitlines()
     rows = {line.split()[0]: line for line in lines[1:] if not line.startswith("#")}
     assert sorted(rows) == [p.stem for p in RECIPES]
-    assert rows["cpu_tiny"].split()[1:4] == ["2", "CPU", "4"]
-    assert rows["a100_40g"].split()[1:4] == ["8", "GPU", "24"]
-    assert "the tiny VGGT on built-in synthetic scenes" in rows["cpu_tiny"]
-    assert "A100 80GB" in rows["a100_80g"]
+    a100_40g = f"a100_40g, {card('a100_40g').memory_gib:g} GiB"
+    assert re.match(rf"a100_40g +{a100_40g} +8 GPU +24 +train VGGT-1B .* on A100 40GB GPUs", rows["a100_40g"])
+    assert re.match(r"cpu_tiny +cpu, 4 GiB a process +2 CPU +4 +the tiny VGGT on built-in synthetic scenes",
+                    rows["cpu_tiny"])
 
 
 def test_recipe_copy_writes_a_recipe_that_loads_and_the_slurm_script_on_request(tmp_path, capsys):

@@ -1,7 +1,7 @@
 """`vggt-fsdp recipe list | show | copy`: the bundled recipes, and what a recipe resolves to.
 
-`recipe list`: the bundled recipes (vggt_fsdp/bundled.py): name, processes, frames per GPU and what each
-is for (the first paragraph of its header).
+`recipe list`: the bundled recipes (vggt_fsdp/bundled.py): name, the card each is sized for
+(`hardware:`), processes, frames per GPU and what each is for (the first paragraph of its header).
 `recipe copy NAME DEST [--slurm]`: a bundled recipe into DEST (a file, or a directory), and with
 --slurm the multi-node SLURM script beside it, to edit and run in your own project.
 `recipe show RECIPE [key=value ...]`: the resolved recipe, then the parallel plan: which modules become
@@ -22,7 +22,7 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     from vggt_fsdp.cli import add_recipe_arguments
 
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    sub.add_parser("list", help="the bundled recipes: name, processes, frames per GPU, what each is for")
+    sub.add_parser("list", help="the bundled recipes: name, card, processes, frames per GPU, what each is for")
     copy = sub.add_parser("copy", help="copy a bundled recipe (and with --slurm the SLURM script) to edit")
     copy.add_argument("name", help="a bundled recipe's name (`vggt-fsdp recipe list`) or a recipe file")
     copy.add_argument("dest", type=Path, help="destination file, or an existing directory")
@@ -106,20 +106,33 @@ def header_summary(path: Path) -> str:
     return " ".join(lines).removeprefix(f"{path.stem}:").strip()
 
 
+def card_summary(hardware) -> str:
+    """The card a recipe states and the memory it is planned against."""
+    from vggt_fsdp.hardware import CPU, card
+
+    if hardware.device is None:
+        return "unstated"
+    if hardware.memory_gib is not None:
+        memory = hardware.memory_gib
+    else:
+        memory = card(hardware.device).memory_gib  # a cpu recipe must state its memory (HardwareConfig)
+    return f"{hardware.device}, {memory:g} GiB" + (" a process" if hardware.device == CPU else "")
+
+
 def list_recipes() -> int:
     from vggt_fsdp.bundled import bundled_recipes, recipe_dir
     from vggt_fsdp.recipe import load_recipe
 
-    rows = [("name", "processes", "frames/GPU", "for")]
+    rows = [("name", "card", "processes", "frames/GPU", "for")]
     for name, path in bundled_recipes().items():
         recipe = load_recipe(path)
         acc = recipe.accelerate
         kind = "CPU" if acc.get("use_cpu") else "GPU"
-        rows.append((name, f"{acc.get('num_processes')} {kind}", str(recipe.data.frames_per_gpu),
-                     header_summary(path)))
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+        rows.append((name, card_summary(recipe.hardware), f"{acc.get('num_processes')} {kind}",
+                     str(recipe.data.frames_per_gpu), header_summary(path)))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
     for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[3])
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[4])
     print(f"# in {recipe_dir()}; `vggt-fsdp recipe copy NAME DEST` copies one, and any command takes a "
           f"bundled recipe's NAME where it takes a recipe file")
     return 0
