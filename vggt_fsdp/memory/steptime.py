@@ -6,19 +6,22 @@ The time model, in one place:
 
 - FLOPs of each kind (attention, matmul, convolution) and memory-bound bytes are *counted*, not
   estimated: each call of the step (the patch-embed conv, one block of each group at its shape, the
-  camera head, one chunk of each DPT head) runs forward and backward on the meta device under a
-  `flops.Counter` (`flops.py` says what is counted and how a meta run is made to look like a GPU's:
-  fused attention, autocast's casts). The step is the sum of its calls (`StepWork.model`), plus the
-  forward ops that activation checkpointing runs again in backward (`StepWork.recompute`: per block
-  unit, by its policy, from the ops of its own counted forward), plus the optimizer's, gradient
-  clipping's and FSDP2's copies of parameters and gradients (`state_bytes`, a formula over the units).
-  Not counted: the few ops between units (token concatenation, RoPE tables, the position-embedding
-  interpolation, joining the DPT chunks): no FLOPs (tests/test_steptime.py checks the model FLOPs
-  against a whole-model count), a few hundred MB of traffic at VGGT-1B's 24 frames.
-- The rates are the card's (`vggt_fsdp/hardware.py`): measured on a profiled H200 step, derived for other cards.
-  Kinds run one after another (eager PyTorch on one stream: the profile shows the GPU busy the whole
-  step); communication is assumed hidden behind compute, as FSDP2 prefetching does
-  (benchmarks/comm_model.py estimates whether it is).
+  camera head around its trunk, one chunk of each DPT head) runs forward and backward on the meta
+  device under a `flops.Counter` (`flops.py` says what is counted and how a meta run is made to look
+  like a GPU's: fused attention, autocast's casts). The step is the sum of its calls
+  (`StepWork.model`), plus the forward ops that activation checkpointing runs again in backward
+  (`StepWork.recompute`: per unit, by its policy, from the ops of its own counted forward), plus the
+  optimizer's, gradient clipping's and FSDP2's copies of parameters and gradients (`state_bytes`, a
+  formula over the units). Not counted: the few ops between units (token concatenation, RoPE tables,
+  the position-embedding interpolation, joining the DPT chunks): no FLOPs (tests/test_steptime.py
+  checks the model FLOPs against a whole-model count), a few hundred MB of traffic at VGGT-1B's 24
+  frames.
+- The rates are the card's (`vggt_fsdp/hardware.py`): measured on a profiled H200 step, derived for
+  other cards. Kinds run one after another (eager PyTorch on one stream: the profile shows the GPU busy
+  the whole step); communication is assumed hidden behind compute, as FSDP2 prefetching does
+  (benchmarks/comm_model.py estimates whether it is). Kernel launches are not modelled: a step of
+  large kernels (VGGT-1B) is bound by its work, a small model's (vggt-tiny) by its launches, so its
+  prediction is a lower bound.
 
 Which batch: the time of a step depends on how the sampler splits the frame budget into scenes; the
 prediction is for the split with the most global attention (images x frames per scene), the slowest.
@@ -124,9 +127,9 @@ def step_work(model_cfg, parallel_cfg, batch: Batch, *, world_size: int = 1, gpu
     precision; the sharding only for the state traffic)."""
     units = planner.unit_layout(model_cfg, parallel_cfg, tuple(freeze))
     calls = _calls(model_cfg, parallel_cfg, units, batch, tuple(freeze))
-    parts = {name: c.count.forward + c.count.backward for name, c in calls.items()}
-    # Scale each counted call by how often the step makes it.
-    parts = {name: parts[name] * calls[name].times for name in parts}
+    # Each counted call as often as the step makes it, and what joins the repeated calls.
+    parts = {name: (c.count.forward + c.count.backward) * c.times for name, c in calls.items()}
+    parts.update(joins(model_cfg, units, calls, batch))
     recompute_parts = _recompute(units, calls, parallel_cfg)
     shard = planner.shard_size(parallel_cfg, world_size, gpus_per_node)
     key = (planner.structure_key(model_cfg, parallel_cfg, tuple(freeze)), shard)
@@ -149,9 +152,13 @@ def part_group(part: str) -> str | None:
 @dataclass(frozen=True)
 class _Call:
     count: CallCount
-    times: int  # calls of this kind in a step
-    units: tuple[str, ...]  # the block units (paths) this call stands for, or the head unit
-    prefix: str = ""  # where a unit's modules sit inside the call ("" for a block counted alone)
+    units: tuple[str, ...]  # the units (paths) this call stands for: blocks of a group, or a head
+    each: int = 1  # calls per unit and step (the camera trunk: one per refinement iteration)
+
+    @property
+    def times(self) -> int:
+        """Calls of this kind in a step."""
+        return max(len(self.units), 1) * self.each
 
 
 _CALLS: dict[str, dict[str, _Call]] = {}
@@ -206,7 +213,7 @@ def _count_calls(model_cfg, parallel_cfg, units: list[UnitInfo], b: Batch) -> di
     stem_input_dtype = torch.float32 if _autocast(parallel_cfg, e_root) else DTYPES[e_root]
     calls["stem"] = _Call(count_call(unit_copy(stem_path, e_root), meta(b.images, 3, b.height, b.width,
                                                                          dtype=stem_input_dtype),
-                                     autocast=_autocast(parallel_cfg, e_root)), 1, ())
+                                     autocast=_autocast(parallel_cfg, e_root)), ())
 
     # -- blocks: one counted call per group and trainability; every block of the group is that call.
     rope_tables = {}
@@ -216,37 +223,43 @@ def _count_calls(model_cfg, parallel_cfg, units: list[UnitInfo], b: Batch) -> di
         rope_tables["frame"] = model.aggregator.rope.tables(positions, model.aggregator.rope_half_dim, length)
         rope_tables["global"] = model.aggregator.rope.tables(positions.repeat(1, b.frames, 1),
                                                              model.aggregator.rope_half_dim, length)
-    groups = {
-        "dino": ([f"aggregator.patch_embed.blocks.{i}" for i in range(pe.depth)], (b.images, 1 + pe.num_register_tokens
-                                                                                    + b.patches), None, "dino"),
-        "frame": ([f"aggregator.frame_blocks.{i}" for i in range(agg.depth)], (b.images, tokens),
-                  rope_tables.get("frame"), "frame"),
-        "global": ([f"aggregator.global_blocks.{i}" for i in range(agg.depth)], (b.scenes, b.frames * tokens),
-                   rope_tables.get("global"), "global"),
-    }
-    for group, (paths, (batch, seq), pos, flow_key) in groups.items():
-        signatures: dict[tuple, list[str]] = {}
-        for i, path in enumerate(paths):
-            u = by_path[path]
-            sig = (u.param_bytes, input_grad[f"{flow_key}.{i}"], tuple(p.trainable for p in u.params))
-            signatures.setdefault(sig, []).append(path)
-        for n, (sig, members) in enumerate(signatures.items()):
-            param_bytes, grad, _ = sig
-            block = unit_copy(members[0], param_bytes)
-            x = meta(batch, seq, agg.embed_dim, dtype=DTYPES[param_bytes], grad=grad)
-            count = count_call(block, x, pos=pos, autocast=_autocast(parallel_cfg, param_bytes))
-            calls[f"{group} blocks" + (f" ({n})" if n else "")] = _Call(count, len(members), tuple(members))
-
-    # -- heads: the camera head whole (its trunk blocks inside), one chunk of each DPT head per chunk size.
     D = model_cfg.token_dim
+    cam = model_cfg.camera_head
+    dino_seq = 1 + pe.num_register_tokens + b.patches
+    # group: (block paths, (batch, sequence, width), RoPE tables, does each block's input require grad,
+    #         calls per block and step)
+    groups = {
+        "dino": ([f"aggregator.patch_embed.blocks.{i}" for i in range(pe.depth)], (b.images, dino_seq, agg.embed_dim),
+                 None, [input_grad[f"dino.{i}"] for i in range(pe.depth)], 1),
+        "frame": ([f"aggregator.frame_blocks.{i}" for i in range(agg.depth)], (b.images, tokens, agg.embed_dim),
+                  rope_tables.get("frame"), [input_grad[f"frame.{i}"] for i in range(agg.depth)], 1),
+        "global": ([f"aggregator.global_blocks.{i}" for i in range(agg.depth)],
+                   (b.scenes, b.frames * tokens, agg.embed_dim), rope_tables.get("global"),
+                   [input_grad[f"global.{i}"] for i in range(agg.depth)], 1),
+    }
+    if model_cfg.enable_camera:  # one camera token per frame, every refinement iteration
+        groups["camera_trunk"] = ([f"camera_head.trunk.{i}" for i in range(cam.trunk_depth)], (b.scenes, b.frames, D),
+                                  None, [flow["camera_head"]] * cam.trunk_depth, cam.num_iterations)
+    for group, (paths, shape, pos, grads, each) in groups.items():
+        signatures: dict[tuple, list[str]] = {}
+        for path, grad in zip(paths, grads):
+            u = by_path[path]
+            signatures.setdefault((u.param_bytes, grad, tuple(p.trainable for p in u.params)), []).append(path)
+        for n, ((param_bytes, grad, _), members) in enumerate(signatures.items()):
+            block = unit_copy(members[0], param_bytes)
+            x = meta(*shape, dtype=DTYPES[param_bytes], grad=grad)
+            count = count_call(block, x, pos=pos, autocast=_autocast(parallel_cfg, param_bytes))
+            calls[f"{group} blocks" + (f" ({n})" if n else "")] = _Call(count, tuple(members), each)
+
+    # -- heads: the camera head around its trunk (counted above), one chunk of each DPT head per chunk size.
     e_tokens = by_path[f"aggregator.global_blocks.{agg.depth - 1}"].param_bytes
     if model_cfg.enable_camera:
         u = by_path["camera_head"]
         last = meta(b.scenes, b.frames, tokens, D, dtype=DTYPES[e_tokens], grad=flow["aggregator"])
         head = unit_copy("camera_head", u.param_bytes)
+        head.trunk = torch.nn.Sequential(*(torch.nn.Identity() for _ in head.trunk))
         count = count_call(head, [None] * (agg.depth - 1) + [last], autocast=_autocast(parallel_cfg, u.param_bytes))
-        trunk = tuple(p for p in by_path if p.startswith("camera_head.trunk."))
-        calls["camera head"] = _Call(count, 1, ("camera_head", *trunk), prefix="camera_head.")
+        calls["camera head"] = _Call(count, ("camera_head",))
     chunk = model_cfg.dpt_head.frames_chunk_size or b.images
     sizes = [min(chunk, b.images - s) for s in range(0, b.images, chunk)]
     for name in ("depth_head", "point_head"):
@@ -259,8 +272,39 @@ def _count_calls(model_cfg, parallel_cfg, units: list[UnitInfo], b: Batch) -> di
             count = count_call(head._forward_chunk, b.height, b.width, *layers, root=head,
                                autocast=_autocast(parallel_cfg, u.param_bytes))
             label = name.replace("_", " ") + (f" (chunks of {size})" if len(set(sizes)) > 1 else "")
-            calls[label] = _Call(count, sizes.count(size), (name,))
+            calls[label] = _Call(count, (name,), sizes.count(size))
     return calls
+
+
+def joins(model_cfg, units: list[UnitInfo], calls: dict[str, _Call], b: Batch) -> dict[str, Work]:
+    """Memory-bound work between the repeated calls of one unit, which counting each call alone misses
+    (formulas):
+
+    gradient accumulation: a unit called n times a step (the camera trunk once per refinement
+      iteration, a DPT head once per chunk) has autograd add n - 1 more gradients into each of its
+      trainable weights' (read two, write one: 3 x its bytes in the unit's dtype each time). With it
+      the camera head's bytes equal a count of the whole head (tests/test_steptime.py).
+    DPT chunk join: with several chunks, the head concatenates their outputs (values and confidence,
+      fp32 at full resolution: read and written once).
+    Not modelled: the gradients of the kept layers each DPT chunk slices (autograd writes a zero layer
+    per chunk and layer, copies the chunk's gradient in, and adds up the chunks): a count of the whole
+    depth head of VGGT-1B at 24 frames (3 chunks) has 8% more bytes than its chunks with these joins,
+    under 1% of the step's memory-bound bytes.
+    """
+    out: dict[str, Work] = {}
+    per_unit: dict[str, int] = {}
+    for call in calls.values():
+        for path in call.units:
+            per_unit[path] = per_unit.get(path, 0) + call.each
+    by_path = {u.path: u for u in units}
+    accumulated = sum((n - 1) * 3 * u.param_bytes * sum(p.numel for p in u.params if p.trainable)
+                      for path, n in per_unit.items() if n > 1 for u in [by_path[path]])
+    if accumulated:
+        out["gradient accumulation"] = Work.of(bytes=accumulated)
+    for head, channels in (("depth_head", 2), ("point_head", 4)):
+        if per_unit.get(head, 0) > 1:
+            out[f"{head.replace('_', ' ')} join"] = Work.of(bytes=2 * b.images * b.height * b.width * channels * 4)
+    return out
 
 
 # ======================================================================================== recompute
@@ -281,17 +325,7 @@ def _recompute(units: list[UnitInfo], calls: dict[str, _Call], parallel_cfg) -> 
     recompute_of = _recompute_cached
     out: dict[str, Work] = {}
     for name, call in calls.items():
-        work = Work()
-        if call.prefix:  # units inside one counted call (the camera trunk blocks)
-            for path in call.units[1:]:
-                inner = path[len(call.prefix):]
-                work = work + recompute_of(call.count, policy[path], inner, attention_names)
-            work = work * call.times
-        elif call.units and call.units[0] in ("depth_head", "point_head"):
-            work = recompute_of(call.count, policy[call.units[0]], "", attention_names) * call.times
-        else:
-            for path in call.units:
-                work = work + recompute_of(call.count, policy[path], "", attention_names)
+        work = total(recompute_of(call.count, policy[path], "", attention_names) for path in call.units) * call.each
         if work.total_flops or work.bytes:
             out[name] = work
     return out
