@@ -39,9 +39,9 @@ def _perfect(batch) -> dict[str, object]:
         "depth_conf": torch.ones(B, S, H, W, requires_grad=True),
         "world_points": batch["world_points"].clone().requires_grad_(),
         "world_points_conf": torch.ones(B, S, H, W, requires_grad=True),
-        "track": batch["tracks"].clone().requires_grad_(),
-        "vis": batch["track_vis_mask"].float().requires_grad_(),
-        "conf": torch.ones(B, S, N, requires_grad=True),
+        "track_list": [batch["tracks"].clone().requires_grad_()],
+        "vis_logits": ((batch["track_vis_mask"].float() * 2 - 1) * 40).requires_grad_(),  # sigmoid: 0 or 1
+        "conf_logits": torch.full((B, S, N), 40.0, requires_grad=True),
     }
 
 
@@ -195,18 +195,45 @@ def test_normal_loss_ignores_scale_but_sees_shape():
 def test_track_loss_iterations_visibility_and_gradient():
     batch = _batch()
     gt = batch["tracks"]
-    vis = batch["track_vis_mask"].float()
+    vis_logits = (batch["track_vis_mask"].float() * 2 - 1) * 20  # right, and confident
     cfg = TrackLossConfig(gamma=0.8)
     near = gt + 1.0  # 1 px off in x and y: L1 mean 1.0
-    terms = track_loss([near, gt], vis, torch.ones(B, S, N) * 0.999, batch, cfg)
+    terms = track_loss([near, gt], vis_logits, torch.full((B, S, N), 20.0), batch, cfg)
     assert terms["loss_track"] == pytest.approx(0.8 / 2, rel=1e-4)
-    # visibility and confidence: wrong probabilities cost more than right ones
-    wrong = track_loss([gt], 1 - vis, torch.full((B, S, N), 1e-3), batch, cfg)
-    assert wrong["loss_vis"] > 5 and wrong["loss_track_conf"] > 5
+    assert terms["loss_vis"] < 1e-6 and terms["loss_track_conf"] < 1e-6  # the last iteration is on GT
+    # visibility and confidence: wrong logits cost about their magnitude, and still have a gradient
+    # (as logits: a bf16 probability would round to 1 and stop it)
+    wrong_vis = (-vis_logits).requires_grad_()
+    wrong = track_loss([gt], wrong_vis, torch.full((B, S, N), -20.0), batch, cfg)
+    assert float(wrong["loss_vis"]) == pytest.approx(20.0, rel=1e-3)
+    assert float(wrong["loss_track_conf"]) == pytest.approx(20.0, rel=1e-3)
+    wrong["loss_vis"].backward()
+    assert (wrong_vis.grad[batch["track_vis_mask"][:, :1].expand(-1, S, -1)].abs() > 0).all()
     pred = (gt + 2.0).requires_grad_()
-    track_loss([pred], vis, None, batch, cfg)["loss_track"].backward()
+    track_loss([pred], vis_logits, None, batch, cfg)["loss_track"].backward()
     assert (pred.grad[batch["track_vis_mask"]] > 0).all()  # moving back towards GT lowers the loss
     assert (pred.grad[~batch["track_vis_mask"]] == 0).all()
+
+
+def test_track_loss_counts_only_queries_visible_in_the_first_frame():
+    batch = _batch()
+    batch["track_vis_mask"][:, 0, 0] = False  # query 0 is undefined: none of its frames count
+    gt = batch["tracks"]
+    pred = gt.clone()
+    pred[:, :, 0] += 50.0
+    logits = torch.zeros(B, S, N)
+    logits[:, :, 0] = -30.0  # wildly wrong for query 0 only (in frames where it is visible)
+    terms = track_loss([pred], logits, None, batch, TrackLossConfig())
+    reference = track_loss([gt], torch.where(batch["track_vis_mask"], 0.0, 0.0), None, batch, TrackLossConfig())
+    assert terms["loss_track"] == 0 and terms["loss_vis"] == pytest.approx(float(reference["loss_vis"]))
+
+
+def test_track_loss_auto_follows_the_predictions():
+    from vggt_fsdp.losses import track_enabled
+
+    assert track_enabled(TrackLossConfig(enabled="auto"), {"track_list": []})
+    assert not track_enabled(TrackLossConfig(enabled="auto"), {"depth": None})
+    assert not track_enabled(TrackLossConfig(enabled=False), {"track_list": []})
 
 
 def test_enabled_loss_without_prediction_raises_and_disabled_is_ignored():

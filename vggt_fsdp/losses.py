@@ -7,7 +7,7 @@ synchronise with the device for the loss (empty masks are handled by masked mean
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Mapping
+from typing import Literal, Mapping, Union
 
 import torch
 
@@ -51,9 +51,12 @@ def _point_default() -> DenseLossConfig:
 
 @dataclass
 class TrackLossConfig:
-    enabled: bool = False  # upstream never trained the track head; it is opt-in here
+    """Upstream's track loss (the paper's weight 0.05; the terms of its unreleased training code, see
+    `track_loss`). Off unless the recipe enables the track head (`Recipe.validate` resolves "auto")."""
+
+    enabled: Union[bool, Literal["auto"]] = "auto"  # auto: on exactly when model.heads.track is
     weight: float = 0.05
-    gamma: float = 0.8  # per-iteration weighting of the tracker's refinement steps
+    gamma: float = 0.8  # iteration i of n is weighted gamma ** (n - 1 - i)
     weight_vis: float = 1.0
     weight_conf: float = 1.0
     conf_radius_px: float = 3.0  # a track is "confident" when within this many pixels of GT
@@ -122,9 +125,10 @@ def compute_loss(
         dense = dense_loss(pred, conf, batch["world_points"], batch["point_masks"], cfg.point, "point")
         terms.update(dense)
         parts.append(dense["loss_point"] * cfg.point.weight)
-    if cfg.track.enabled:
+    if track_enabled(cfg.track, predictions):
         tracks = predictions.get("track_list") or [_need(predictions, "track", "track")]
-        trk = track_loss(tracks, _need(predictions, "vis", "track"), predictions.get("conf"), batch, cfg.track)
+        trk = track_loss(tracks, _need(predictions, "vis_logits", "track"), predictions.get("conf_logits"), batch,
+                         cfg.track)
         terms.update(trk)
         parts.append(trk["loss_track_total"] * cfg.track.weight)
     if not parts:
@@ -132,6 +136,12 @@ def compute_loss(
     total = torch.stack(parts).sum()
     terms["loss_objective"] = total
     return total, {name: value.detach() for name, value in terms.items()}
+
+
+def track_enabled(cfg: TrackLossConfig, predictions: Mapping[str, object]) -> bool:
+    """The track loss applies when enabled, or with "auto" (a loss config not resolved by a recipe) when the
+    model tracked (its predictions hold tracks)."""
+    return cfg.enabled is True or (cfg.enabled == "auto" and "track_list" in predictions)
 
 
 def _need(predictions: Mapping[str, object], key: str, loss: str):
@@ -320,17 +330,20 @@ def _point_map_normals(points: torch.Tensor, mask: torch.Tensor) -> tuple[torch.
 
 def track_loss(
     track_list: list[torch.Tensor],
-    vis: torch.Tensor,
-    conf: torch.Tensor | None,
+    vis_logits: torch.Tensor,
+    conf_logits: torch.Tensor | None,
     batch: Mapping[str, torch.Tensor],
     cfg: TrackLossConfig,
 ) -> dict[str, torch.Tensor]:
-    """Tracks (B, S, N, 2) in pixels over refinement iterations, visibility and confidence.
+    """Tracks (B, S, N, 2) in pixels over refinement iterations, visibility and confidence logits (B, S, N).
 
-    Only queries visible in the first frame (where they are defined) count. The track term is the L1
-    of visible points per iteration weighted gamma ** (n - 1 - i); `vis` and `conf` are probabilities
-    (the track head applies the sigmoid) trained with binary cross-entropy, conf's target being
-    "the final track is within conf_radius_px of the ground truth".
+    As upstream's training code (its `sequence_loss` and track terms, unreleased but in the repository):
+    only queries visible in the first frame (where they are defined) count; the track term is the L1
+    (mean over x, y) of the frames where the point is visible, per iteration, weighted gamma ** (n - 1 - i)
+    and averaged over the n iterations; visibility is binary cross-entropy against the ground-truth
+    visibility over every frame of those queries, and confidence binary cross-entropy against "the final
+    track is within conf_radius_px of the ground truth" (upstream: 3 px), both on logits as upstream
+    (a bf16 probability saturates at 1 and would stop the gradient of a confidently wrong prediction).
     """
     if "tracks" not in batch:
         raise KeyError("loss.track.enabled is true but the batch has no ground-truth 'tracks' (only "
@@ -345,17 +358,16 @@ def track_loss(
         err = (pred.float() - gt).abs().mean(-1)
         loss_track = loss_track + cfg.gamma ** (n - 1 - i) * _masked_mean(err, supervised)
     loss_track = loss_track / n
-    loss_vis = _masked_mean(_bce(vis.float(), gt_vis.float()), valid)
-    if conf is not None:
+    loss_vis = _masked_mean(_bce_logits(vis_logits.float(), gt_vis.float()), valid)
+    if conf_logits is not None:
         close = (track_list[-1].detach().float() - gt).norm(dim=-1) < cfg.conf_radius_px
-        loss_conf = _masked_mean(_bce(conf.float(), close.float()), valid)
+        loss_conf = _masked_mean(_bce_logits(conf_logits.float(), close.float()), valid)
     else:
         loss_conf = gt.new_zeros(())
     total = loss_track + cfg.weight_vis * loss_vis + cfg.weight_conf * loss_conf
     return {"loss_track_total": total, "loss_track": loss_track, "loss_vis": loss_vis, "loss_track_conf": loss_conf}
 
 
-def _bce(prob: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Elementwise binary cross-entropy of probabilities (kept off autocast's unsafe BCE op)."""
-    prob = prob.clamp(eps, 1 - eps)
-    return -(target * torch.log(prob) + (1 - target) * torch.log1p(-prob))
+def _bce_logits(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Elementwise binary cross-entropy of logits (no reduction: the masked mean follows)."""
+    return torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none")

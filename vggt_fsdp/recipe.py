@@ -121,11 +121,18 @@ class Recipe:
             raise ValueError(f"hardware.device is {self.hardware.device!r} but accelerate.use_cpu is "
                              f"{self.accelerate.get('use_cpu')!r}: a cpu recipe launches CPU processes "
                              "(use_cpu: true), a GPU recipe GPU ones")
+        if self.loss.track.enabled == "auto":  # the track loss trains the track head whenever it is on
+            self.loss.track.enabled = self.model.heads.track
         for head in ("camera", "depth", "point", "track"):
             # Caught here, not at the first step after minutes of model building and sharding.
             if getattr(self.loss, head).enabled and not getattr(self.model.heads, head):
                 raise ValueError(f"loss.{head}.enabled is true but model.heads.{head} is false: "
                                  f"enable the head or set loss.{head}.enabled=false")
+        if self.loss.track.enabled and (self.data.source != "synthetic" or not self.data.synthetic.num_track_queries):
+            raise ValueError(f"loss.track.enabled is true but data.source={self.data.source!r} with "
+                             f"data.synthetic.num_track_queries={self.data.synthetic.num_track_queries} gives no "
+                             "ground-truth tracks: only the synthetic source renders them (tracks from real "
+                             "depth are not built yet); use data.source=synthetic or set loss.track.enabled=false")
 
 
 # --------------------------------------------------------------------------------------- public API
