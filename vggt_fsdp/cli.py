@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("export", "consolidate a sharded checkpoint into one .safetensors with upstream names"),
     "recipe": ("recipe", "the bundled recipes and any recipe: `recipe list`, `recipe show RECIPE`, `recipe copy NAME DEST`"),
     "accelerate-config": ("accelerate_config", "print a recipe's accelerate: section as an Accelerate config"),
-    "plan": ("plan", "predict one GPU's peak memory for a recipe and fit frames per GPU"),
+    "plan": ("plan", "one GPU's peak memory and step time for a recipe; --optimize: the fastest that fits"),
     "data": ("data", "inspect data: `data preview RECIPE --out DIR`, `data check RECIPE` (every file read once)"),
     "summary": ("summary", "parameter counts of a model preset (--json: the state-dict manifest)"),
     "parity": ("parity", "check the model against an upstream parity fixture directory"),
