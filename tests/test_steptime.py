@@ -115,6 +115,25 @@ def test_the_camera_head_is_its_parts_and_their_gradient_accumulation():
     assert composed == whole.forward + whole.backward
 
 
+@pytest.mark.parametrize("budget,frames_range,splits", [
+    (24, (2, 24), [(1, 24)]),  # the most images and the largest scenes at once
+    (48, (2, 24), [(2, 24)]),
+    (32, (2, 24), [(2, 16), (1, 24)]),  # 32 images in scenes of 16, or one scene of 24
+    (25, (2, 24), [(5, 5), (1, 24)]),
+])
+def test_the_splits_that_can_be_slowest(budget, frames_range, splits):
+    batches = steptime.candidate_batches(budget, frames_range, (28, 42), 14)
+    assert [(b.scenes, b.frames) for b in batches] == splits
+
+
+def test_the_step_time_is_the_slowest_splits():
+    cfg, pc, card = _tiny(), _parallel("block", "none"), hardware.card("a100_40g")
+    slowest = steptime.slowest_step(cfg, pc, 32, (2, 24), (28, 42), card)
+    times = [steptime.predict(steptime.step_work(cfg, pc, b), card).total_s
+             for b in steptime.candidate_batches(32, (2, 24), (28, 42), 14)]
+    assert steptime.predict(slowest, card).total_s == max(times) and len(set(times)) == 2
+
+
 # ------------------------------------------------------------------------------ counting on the meta device
 def _block_and_input(device: str, dtype=torch.float32):
     torch.manual_seed(0)

@@ -140,9 +140,8 @@ def report(recipe, args, where: Target) -> tuple[dict, planner.MemoryPlan, stept
                                                  shape.image_hw, where.memory_bytes, where.device_kind,
                                                  frames_range=frames_range, freeze=shape.freeze,
                                                  track_points=shape.track_points)
-    batch = steptime.time_batch(frames, frames_range, shape.image_hw, shape.model_cfg.aggregator.patch_size)
-    work = steptime.step_work(shape.model_cfg, recipe.parallel, batch, world_size=shape.world_size,
-                              gpus_per_node=where.gpus_per_node, freeze=shape.freeze)
+    work = steptime.slowest_step(shape.model_cfg, recipe.parallel, frames, frames_range, shape.image_hw, where.card,
+                                 world_size=shape.world_size, gpus_per_node=where.gpus_per_node, freeze=shape.freeze)
     step = steptime.predict(work, where.card) if where.card is not None else None
     summary = {
         "recipe": args.recipe,

@@ -108,9 +108,9 @@ def search(model_cfg, parallel_cfg, *, world_size: int, frames_per_gpu: int, ima
            frames_range: tuple[int, int], memory_bytes: int, card: hardware.Card, margin: float = 0.05,
            device_kind: str = "cuda", freeze: tuple[str, ...] = (), gpus_per_node: int = 8) -> SearchResult:
     """Every candidate's step time; the frontier of memory against step time; the fastest that fits."""
-    patch = model_cfg.aggregator.patch_size
     frames_range = planner.clip_range(frames_range, frames_per_gpu)
-    time_batch = steptime.time_batch(frames_per_gpu, frames_range, image_hw, patch)
+    time_batch = steptime.slowest_step(model_cfg, parallel_cfg, frames_per_gpu, frames_range, image_hw, card,
+                                       world_size=world_size, gpus_per_node=gpus_per_node, freeze=freeze).batch
     usable = memory_bytes * (1 - margin)
 
     def plan(cfg, one_split: int | None = None) -> planner.MemoryPlan:

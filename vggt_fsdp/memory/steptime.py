@@ -24,7 +24,8 @@ The time model, in one place:
   prediction is a lower bound.
 
 Which batch: the time of a step depends on how the sampler splits the frame budget into scenes; the
-prediction is for the split with the most global attention (images x frames per scene), the slowest.
+prediction is for the slowest split (`slowest_step`: the one with the most images or the one with the
+largest scenes).
 """
 from __future__ import annotations
 
@@ -115,10 +116,25 @@ def predict(work: StepWork, card: hardware.Card) -> StepTime:
 
 
 # ======================================================================================== the step
-def time_batch(frames_per_gpu: int, frames_range: tuple[int, int], image_hw: tuple[int, int], patch: int) -> Batch:
-    """The split of the frame budget the time is predicted for: the most images x frames per scene."""
-    scenes, frames = max(planner.scene_splits(frames_per_gpu, frames_range), key=lambda bs: (bs[0] * bs[1] ** 2, bs[1]))
-    return Batch(scenes, frames, image_hw[0], image_hw[1], patch)
+def candidate_batches(frames_per_gpu: int, frames_range: tuple[int, int], image_hw: tuple[int, int],
+                      patch: int) -> list[Batch]:
+    """The splits of the frame budget that can be the slowest: the most images (the largest scenes among
+    those: per-frame work), and the largest scenes (global attention grows with their square)."""
+    splits = planner.scene_splits(frames_per_gpu, frames_range)
+    most_images = max(splits, key=lambda bs: (bs[0] * bs[1], bs[1]))
+    largest = max(splits, key=lambda bs: (bs[1], bs[0]))
+    return [Batch(b, s, image_hw[0], image_hw[1], patch) for b, s in dict.fromkeys([most_images, largest])]
+
+
+def slowest_step(model_cfg, parallel_cfg, frames_per_gpu: int, frames_range: tuple[int, int],
+                 image_hw: tuple[int, int], card: hardware.Card | None, *, world_size: int = 1,
+                 gpus_per_node: int = 8, freeze: tuple[str, ...] = ()) -> StepWork:
+    """The work of the slowest split the sampler can draw (`candidate_batches`): by predicted time on
+    `card`, by model FLOPs without one."""
+    works = [step_work(model_cfg, parallel_cfg, b, world_size=world_size, gpus_per_node=gpus_per_node,
+                       freeze=freeze)
+             for b in candidate_batches(frames_per_gpu, frames_range, image_hw, model_cfg.aggregator.patch_size)]
+    return max(works, key=lambda w: predict(w, card).total_s if card is not None else w.model.model_flops)
 
 
 def step_work(model_cfg, parallel_cfg, batch: Batch, *, world_size: int = 1, gpus_per_node: int = 8,
