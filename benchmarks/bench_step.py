@@ -266,7 +266,11 @@ def sampled_batches(spec: BenchSpec, recipe) -> list[dict[str, torch.Tensor]]:
 
     from vggt_fsdp.data import build_dataloader
 
+    # Scenes no longer than the frame budget (the planner's clip_range), as a trainer at this budget draws them.
+    low, high = recipe.data.frames_range
+    frames_range = [min(low, spec.frames_per_gpu), min(high, spec.frames_per_gpu)]
     cfg = dataclasses.replace(recipe.data, source="synthetic", root=None, image_width=spec.width, num_workers=0,
+                              frames_range=frames_range,
                               augment=dataclasses.replace(recipe.data.augment, enabled=False))
     loader = build_dataloader(cfg, frames_per_gpu=spec.frames_per_gpu, num_workers=0)
     return list(itertools.islice(iter(loader), spec.mix))

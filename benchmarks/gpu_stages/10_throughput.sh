@@ -8,9 +8,9 @@ set -euo pipefail
 DIR=$1
 BUDGET=$2
 if [ "${GPU_SESSION_SMOKE:-0}" = 1 ]; then
-  # The same code path with the tiny model: two configurations, worst case and mix.
+  # The same code path with the tiny model: the block policy, worst case and sampler mix.
   python3 -m benchmarks.compare_recipes --profile cpu --out "$DIR" --budget-s "$BUDGET" --no-charts \
-    --roles block_40g,recipe_40g --warmup 0 --steps 1
+    --roles block_40g --warmup 0 --steps 1
 else
   python3 -m benchmarks.compare_recipes --profile gpu --out "$DIR" --budget-s "$((BUDGET - 10))" --no-sweep
 fi
