@@ -50,7 +50,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy
 from vggt_fsdp.parallel.config import PrecisionConfig
 
 if TYPE_CHECKING:
-    from vggt_fsdp.parallel.sharding import ParallelPlan, UnitPlan
+    from vggt_fsdp.parallel.plan import ParallelPlan, UnitPlan
 
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp32": torch.float32}
 CASTS_OWN_INPUTS = "casts_own_inputs"
