@@ -31,6 +31,8 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu-memory", type=float, default=None, metavar="GiB",
                         help="device memory in GiB (default: the recipe's card, hardware.device)")
     parser.add_argument("--frames", type=int, default=None, help="frames per GPU (default: data.frames_per_gpu)")
+    parser.add_argument("--host-memory", type=float, default=None, metavar="GiB",
+                        help="with parallel.sharding.cpu_offload: the training host's RAM (default: this machine's)")
     parser.add_argument("--image", type=_image_hw, default=None, metavar="HxW",
                         help="image size (default: data.image_width at the tallest data.aspect_range)")
     parser.add_argument("--device-kind", choices=("cuda", "cpu"), default=None,
@@ -163,6 +165,13 @@ def report(recipe, args, where: Target) -> tuple[dict, planner.MemoryPlan, stept
     if step is None:
         summary["step_time_unavailable"] = ("no card with rates: set hardware.device to a GPU card "
                                             f"({', '.join(hardware.cards())})")
+    if recipe.parallel.sharding.cpu_offload:  # the host side: memory (refused above its RAM) and time
+        from vggt_fsdp.memory import offload
+
+        host = None if args.host_memory is None else int(args.host_memory * GiB)
+        summary["offload"] = offload.summary(recipe, shape.model_cfg, shape.freeze, shape.world_size,
+                                             where.gpus_per_node, where.device_kind,
+                                             None if step is None else step.total_s, host)
     return summary, result, work
 
 
@@ -208,6 +217,10 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(data, indent=2))
         return 0
     print_report(args, data, result, work)
+    if "offload" in data:
+        from vggt_fsdp.memory.offload import print_summary
+
+        print_summary(data["offload"])
     if args.optimize:
         print_optimize(data["optimize"], data["gpu_memory_GiB"])
     return 0

@@ -190,8 +190,10 @@ class UnitInfo:
         return sum(p.numel for p in self.params if p.trainable) * self.param_bytes
 
     def reduce_scatter(self, shard: int) -> int:
+        """FSDP2's reduce buffers: the input (the unsharded gradients copied in, reduce dtype) and, on a
+        1-rank mesh, an output of the same size it is copied to (no collective); otherwise the input."""
         if shard == 1:
-            return 0
+            return 2 * sum(p.numel for p in self.params if p.trainable) * self.reduce_bytes
         return sum(p.shard_numel(shard) for p in self.params if p.trainable) * shard * self.reduce_bytes
 
 
@@ -348,7 +350,7 @@ def _plan_batch(model_cfg, parallel_cfg, world_size, frames_per_gpu, batch: Batc
     states, params_live = _model_state_terms(model_cfg, parallel_cfg, freeze, units, shard, device_kind)
     acts, work = _activation_terms(model_cfg, units, batch, kernels)
     terms = states + _io_terms(model_cfg, batch) + acts + params_live + work
-    phases = _phases(terms, units, shard)
+    phases = _phases(terms, units, shard, parallel_cfg.sharding.cpu_offload)
     peak_phase = max(phases, key=phases.get)
     peak = phases[peak_phase]
     device = int(peak * FRAGMENTATION) + NON_PYTORCH_BYTES if device_kind == "cuda" else peak
@@ -379,7 +381,8 @@ def _model_state_terms(model_cfg, parallel_cfg, freeze, units, shard: int, devic
     key = (structure_key(model_cfg, parallel_cfg, freeze), shard, device_kind)
     if key not in _STATE_TERMS:
         _STATE_TERMS[key] = (_state_terms(units, shard, parallel_cfg.sharding.cpu_offload, device_kind),
-                             _unsharded_terms(units, shard, fused_adamw=device_kind == "cuda"))
+                             _unsharded_terms(units, shard, fused_adamw=device_kind == "cuda",
+                                              offload=parallel_cfg.sharding.cpu_offload))
     return _STATE_TERMS[key]
 
 
@@ -402,7 +405,7 @@ def _state_terms(units: list[UnitInfo], shard: int, offload: bool, device_kind: 
     ]
 
 
-def _unsharded_terms(units: list[UnitInfo], shard: int, fused_adamw: bool) -> list[Term]:
+def _unsharded_terms(units: list[UnitInfo], shard: int, fused_adamw: bool, offload: bool = False) -> list[Term]:
     root = next(u for u in units if u.kind == "root")
     kept = [u for u in units if u.kind != "root" and not u.reshard]
     biggest = max((u for u in units if u.kind != "root"), key=lambda u: u.unsharded())
@@ -423,8 +426,9 @@ def _unsharded_terms(units: list[UnitInfo], shard: int, fused_adamw: bool) -> li
                       biggest.unsharded() + biggest.grad_unsharded() + biggest.reduce_scatter(shard),
                       f"largest unit: numel x param dtype (the next unit, prefetched) + trainable numel x param "
                       f"dtype + {shard} x padded shard x reduce dtype"))
-    terms.append(Term("optimizer step temporaries", "transient", 0 if fused_adamw else trainable,
-                      "fused AdamW: none; foreach AdamW: one fp32 list like the sharded gradients"))
+    terms.append(Term("optimizer step temporaries", "transient", 0 if fused_adamw or offload else trainable,
+                      "with CPU offload: on the host (memory/offload.py); fused AdamW: none; foreach AdamW: one "
+                      "fp32 list like the sharded gradients"))
     return terms
 
 
@@ -653,7 +657,7 @@ def _blocks_term(title, group, paths, flows, policies, dtype, k, make_shape, sha
 
 
 # ---------------------------------------------------------------------------------------- the peak
-def _phases(terms: list[Term], units: list[UnitInfo], shard: int) -> dict[str, int]:
+def _phases(terms: list[Term], units: list[UnitInfo], shard: int, offload: bool = False) -> dict[str, int]:
     """Bytes live at the candidate peaks. Gradients are None until backward (zero_grad(set_to_none))."""
     by = {t.name: t.bytes for t in terms}
     # The batch's images live through the step; the outputs until backward ends (the trainer's loss reads
@@ -669,7 +673,9 @@ def _phases(terms: list[Term], units: list[UnitInfo], shard: int) -> dict[str, i
     agg_kept_grads = by.get("gradients of the kept layers (aggregator dtype)", 0)
     block_work = max((t.bytes for t in terms if t.name.endswith("recompute + grads of one block")), default=0)
     kept = by.get("kept layer outputs (as the heads hold them)", 0)
-    head_grads = sum(p.shard_numel(shard) * 4 for u in units if u.kind == "module" for p in u.params if p.trainable)
+    # The heads' sharded gradients, made before the aggregator's backward (on the host with CPU offload).
+    head_grads = 0 if offload else sum(p.shard_numel(shard) * 4 for u in units if u.kind == "module"
+                                       for p in u.params if p.trainable)
     dpt_acts = sum(t.bytes for t in terms if t.category == "activation" and t.group in ("depth", "point"))
     return {
         "end of forward": state + acts + unit,

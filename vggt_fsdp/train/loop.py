@@ -11,6 +11,7 @@ non-finite steps saves and exports nothing and names the last good checkpoint (N
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from dataclasses import dataclass
@@ -98,6 +99,10 @@ class Trainer:
         # parallel.sharding.cpu_offload, the compute device otherwise.
         state_device = next(model.parameters()).device
         self.guard = NonFiniteGuard(cfg.max_nonfinite_in_row, state_device)
+        # With CPU offload every micro-batch's gradients go to the host, where FSDP2 adds them to the
+        # offloaded ones: Accelerate's no_sync would keep the whole model's unsharded gradients on the
+        # device between micro-batches, the memory offloading frees (memory/offload.py).
+        self.sync_each_micro_batch = bool(recipe is not None and recipe.parallel.sharding.cpu_offload)
         self.acc = MetricsAccumulator(device)
         self.static_metrics = {"world_size": self.world, **(static_metrics or {})}
         self.writer: MetricsWriter | None = None
@@ -238,7 +243,7 @@ class Trainer:
             self.last_shape = shape = task.shape(batch)
             frames, tokens = frames + shape.frames, tokens + shape.tokens
             batch = task.to_device(batch, self.device)
-            with accel.accumulate(self.model):
+            with contextlib.nullcontext() if self.sync_each_micro_batch else accel.accumulate(self.model):
                 loss, terms = task.loss(self.model, batch)
                 accel.backward(loss)
             loss_sum += loss.detach().float()
