@@ -128,11 +128,13 @@ class Recipe:
             if getattr(self.loss, head).enabled and not getattr(self.model.heads, head):
                 raise ValueError(f"loss.{head}.enabled is true but model.heads.{head} is false: "
                                  f"enable the head or set loss.{head}.enabled=false")
-        if self.loss.track.enabled and (self.data.source != "synthetic" or not self.data.synthetic.num_track_queries):
-            raise ValueError(f"loss.track.enabled is true but data.source={self.data.source!r} with "
-                             f"data.synthetic.num_track_queries={self.data.synthetic.num_track_queries} gives no "
-                             "ground-truth tracks: only the synthetic source renders them (tracks from real "
-                             "depth are not built yet); use data.source=synthetic or set loss.track.enabled=false")
+        untracked = [s.name or s.source for s in self.data.source_configs()
+                     if s.source != "synthetic" or not s.synthetic.num_track_queries]
+        if self.loss.track.enabled and untracked:
+            raise ValueError(f"loss.track.enabled is true but data source(s) {untracked} give no ground-truth "
+                             "tracks: only the synthetic source renders them (data.synthetic.num_track_queries > 0; "
+                             "tracks from real depth are not built yet); use data.source=synthetic or set "
+                             "loss.track.enabled=false")
 
 
 # --------------------------------------------------------------------------------------- public API

@@ -125,7 +125,8 @@ def report(recipe, args, where: Target) -> tuple[dict, planner.MemoryPlan, stept
     """(the JSON summary, the memory plan it summarises, the step's counted work)."""
     shape = planner.recipe_shape(recipe, where.world_size, args.image)
     frames = args.frames if args.frames is not None else recipe.data.frames_per_gpu
-    common = dict(frames_range=shape.frames_range, freeze=shape.freeze, gpus_per_node=where.gpus_per_node)
+    common = dict(frames_range=shape.frames_range, freeze=shape.freeze, gpus_per_node=where.gpus_per_node,
+                  track_points=shape.track_points)
     if frames == "auto":  # the largest count that fits (at --gpus/--image): max_frames itself
         frames = max_frames = planner.resolve_frames_per_gpu(recipe, where.memory_bytes, where.device_kind,
                                                              gpus=where.world_size, image_hw=args.image,
@@ -136,10 +137,11 @@ def report(recipe, args, where: Target) -> tuple[dict, planner.MemoryPlan, stept
     frames_range = planner.clip_range(shape.frames_range, frames)
     result = planner.plan(shape.model_cfg, recipe.parallel, shape.world_size, frames, shape.image_hw,
                           where.device_kind, frames_range=frames_range, freeze=shape.freeze,
-                          gpus_per_node=where.gpus_per_node)
+                          gpus_per_node=where.gpus_per_node, track_points=shape.track_points)
     cheapest = planner.cheapest_policy_that_fits(shape.model_cfg, recipe.parallel, shape.world_size, frames,
                                                  shape.image_hw, where.memory_bytes, where.device_kind,
-                                                 frames_range=frames_range, freeze=shape.freeze)
+                                                 frames_range=frames_range, freeze=shape.freeze,
+                                                 track_points=shape.track_points)
     work = steptime.slowest_step(shape.model_cfg, recipe.parallel, frames, frames_range, shape.image_hw, where.card,
                                  world_size=shape.world_size, gpus_per_node=where.gpus_per_node, freeze=shape.freeze)
     step = steptime.predict(work, where.card) if where.card is not None else None

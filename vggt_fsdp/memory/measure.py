@@ -48,9 +48,12 @@ class StepMeasurement:
 
 
 def block_groups(model) -> dict[str, list]:
-    """The saved-tensor groups the planner's block terms correspond to."""
+    """The saved-tensor groups the planner's block terms correspond to (and its track head terms)."""
     agg = model.aggregator
-    return {"dino": list(agg.patch_embed.blocks), "frame": list(agg.frame_blocks), "global": list(agg.global_blocks)}
+    groups = {"dino": list(agg.patch_embed.blocks), "frame": list(agg.frame_blocks), "global": list(agg.global_blocks)}
+    if model.track_head is not None:
+        groups["track"] = [model.track_head]
+    return groups
 
 
 def _mesh(parallel_cfg, world_size: int, device_type: str, gpus_per_node: int):
@@ -91,8 +94,10 @@ def measure_step(
     gpus_per_node: int = 8,
     seed: int = 0,
     freeze: tuple[str, ...] = (),
+    track_points: int = 0,
 ) -> StepMeasurement:
-    """`freeze`: parameter-name patterns (fnmatch) made non-trainable, as the recipe's model.freeze."""
+    """`freeze`: parameter-name patterns (fnmatch) made non-trainable, as the recipe's model.freeze.
+    `track_points`: query points per scene for the track head (random pixels of the first frame)."""
     from vggt_fsdp.model.init import materialize
     from vggt_fsdp.model.vggt import build_model
     from vggt_fsdp.parallel import apply_parallelism
@@ -115,13 +120,15 @@ def measure_step(
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6,
                                       fused=cuda, foreach=None if cuda else True)
         images = torch.rand(scenes, frames, 3, *image_hw, device=device)
+        scale = torch.tensor([image_hw[1] - 1.0, image_hw[0] - 1.0], device=device)
+        queries = torch.rand(scenes, track_points, 2, device=device) * scale if track_points else None
 
         def step(counter: SavedTensorCounter | None = None) -> None:
             if counter is not None:
                 with counter:
-                    outputs = model(images)
+                    outputs = model(images, query_points=queries)
             else:
-                outputs = model(images)
+                outputs = model(images, query_points=queries)
             _loss(outputs).backward()
             del outputs
             optimizer.step()

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
 from vggt_fsdp.memory import formulas as F
+from vggt_fsdp.memory import track_formulas as TF
 from vggt_fsdp.model.config import VGGTConfig
 
 GiB = 1024**3
@@ -121,6 +122,7 @@ class Batch:
     height: int
     width: int
     patch: int
+    track_points: int = 0  # query points per scene the track head tracks (0: no track head)
 
     @property
     def ph(self) -> int:
@@ -316,15 +318,17 @@ def plan(
     frames_range: tuple[int, int] | None = None,
     freeze: tuple[str, ...] = (),
     gpus_per_node: int = 8,
+    track_points: int = 0,
 ) -> MemoryPlan:
     """Predict one GPU's peak for a training step (forward, backward, AdamW step).
 
     `frames_range` (the recipe's data.frames_range): the plan is the worst over every scene split the
-    sampler can draw from it (`scene_splits`); None: one scene of `frames_per_gpu` frames. The track head,
-    if enabled, is not modelled (raises).
+    sampler can draw from it (`scene_splits`); None: one scene of `frames_per_gpu` frames.
+    `track_points`: query points per scene when the track head is enabled (its memory grows with them).
     """
-    if model_cfg.enable_track:
-        raise ValueError("the memory planner does not model the track head; plan with model.heads.track false")
+    if model_cfg.enable_track and track_points < 1:
+        raise ValueError(f"track_points={track_points}: the track head's memory depends on the query points per "
+                         f"scene; pass track_points (a recipe's data.synthetic.num_track_queries)")
     if device_kind not in ("cpu", "cuda"):
         raise ValueError(f"device_kind={device_kind!r}; valid choices: cpu, cuda")
     if world_size < 1 or frames_per_gpu < 1:
@@ -334,8 +338,10 @@ def plan(
     if height % patch or width % patch:
         raise ValueError(f"image {height}x{width} is not a multiple of the patch size {patch}")
     splits = scene_splits(frames_per_gpu, frames_range or (frames_per_gpu, frames_per_gpu))
-    plans = [_plan_batch(model_cfg, parallel_cfg, world_size, frames_per_gpu, Batch(b, s, height, width, patch),
-                         device_kind, tuple(freeze), gpus_per_node) for b, s in splits]
+    points = track_points if model_cfg.enable_track else 0
+    plans = [_plan_batch(model_cfg, parallel_cfg, world_size, frames_per_gpu,
+                         Batch(b, s, height, width, patch, points), device_kind, tuple(freeze), gpus_per_node)
+             for b, s in splits]
     return max(plans, key=lambda p: p.peak_bytes)
 
 
@@ -471,7 +477,7 @@ def _grad_flow(model_cfg: VGGTConfig, units: list[UnitInfo]) -> dict[str, bool]:
                 flow[f"{kind}.{i}"] = on
         layer += agg.aa_block_size
     flow["aggregator"] = on
-    for head in ("camera_head", "depth_head", "point_head"):
+    for head in ("camera_head", "depth_head", "point_head", "track_head"):
         flow[head] = on or any_in((head + ".",))
     return flow
 
@@ -583,6 +589,11 @@ def _head_terms(model_cfg: VGGTConfig, units, b: Batch, k: F.Kernels, policies, 
         elif any_view:
             for layer in dpt_layers:
                 whole[(owner(head), layer)] = 4
+    track = model_cfg.enable_track and flow["track_head"]
+    track_layers = sorted({i % agg.depth for i in dpt.intermediate_layer_idx}) if model_cfg.enable_track else []
+    if track:  # the bf16 track head reads (checkpointed: keeps) views of the layers as the aggregator made them
+        for layer in track_layers:
+            whole[("shared" if mode == "shared" else "bf16", layer)] = token_bytes
     kept = sum(whole.values()) * layer_elems
     copies = {o for o, _ in whole}
     terms.append(Term("kept layer outputs (as the heads hold them)", "activation", kept,
@@ -629,6 +640,65 @@ def _head_terms(model_cfg: VGGTConfig, units, b: Batch, k: F.Kernels, policies, 
                      f"{layers} x {head_grad} B"))
         work.append(("gradients of the kept layers (aggregator dtype)", len(dpt_layers) * layer_elems * token_bytes,
                      f"{layers} x {token_bytes} B"))
+    if model_cfg.enable_track:
+        track_terms, track_work = _track_terms(model_cfg, units, b, k, track)
+        terms += track_terms
+        work += track_work
+        if not dpt_heads:  # the track head alone reads the DPT layers: their gradients are its
+            layers = f"{len(track_layers)} layers x scenes x frames x (P + 5) x 2C x {token_bytes} B"
+            work.append(("gradients of the kept layers (in a head)", len(track_layers) * layer_elems * token_bytes,
+                         layers))
+            work.append(("gradients of the kept layers (aggregator dtype)", 0, "the same tensors as in the head"))
+    return terms, work
+
+
+def track_shape(model_cfg: VGGTConfig, b: Batch) -> TF.TrackShape:
+    """The track head's call at batch `b` (track_formulas.TrackShape)."""
+    t, dpt = model_cfg.track_head, model_cfg.dpt_head
+    return TF.TrackShape(b.scenes, b.frames, b.track_points, b.ph, b.pw, b.patch, model_cfg.token_dim,
+                         tuple(dpt.out_channels), t.features, t.corr_levels, t.corr_radius, t.hidden_size, t.iters,
+                         dpt.frames_chunk_size or b.images, t.predict_conf)
+
+
+def _track_terms(model_cfg: VGGTConfig, units, b: Batch, k: F.Kernels, saves: bool):
+    """The track head (track_formulas): its feature extractor and tracker activations, its outputs, and the
+    backward transient of its largest recomputed region. It computes with bf16 parameters under autocast."""
+    unit = next(u for u in units if u.path == "track_head")
+    if unit.param_bytes != 2:
+        raise ValueError("the memory planner models the track head computing in bf16 (under autocast), as "
+                         "upstream trains it; it is an fp32 unit here (parallel.precision)")
+    s = track_shape(model_cfg, b)
+    chunks = unit.checkpoint == "chunks"
+    note = f"B x S = {b.images} images, N = {s.points} points, {s.iters} iterations, chunks of {s.chunk} images"
+    features = TF.features_saved(s, k, chunks) if saves else 0
+    tracker = TF.tracker_saved(s, k, chunks) if saves else 0
+    terms = [
+        Term("track head feature extractor", "activation", features,
+             "chunks checkpointed: only the chunk inputs (kept layers)" if chunks else
+             f"sum over chunks of track_formulas.features_chunk_saved (bf16 autocast); {note}", group="track"),
+        Term("track head tracker", "activation", tracker,
+             "track_formulas.tracker_saved: " + ("feature maps, pyramid and each iteration's checkpoint inputs"
+                                                 if chunks else "correlation volumes and update transformer "
+                                                                "of every iteration") + f"; {note}",
+             group="track"),
+        Term("track outputs", "outputs",
+             s.iters * b.images * s.points * 2 * F.FP32 + 4 * b.images * s.points * TF.BF16,
+             "tracks of every iteration (B S N 2 fp32), visibility and confidence logits and probabilities"),
+    ]
+    largest = max(s.chunks())
+    feature_grads = largest * 2 * s.features * 64 * b.patches * TF.BF16
+    update_grads = 10 * b.scenes * (s.points + s.virtual) * b.frames * s.hidden * TF.BF16
+    recompute_features = TF.features_chunk_saved(s, largest, k) if chunks else 0
+    recompute_update = TF.update_saved(s, k) + TF.corr_chunk_saved(s, largest, k) if chunks else 0
+    # The work recompute adds (for a step-time model): track_formulas.recompute_flops, by kind.
+    flops = sum(TF.recompute_flops(s, chunks).values())
+    work = [("track head backward (recompute + grads of one chunk)",
+             max(recompute_features + feature_grads, recompute_update + update_grads),
+             ("the larger of a feature-extractor chunk (features_chunk_saved) and one iteration (update_saved + "
+              f"corr_chunk_saved), recomputed ({flops / 1e12:.2f} TFLOP a step in all: "
+              "track_formulas.recompute_flops), " if chunks else "") +
+             "plus gradient temporaries estimated as 2 F-channel maps at refinenet1's resolution, or 10 "
+             "update-transformer units of B (N + V) S x Hd bf16")]
     return terms, work
 
 
@@ -665,7 +735,8 @@ def _phases(terms: list[Term], units: list[UnitInfo], shard: int, offload: bool 
     state = sum(t.bytes for t in terms if t.category in ("state", "io"))
     grads = sum(t.bytes for t in terms if t.category == "grads")
     acts = sum(t.bytes for t in terms if t.category in ("activation", "outputs"))
-    head_acts = sum(t.bytes for t in terms if t.category == "activation" and t.group in ("depth", "point", "camera"))
+    head_acts = sum(t.bytes for t in terms if t.category == "activation"
+                    and t.group in ("depth", "point", "camera", "track"))
     unit = by["running unit + prefetch all-gather"]
     unit_grads = by["unit backward: prefetched params, unsharded grads, reduce-scatter"]
     head_work = max((t.bytes for t in terms if t.name.endswith("(recompute + grads of one chunk)")), default=0)
@@ -676,11 +747,12 @@ def _phases(terms: list[Term], units: list[UnitInfo], shard: int, offload: bool 
     # The heads' sharded gradients, made before the aggregator's backward (on the host with CPU offload).
     head_grads = 0 if offload else sum(p.shard_numel(shard) * 4 for u in units if u.kind == "module"
                                        for p in u.params if p.trainable)
-    dpt_acts = sum(t.bytes for t in terms if t.category == "activation" and t.group in ("depth", "point"))
+    # The track head runs last in forward, so its backward comes first, then the DPT heads'.
+    dpt_acts = sum(t.bytes for t in terms if t.category == "activation" and t.group in ("depth", "point", "track"))
     return {
         "end of forward": state + acts + unit,
         "first head backward": state + acts + unit + head_work + head_kept_grads,
-        # The DPT heads are done: their activations are freed, the kept layers' gradients wait.
+        # The DPT (and track) heads are done: their activations are freed, the kept layers' gradients wait.
         "largest unit backward": state + head_grads + acts - dpt_acts + agg_kept_grads + unit + unit_grads,
         # The heads' activations and kept copies are freed; the kept layers' gradients remain.
         "first block backward": state + head_grads + acts - head_acts - kept + agg_kept_grads + unit + unit_grads
@@ -691,13 +763,14 @@ def _phases(terms: list[Term], units: list[UnitInfo], shard: int, offload: bool 
 
 # ======================================================================================== fitting
 def max_frames_that_fit(model_cfg, parallel_cfg, world_size, image_hw, device_memory_bytes, device_kind="cuda",
-                        *, frames_range=None, freeze=(), gpus_per_node: int = 8, limit: int = 1 << 14) -> int:
+                        *, frames_range=None, freeze=(), gpus_per_node: int = 8, limit: int = 1 << 14,
+                        track_points: int = 0) -> int:
     """The largest frames per GPU whose plan fits `device_memory_bytes` (0 if not even one frame).
     Memory grows with frames, so doubling then bisection is exact; the search stops at `limit`."""
     def fits(frames: int) -> bool:
         rng = clip_range(frames_range, frames) if frames_range else None
         return plan(model_cfg, parallel_cfg, world_size, frames, image_hw, device_kind, frames_range=rng,
-                    freeze=freeze, gpus_per_node=gpus_per_node).fits(device_memory_bytes)
+                    freeze=freeze, gpus_per_node=gpus_per_node, track_points=track_points).fits(device_memory_bytes)
 
     if not fits(1):
         return 0
@@ -751,11 +824,11 @@ def recompute_rank(label: str) -> tuple[int, int]:
 
 
 def cheapest_policy_that_fits(model_cfg, parallel_cfg, world_size, frames_per_gpu, image_hw, device_memory_bytes,
-                              device_kind="cuda", *, frames_range=None, freeze=()):
+                              device_kind="cuda", *, frames_range=None, freeze=(), track_points: int = 0):
     """(label, ParallelConfig, MemoryPlan) of the least-recompute candidate that fits, or None."""
     for label, cfg in sorted(policy_candidates(parallel_cfg), key=lambda c: recompute_rank(c[0])):
         p = plan(model_cfg, cfg, world_size, frames_per_gpu, image_hw, device_kind,
-                 frames_range=frames_range, freeze=freeze)
+                 frames_range=frames_range, freeze=freeze, track_points=track_points)
         if p.fits(device_memory_bytes):
             return label, cfg, p
     return None
@@ -769,12 +842,14 @@ class RecipeShape:
     image_hw: tuple[int, int]
     frames_range: tuple[int, int]
     freeze: tuple[str, ...]
+    track_points: int = 0  # query points per scene of the track head (0: head off)
 
 
 def recipe_shape(recipe, gpus: int | None = None, image_hw: tuple[int, int] | None = None) -> RecipeShape:
     """What a recipe implies for planning: its model config, the world size (accelerate num_processes,
     or `gpus`), the largest image the data section produces (width x the tallest aspect ratio, rounded
-    down to patches) and the scene sizes."""
+    down to patches), the scene sizes and, with the track head, the query points per scene (the most
+    tracks a source gives a scene: data.synthetic.num_track_queries; other sources give none)."""
     from vggt_fsdp.data.sampler import image_hw_for
     from vggt_fsdp.recipe import model_config
 
@@ -782,8 +857,10 @@ def recipe_shape(recipe, gpus: int | None = None, image_hw: tuple[int, int] | No
     if image_hw is None:
         image_hw = image_hw_for(max(data.aspect_range), data.image_width, data.patch_size)
     world = gpus if gpus is not None else int(recipe.accelerate.get("num_processes", 1))
+    tracked = [s.synthetic.num_track_queries for s in data.source_configs() if s.source == "synthetic"]
+    points = max(tracked, default=0) if recipe.model.heads.track else 0
     return RecipeShape(model_config(recipe.model), world, image_hw, tuple(data.frames_range),
-                       tuple(recipe.model.freeze))
+                       tuple(recipe.model.freeze), points)
 
 
 def clip_range(frames_range: tuple[int, int], frames: int) -> tuple[int, int]:
@@ -801,7 +878,7 @@ def resolve_frames_per_gpu(recipe, device_memory_bytes: int, device_kind: str = 
     shape = recipe_shape(recipe, gpus, image_hw)
     best = max_frames_that_fit(shape.model_cfg, recipe.parallel, shape.world_size, shape.image_hw,
                                device_memory_bytes, device_kind, frames_range=shape.frames_range,
-                               freeze=shape.freeze, gpus_per_node=gpus_per_node)
+                               freeze=shape.freeze, gpus_per_node=gpus_per_node, track_points=shape.track_points)
     need = shape.frames_range[1]
     if best < need:
         raise ValueError(

@@ -8,7 +8,7 @@ sampled on a (2r+1) x (2r+1) window.
 Memory: the correlation volume of one level is (tracks x feature-map pixels) per frame, and the
 window lookup (grid_sample) keeps it for backward. At VGGT-1B's training shape (24 frames, 512 tracks,
 259 x 259 feature maps, 7 levels) that is about 2.2 GB in bf16 per refinement iteration, the largest
-part of the track head (benchmarks/results/2026-11-28-cpu-track-memory.md). `CorrelationLookup` builds
+part of the track head (benchmarks/results/2026-11-29-cpu-track-memory.md). `CorrelationLookup` builds
 the volumes per chunk of frames and, with `checkpoint` on, recomputes each chunk in backward: only the
 chunk's inputs (views of the pyramid and of the track features) and the sampled windows are kept.
 """
