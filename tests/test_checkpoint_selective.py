@@ -32,6 +32,7 @@ from vggt_fsdp.parallel.checkpointing import (
     apply_checkpointing,
     canonical_name,
     observe_selective_cache,
+    recomputed_ops,
     wrap_modules,
     wrapped_paths,
 )
@@ -134,6 +135,12 @@ def test_backward_reruns_the_block_except_what_is_saved(save):
     # Whole-block recompute: one SDPA forward, 4 projections re-run + 8 gradient matmuls.
     assert sdpa_forwards == (0 if save and "sdpa" in save else 1)
     assert matmuls == (11 if save and "qkv" in save else 12)
+    # recomputed_ops (for recompute models) predicts the same from the forward's ops.
+    with OpLog() as forward:
+        _block(torch.float32)[0](x, pos=positions)
+    rerun = [op for op, again in zip(forward.ops, recomputed_ops(forward.ops, save or ())) if again]
+    assert sum(op in SDPA_OPS for op in rerun) == sdpa_forwards
+    assert sum(op in MATMUL_OPS for op in rerun) + 8 == matmuls
 
 
 @pytest.mark.parametrize("save", SAVE_SETS, ids="+".join)

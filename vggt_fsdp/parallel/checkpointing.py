@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -131,6 +132,14 @@ class SelectivePolicy:
                 "F.scaled_dot_product_attention, or SDPA fell back to its math kernel, whose composite ops "
                 "cannot be named. Choose policy block (or attention) for this group, or let SDPA use a "
                 "fused kernel (dtype, head dim, torch.nn.attention.sdpa_kernel)")
+
+
+def recomputed_ops(ops: Sequence, save: tuple[str, ...]) -> list[bool]:
+    """For the forward ops of a selective block (aten OpOverloads, in order): True for each op backward
+    runs again, False for each it takes from the SAC cache. SelectivePolicy's own decisions, for models
+    of recompute work (memory/steptime.py)."""
+    policy, forward = SelectivePolicy(save), SimpleNamespace(is_recompute=False)
+    return [policy(forward, op) != CheckpointPolicy.MUST_SAVE for op in ops]
 
 
 def _traced_contexts(save: tuple[str, ...]):

@@ -163,10 +163,12 @@ class ParallelConfig:
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    # torch.compile each transformer block's forward (parallel/compiling.py). Off by default: on an H200
-    # (torch 2.11) it made the 40GB recipe's 24-frame step 1.21x faster but failed with an inductor
-    # stride assertion at 48 frames (benchmarks/results/2026-11-27-nvidia-h200-followup.md), and every
-    # new input shape costs a compile.
+    # torch.compile each transformer block unit, its checkpoint wrapper inside (parallel/compiling.py),
+    # with dynamic block inputs: a bounded number of graphs whatever shapes the sampler draws. Off by
+    # default: on an H200 (torch 2.11) compiling inside the wrappers made the 40GB recipe's 24-frame step
+    # 1.21x faster but failed with an inductor stride assertion at 48 frames (pytorch#166926,
+    # benchmarks/results/2026-11-27-nvidia-h200-followup.md); the layout that fixes it (reproduced and
+    # fixed on the CPU, tests/test_compile.py) has not yet been run on a GPU.
     compile: bool = False
 
     def validate(self) -> None:
