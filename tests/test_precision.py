@@ -338,3 +338,41 @@ def test_planner_follows_autocast_for_the_whole_model():
         assert plans[True].total("activation", group) == measured.by_group[group], group
         assert plans[False].total("activation", group) < measured.by_group[group], group
     assert abs(plans[True].total("activation") - measured.total_bytes) <= 0.005 * measured.total_bytes
+
+
+class MixingHead(nn.Module):
+    """Mixes an fp32 embedding into its input and relies on autocast at its Linear (as VGGT's tracker)."""
+
+    needs_autocast = True
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.out = nn.Linear(dim, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(x + torch.linspace(0, 1, x.shape[-1], device=x.device))  # promotes to fp32
+
+
+class MixingModel(nn.Module):
+    def __init__(self, dim: int = 16):
+        super().__init__()
+        self.blocks = nn.ModuleList(UserBlock(dim) for _ in range(2))
+        self.head = MixingHead(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+@pytest.mark.parametrize("autocast", [True, False], ids=["autocast", "no-autocast"])
+def test_a_module_that_needs_autocast_gets_it_in_both_bf16_modes(autocast):
+    parallel = ParallelConfig(
+        layout=LayoutConfig(block_types=["UserBlock"], attention_types=["UserAttention"], units=["head"], groups={}),
+        precision=PrecisionConfig(fp32_modules=[], autocast=autocast), checkpoint=CheckpointConfig(policy="none"))
+    with fake_process_group(1):
+        model = MixingModel()
+        apply_parallelism(model, parallel)
+        calls = record_linears(model, ("head.",))
+        model(torch.randn(2, 5, 16)).float().sum().backward()
+    assert calls == [("head.out", FP32, BF16, BF16)]  # fp32 input, bf16 weights: autocast made it work
