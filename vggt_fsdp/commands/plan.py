@@ -190,7 +190,7 @@ def optimize(recipe, args, where: Target, frames: int) -> dict:
     found = opt.search(shape.model_cfg, recipe.parallel, world_size=shape.world_size, frames_per_gpu=frames,
                        image_hw=shape.image_hw, frames_range=shape.frames_range, memory_bytes=where.memory_bytes,
                        card=where.card, margin=args.margin, device_kind=where.device_kind, freeze=shape.freeze,
-                       gpus_per_node=where.gpus_per_node)
+                       gpus_per_node=where.gpus_per_node, track_points=shape.track_points)
     return {
         "card": where.card.name, "margin": args.margin, "frames_per_gpu": frames,
         "candidates": found.candidates, "planned": found.planned,

@@ -106,8 +106,10 @@ def candidate_config(parallel_cfg, blocks: dict[str, str], heads: str):
 
 def search(model_cfg, parallel_cfg, *, world_size: int, frames_per_gpu: int, image_hw: tuple[int, int],
            frames_range: tuple[int, int], memory_bytes: int, card: hardware.Card, margin: float = 0.05,
-           device_kind: str = "cuda", freeze: tuple[str, ...] = (), gpus_per_node: int = 8) -> SearchResult:
-    """Every candidate's step time; the frontier of memory against step time; the fastest that fits."""
+           device_kind: str = "cuda", freeze: tuple[str, ...] = (), gpus_per_node: int = 8,
+           track_points: int = 0) -> SearchResult:
+    """Every candidate's step time; the frontier of memory against step time; the fastest that fits.
+    `track_points`: the track head's query points per scene (planner.plan)."""
     frames_range = planner.clip_range(frames_range, frames_per_gpu)
     time_batch = steptime.slowest_step(model_cfg, parallel_cfg, frames_per_gpu, frames_range, image_hw, card,
                                        world_size=world_size, gpus_per_node=gpus_per_node, freeze=freeze).batch
@@ -116,7 +118,7 @@ def search(model_cfg, parallel_cfg, *, world_size: int, frames_per_gpu: int, ima
     def plan(cfg, one_split: int | None = None) -> planner.MemoryPlan:
         rng = (one_split, one_split) if one_split else frames_range
         return planner.plan(model_cfg, cfg, world_size, frames_per_gpu, image_hw, device_kind, frames_range=rng,
-                            freeze=freeze, gpus_per_node=gpus_per_node)
+                            freeze=freeze, gpus_per_node=gpus_per_node, track_points=track_points)
 
     # Recompute is a sum over units: a candidate's is the sum of its groups' parts, each taken from the
     # step in which every group runs that group's policy (one counted step per policy and head setting).
