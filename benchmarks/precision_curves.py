@@ -134,7 +134,7 @@ def markdown(result: dict) -> str:
     for run_ in result["runs"]:
         lines += [f"## {run_['preset']}: {run_['steps']} steps, {run_['frames_per_step']} frames a step, "
                   f"{run_['image_width']} px", "",
-                  "| mode | first loss | last loss | mean abs. rel. dev. from fp32 | max | seconds |",
+                  "| mode | first loss | last loss | mean abs. rel. dev. from fp32 | max | wall s (not a speed figure) |",
                   "| --- | --- | --- | --- | --- | --- |"]
         for mode, curve in run_["curves"].items():
             dev = run_["vs_fp32"].get(mode)
@@ -161,9 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if len(args.steps) != len(args.preset):
         parser.error("give one --steps per --preset")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    prov = provenance(argv)  # at the start: the commit the run's code came from
     runs = [run(p, s, args.frames, args.width, args.seed, args.recipe) for p, s in zip(args.preset, args.steps)]
-    result = {"provenance": provenance(argv), "runs": runs}
+    result = {"provenance": prov, "runs": runs}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))

@@ -88,6 +88,9 @@ class PrecisionConfig:
     # bf16 compute: run the forward under bf16 autocast (upstream's way: fp32 norms and softmax, casts
     # at every matmul), or not (torchtitan's way: every unit computes in its parameters' dtype, norms
     # keep fp32 statistics inside the kernel). Ignored with param_dtype fp32. See parallel/precision.py.
+    # Default true, upstream's numerics: on the CPU both modes train alike (loss curves under CUDA's
+    # autocast rules, benchmarks/results/2026-11-29-cpu-precision.md) and without autocast a block saves
+    # less on CUDA (memory/formulas.py); the speed, the reason to switch, is a GPU measurement still owed.
     autocast: bool = True
 
 
