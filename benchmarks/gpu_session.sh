@@ -28,7 +28,7 @@ WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 
 # Nominal seconds per stage (a stage not listed gets DEFAULT_BUDGET); scaled to TOTAL below.
-declare -A NOMINAL=([10_throughput]=250 [20_trainer_cuda]=100 [30_track]=90 [40_single_gpu]=90)
+declare -A NOMINAL=([10_throughput]=220 [20_trainer_cuda]=90 [30_track]=70 [40_single_gpu]=180)
 DEFAULT_BUDGET=60
 GRACE=${GPU_SESSION_GRACE:-15}  # seconds a stage gets past its budget before it is killed
 
