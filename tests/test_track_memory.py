@@ -104,7 +104,7 @@ def test_without_recompute_the_correlations_and_the_update_transformer_dominate(
 PLAN_CASES = [
     ("vggt-tiny", 2, "none", 2, 3, (42, 56), 5),
     # Minutes on 2 cores; the head-level cases above check vggt-mid's terms, the tiny case the planner's.
-    pytest.param(("vggt-mid", 1, "chunks", 1, 3, (42, 70), 7), marks=pytest.mark.slow),
+    pytest.param("vggt-mid", 1, "chunks", 1, 3, (42, 70), 7, marks=pytest.mark.slow),
 ]
 
 
