@@ -135,17 +135,20 @@ def test_a_recipe_without_the_script_key_is_a_plain_yaml_recipe(tmp_path):
 
 
 # ----------------------------------------------------------------------------- a real launch
-def test_accelerate_launch_of_the_recipe_file_trains_on_two_processes(tmp_path):
-    """`accelerate launch --use_fsdp --num_processes 2 recipes/cpu_tiny.yaml key=value ...`, literally.
-
-    (`--cpu --num_processes 2` would start one process: Accelerate 1.x runs several CPU processes only
-    through mpirun; the trainer then trains with 1 and its topology notice says so.)"""
+@pytest.mark.parametrize("launch", [
+    # Accelerate starts the 2 processes (FSDP launches go through torchrun)
+    ["--use_fsdp", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+     "--dynamo_backend", "no"],
+    # Accelerate starts 1 process; the recipe script starts the 2 asked for (train/cpu_launch.py)
+    ["--cpu", "--num_processes", "2"],
+], ids=["use_fsdp", "cpu"])
+def test_accelerate_launch_of_the_recipe_file_trains_on_two_processes(launch, tmp_path):
+    """`accelerate launch --use_fsdp|--cpu --num_processes 2 recipes/cpu_tiny.yaml key=value ...`, literally."""
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "recipes/cpu_tiny.yaml", "train.max_steps=2", f"train.output_dir={out}", "train.log_every=1",
-               "train.progress_bar=false", "train.export_final=false", "data.image_width=56",
-               "data.frames_range=[2,2]", "data.frames_per_gpu=2", "data.num_workers=0"]
+    command = [sys.executable, "-m", "accelerate.commands.launch", *launch, "recipes/cpu_tiny.yaml",
+               "train.max_steps=2", f"train.output_dir={out}", "train.log_every=1", "train.progress_bar=false",
+               "train.export_final=false", "data.image_width=56", "data.frames_range=[2,2]",
+               "data.frames_per_gpu=2", "data.num_workers=0"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)

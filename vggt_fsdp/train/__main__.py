@@ -61,8 +61,22 @@ def main(argv: list[str] | None = None, prog: str = PROG, script: str | None = N
 def run_recipe_script(path: str, argv: Sequence[str]) -> NoReturn:
     """Train the recipe file at `path`, which is being run as a script (`python RECIPE.yaml key=value ...`,
     as `accelerate launch` and `torchrun` run it); `argv` is that process's sys.argv. A recipe's last line
-    calls this (vggt_fsdp/recipe_script.py), so keep its signature."""
-    sys.exit(main(list(argv[1:]), prog=f"python {argv[0]}", script=path))
+    calls this (vggt_fsdp/recipe_script.py), so keep its signature.
+
+    Started as the one process of `accelerate launch --cpu --num_processes N` (train/cpu_launch.py),
+    it becomes `vggt-fsdp train` with N CPU processes, which starts them."""
+    from vggt_fsdp.train import cpu_launch
+
+    overrides = list(argv[1:])
+    asked = cpu_launch.cpu_processes_asked(path, os.environ, cpu_launch.parent_cmdline())
+    if asked is not None:
+        print(f"[vggt-fsdp] accelerate launch --cpu started 1 process for --num_processes {asked} (Accelerate "
+              f"starts several CPU processes only through mpirun); this process now starts the {asked} as "
+              f"`vggt-fsdp train` does", file=sys.stderr, flush=True)
+        command = [sys.executable, "-m", "vggt_fsdp.cli", "train", path, *overrides,
+                   f"accelerate.num_processes={asked}", "accelerate.use_cpu=true"]
+        os.execv(sys.executable, command)  # same pid: the launcher waits for it and signals reach it
+    sys.exit(main(overrides, prog=f"python {argv[0]}", script=path))
 
 
 if __name__ == "__main__":
