@@ -243,6 +243,10 @@ def test_plan_orders_recipes_first_and_baseline_uses_upstream_choices():
     assert roles[:6] == ["block_40g", "recipe_40g", "recipe_80g"] * 2
     assert [c.mix for c in configs[:6]] == [0, 0, 0, 6, 6, 6]
     assert roles.index("sweep") > roles.index("baseline")
+    # compiled after the baseline (the slowest start), worst case then the mix of 2+ scene batches
+    compiled = [(c.mix, c.overrides[-1]) for c in configs if c.role == "compiled_40g"]
+    assert compiled == [(0, "parallel.compile=true"), (6, "parallel.compile=true")]
+    assert max(i for i, r in enumerate(roles) if r == "baseline") < roles.index("compiled_40g")
     block = configs[0]
     assert set(compare_recipes.BLOCK_POLICY_BEFORE) <= set(block.overrides) and block.gpu_memory_gib == 40.0
     assert "--mix" in compare_recipes.bench_command(configs[3], compare_recipes.PROFILES["gpu"])
