@@ -17,7 +17,7 @@ query points per scene), counted once per shape on a plain copy of the model and
 through its FLOP cache. A configuration the budget cannot hold is listed as owed, not run.
 
 `--smoke`: the same code paths with the tiny model, tiny shapes, world size 2 and one step on the CPU,
-in this process (tests/test_gpu_stage_track.py); no figure of a GPU. Writes OUT_DIR/track_gpu.json and
+in this process (tests/test_gpu_stages_smoke.py); no figure of a GPU. Writes OUT_DIR/track_gpu.json and
 summary.md.
 """
 from __future__ import annotations

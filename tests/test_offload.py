@@ -29,12 +29,15 @@ TINY = ["model.preset=vggt-tiny", "accelerate.use_cpu=true", "data.source=synthe
         "schedule.warmup_steps=1", "train.checkpoint_every=2", "train.keep_last=3"]
 
 
-def _train(out: Path, *overrides: str, timeout: int = 300, check: bool = True, **extra_env: str
-           ) -> subprocess.CompletedProcess:
+def _start(out: Path, *overrides: str, **extra_env: str) -> subprocess.Popen:
+    """One training process (one core: OMP_NUM_THREADS=1), so two can run side by side."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **extra_env)
-    proc = subprocess.Popen([sys.executable, "-m", "vggt_fsdp.train", RECIPE, *TINY, f"train.output_dir={out}",
+    return subprocess.Popen([sys.executable, "-m", "vggt_fsdp.train", RECIPE, *TINY, f"train.output_dir={out}",
                              *overrides], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
+
+
+def _finish(proc: subprocess.Popen, timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -59,10 +62,11 @@ def test_offloaded_training_resumes_exactly(tmp_path):
 
     from vggt_fsdp.train.metrics import read_metrics
 
-    _train(tmp_path / "a", "train.max_steps=4")
-    killed = _train(tmp_path / "b", "train.max_steps=4", check=False, VGGT_FSDP_CRASH_IN_SAVE="4")
-    assert killed.returncode != 0
-    resumed = _train(tmp_path / "b", "train.max_steps=4")
+    straight = _start(tmp_path / "a", "train.max_steps=4")
+    killing = _start(tmp_path / "b", "train.max_steps=4", VGGT_FSDP_CRASH_IN_SAVE="4")
+    _finish(straight)
+    assert _finish(killing, check=False).returncode != 0
+    resumed = _finish(_start(tmp_path / "b", "train.max_steps=4"))
     assert "resumed from" in resumed.stderr and "at step 2" in resumed.stderr
     a = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "a" / "metrics.jsonl") if "val" not in r}
     b = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "b" / "metrics.jsonl") if "val" not in r}
