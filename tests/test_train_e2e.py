@@ -6,7 +6,8 @@ One scenario covers the acceptance criteria with three launches:
      step-4 checkpoint, which must leave step 2 complete and the half-written one unused;
   B2 `torchrun -m vggt_fsdp.train`: resume=auto continues from step 2 to step 4.
 A and B1+B2 must log the same losses and export the same weights (1e-6), and the export must load
-strictly into the model.
+strictly into the model. Two single-process trainings (side by side) show the loss falling, the track
+loss with the track head on too.
 """
 from __future__ import annotations
 
@@ -38,10 +39,18 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _launch(command: list[str], timeout: int = 240, **env: str) -> subprocess.CompletedProcess:
+def _start(command: list[str], **env: str) -> subprocess.Popen:
     # Own process group: on a timeout the launcher *and* its workers are killed, none left behind.
-    proc = subprocess.Popen(command, cwd=REPO, env=_env(**env), stdout=subprocess.PIPE,
+    return subprocess.Popen(command, cwd=REPO, env=_env(**env), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _launch(command: list[str], timeout: int = 240, **env: str) -> subprocess.CompletedProcess:
+    return _finish(_start(command, **env), timeout)
+
+
+def _finish(proc: subprocess.Popen, timeout: int = 240) -> subprocess.CompletedProcess:
+    command = proc.args
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -140,20 +149,42 @@ def test_metrics_records_have_the_documented_fields(runs):
     assert record["data"]["skipped_frames"] == {"synthetic": 0} and record["data"]["frames"]["synthetic"] > 0
 
 
-def test_loss_falls_on_the_tiny_synthetic_task(tmp_path):
-    """The recipe's model and precision on a small fixed set of synthetic scenes: with log_every=10
-    the first record is the mean of the first ten steps and the last the mean of the final ten."""
-    out = tmp_path / "fit"
-    result = _launch([sys.executable, "-m", "vggt_fsdp.train", RECIPE, "data.image_width=56",
-                      "data.frames_range=[2,3]", "data.frames_per_gpu=3", "data.num_workers=0",
-                      "data.synthetic.num_scenes=4", "schedule.warmup_steps=5", "train.max_steps=100",
-                      "train.log_every=10", "train.checkpoint_every=0", "train.progress_bar=false",
-                      f"train.output_dir={out}"])
-    _check(result)
-    records = read_metrics(out / "metrics.jsonl")
+@pytest.fixture(scope="module")
+def fits(tmp_path_factory):
+    """Two single-process trainings, side by side (each keeps one core busy):
+    - "fit": the recipe's model and precision on a small fixed set of synthetic scenes, 100 steps;
+    - "track": `vggt-fsdp train recipes/cpu_tiny.yaml model.heads.track=true` in short (56 px, two
+      scenes, 16 steps; loss.track is on by default with the head: "auto")."""
+    root = tmp_path_factory.mktemp("fits")
+    small = ["data.image_width=56", "data.frames_range=[2,3]", "data.frames_per_gpu=3", "data.num_workers=0",
+             "train.checkpoint_every=0", "train.progress_bar=false"]
+    commands = {
+        "fit": [*small, "data.synthetic.num_scenes=4", "schedule.warmup_steps=5", "train.max_steps=100",
+                "train.log_every=10"],
+        "track": [*small, "model.heads.track=true", "data.synthetic.num_scenes=2",
+                  "data.synthetic.num_track_queries=16", "schedule.warmup_steps=2", "train.max_steps=16",
+                  "train.log_every=8"],
+    }
+    procs = {name: _start([sys.executable, "-m", "vggt_fsdp.train", RECIPE, *overrides,
+                           f"train.output_dir={root / name}"]) for name, overrides in commands.items()}
+    for proc in procs.values():
+        _check(_finish(proc, timeout=480))
+    return {name: read_metrics(root / name / "metrics.jsonl") for name in commands}
+
+
+def test_loss_falls_on_the_tiny_synthetic_task(fits):
+    """With log_every=10 the first record is the mean of the first ten steps and the last the mean of
+    the final ten."""
+    records = fits["fit"]
     assert [r["step"] for r in records] == list(range(10, 101, 10))
     first_ten, final = records[0]["loss"], records[-1]["loss"]
     assert final <= 0.5 * first_ten, [round(r["loss"], 3) for r in records]
+
+
+def test_training_with_the_track_head_lowers_the_track_loss(fits):
+    """The mean track loss of the second eight steps is below that of the first eight."""
+    first, second = (r["loss_terms"]["loss_track_total"] for r in fits["track"])
+    assert second < first
 
 
 def test_validation_reports_pose_auc_and_depth_absrel(runs):
