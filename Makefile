@@ -14,5 +14,7 @@ install:
 run: install
 	vggt-fsdp train recipes/cpu_tiny.yaml
 
+# Two pytest processes side by side, one core each (tests/run_suite.py); `python -m pytest` runs the
+# same tests in one process.
 test: install
-	$(PYTHON) -m pytest $(PYTEST_ARGS)
+	$(PYTHON) tests/run_suite.py $(PYTEST_ARGS)
