@@ -259,7 +259,11 @@ def test_plan_orders_recipes_first_and_baseline_uses_upstream_choices():
     assert (by_role["recipe_40g"].gpu_memory_gib, by_role["recipe_80g"].gpu_memory_gib) == (40.0, 80.0)
 
 
-@pytest.mark.parametrize("device_name, card", [(None, None), ("NVIDIA H200", "h200")])
+@pytest.mark.parametrize("device_name, card", [
+    # no card (a CPU run): also checked by the 10_throughput stage's smoke run (test_gpu_stages_smoke)
+    pytest.param(None, None, marks=pytest.mark.slow),
+    ("NVIDIA H200", "h200"),
+])
 def test_predict_asks_the_planner_at_the_measured_shape_and_card(device_name, card):
     profile = compare_recipes.PROFILES["cpu"]
     config = compare_recipes.Config("40GB recipe", "recipe_40g", compare_recipes.RECIPE_40G, 2, 8,

@@ -204,3 +204,6 @@ def test_sampler_shapes_compile_a_bounded_reported_set_of_graphs(tmp_path, capfd
     log = capfd.readouterr().err
     assert log.count("[vggt-fsdp] compile: block graph") == warm
     assert "for aggregator.global_blocks.0" in log and "for camera_head.trunk.0" in log
+    # Compiling changes no parameter name (checkpoints, exports and clipping groups read them).
+    plain = [name for name, _ in VGGT(model_config(recipe.model)).named_parameters()]
+    assert [canonical_name(name) for name, _ in model.named_parameters()] == plain

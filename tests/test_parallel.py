@@ -492,6 +492,8 @@ def test_a_lone_process_is_bridged_to_fsdp_too():
 
 
 # ------------------------------------------------------------------------------------------- compile
+@pytest.mark.slow  # test_compile covers it in CI: compiled blocks' gradients equal eager's, and the whole
+# model compiles under FSDP2 over the sampler's shapes with its parameter names unchanged
 def test_compiled_blocks_give_the_same_gradients_and_names(tmp_path, monkeypatch):
     """parallel.compile compiles each block's forward, inside its checkpoint wrapper and under FSDP2's hooks.
     Dynamo's "eager" backend traces exactly what inductor would compile, in seconds instead of minutes."""
