@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from collections import Counter
@@ -16,6 +15,7 @@ import pytest
 import torch
 
 from data_writers import render_world, write_folder
+from processes import finish, start
 from vggt_fsdp.data import DataConfig, SourceConfig, build_dataloader
 from vggt_fsdp.data.sampler import DynamicBatchSampler, Mixture
 from vggt_fsdp.recipe import RecipeError, load_recipe
@@ -169,16 +169,9 @@ def _train(output: Path, sources: str, timeout: int = 300) -> subprocess.Complet
                "-m", "vggt_fsdp.train", str(RECIPE), *TINY, sources,
                f"train.output_dir={output}"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"timed out after {timeout} s\n{err[-4000:]}")
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{err[-4000:]}"
-    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+    result = finish(start(command, env), timeout)
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stderr[-4000:]}"
+    return result
 
 
 def test_a_two_source_recipe_trains_on_two_processes_and_resumes_exactly(tmp_path, folder_root):

@@ -17,10 +17,10 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 from pathlib import Path
 
 import pytest
+from processes import finish, start
 
 REPO = Path(__file__).resolve().parents[1]
 BUDGET_S = {"10_throughput": 600, "20_trainer_cuda": 600, "30_track": 1200, "40_single_gpu": 300}
@@ -38,18 +38,11 @@ class Stages:
             self.dirs[name].mkdir()
             command = ["bash", str(REPO / "benchmarks" / "gpu_stages" / f"{name}.sh"), str(self.dirs[name]),
                        str(budget)]
-            self.procs[name] = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+            self.procs[name] = start(command, env, merge_output=True)
 
     def finished(self, name: str) -> Path:
-        proc = self.procs[name]
-        try:
-            output, _ = proc.communicate(timeout=TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            output, _ = proc.communicate()
-            pytest.fail(f"stage {name} timed out after {TIMEOUT_S} s\n{output[-3000:]}")
-        assert proc.returncode == 0, output[-6000:]
+        result = finish(self.procs[name], TIMEOUT_S)
+        assert result.returncode == 0, result.stdout[-6000:]
         return self.dirs[name]
 
     def stop(self) -> None:

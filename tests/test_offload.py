@@ -8,13 +8,12 @@ checkpoints of host tensors); only the copies cost nothing, since host and devic
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
+from processes import finish, start
 
 from vggt_fsdp.memory import offload, planner
 from vggt_fsdp.recipe import load_recipe
@@ -32,20 +31,14 @@ TINY = ["model.preset=vggt-tiny", "accelerate.use_cpu=true", "data.source=synthe
 def _start(out: Path, *overrides: str, **extra_env: str) -> subprocess.Popen:
     """One training process (one core: OMP_NUM_THREADS=1), so two can run side by side."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **extra_env)
-    return subprocess.Popen([sys.executable, "-m", "vggt_fsdp.train", RECIPE, *TINY, f"train.output_dir={out}",
-                             *overrides], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    return start([sys.executable, "-m", "vggt_fsdp.train", RECIPE, *TINY, f"train.output_dir={out}", *overrides],
+                 env)
 
 
 def _finish(proc: subprocess.Popen, timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"training timed out after {timeout} s\n{stderr[-3000:]}")
-    assert proc.returncode == 0 or not check, stderr[-4000:]
-    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    result = finish(proc, timeout)
+    assert result.returncode == 0 or not check, result.stderr[-4000:]
+    return result
 
 
 def test_recipe_offloads_on_one_process():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from tests import run_suite
+import run_suite
 
 TESTS = Path(__file__).resolve().parent
 # How a test starts a launcher: Accelerate's, torch's or `vggt-fsdp train` (which runs Accelerate's) as a

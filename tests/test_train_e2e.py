@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from processes import finish, start
 
 from vggt_fsdp.parallel.accelerate import accelerate_config_yaml
 from vggt_fsdp.recipe import load_recipe
@@ -40,24 +41,11 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _start(command: list[str], **env: str) -> subprocess.Popen:
-    # Own process group: on a timeout the launcher *and* its workers are killed, none left behind.
-    return subprocess.Popen(command, cwd=REPO, env=_env(**env), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return start(command, _env(**env))
 
 
 def _launch(command: list[str], timeout: int = 240, **env: str) -> subprocess.CompletedProcess:
-    return _finish(_start(command, **env), timeout)
-
-
-def _finish(proc: subprocess.Popen, timeout: int = 240) -> subprocess.CompletedProcess:
-    command = proc.args
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"timed out after {timeout} s: {' '.join(command)}\n{err[-4000:]}")
-    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+    return finish(_start(command, **env), timeout)
 
 
 def _check(result: subprocess.CompletedProcess) -> None:
@@ -168,7 +156,7 @@ def fits(tmp_path_factory):
     procs = {name: _start([sys.executable, "-m", "vggt_fsdp.train", RECIPE, *overrides,
                            f"train.output_dir={root / name}"]) for name, overrides in commands.items()}
     for proc in procs.values():
-        _check(_finish(proc, timeout=480))
+        _check(finish(proc, timeout=480))
     return {name: read_metrics(root / name / "metrics.jsonl") for name in commands}
 
 
