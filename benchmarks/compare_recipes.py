@@ -148,8 +148,8 @@ def plan(profile: Profile, include_baseline: bool = True, include_sweep: bool = 
             configs.append(Config(f"upstream-style baseline @{frames}", "baseline", RECIPE_80G, frames, 1,
                                   baseline, cap))
     if profile.compile_probe and not _compiles(RECIPE_40G):
-        # After the baseline, as compiling is the slowest start: the worst case (one scene of 24 frames) for the speed-up,
-        # then the sampler mix, whose batches of two or more scenes are where pytorch#166926 failed.
+        # After the baseline, as compiling is the slowest start: the worst case (one scene of 24 frames)
+        # for the speed-up, then the sampler mix, whose batches of 2+ scenes are where pytorch#166926 failed.
         compiled = Config("40GB recipe, compiled", "compiled_40g", RECIPE_40G, profile.frames_40g,
                           profile.world_size, [*common, "parallel.compile=true"], profile.cap_40g)
         configs.append(compiled)
