@@ -23,7 +23,6 @@ import gc
 import json
 import platform
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
@@ -33,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from benchmarks.provenance import git_commit  # noqa: E402
 from vggt_fsdp.memory import planner  # noqa: E402
 from vggt_fsdp.memory.measure import measure_step  # noqa: E402
 
@@ -66,14 +66,6 @@ def with_policy(parallel_cfg, spec: str):
     raise ValueError(f"--policies entry {spec!r}; valid: {', '.join(valid)}")
 
 
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def run(args: argparse.Namespace, write=lambda result: None) -> dict:
     """Measure every (policy, frames) pair; `write(result)` is called after each row, so a run cut short
     by a time limit keeps what it measured. An out-of-memory step is a row too (status "oom")."""
@@ -93,7 +85,7 @@ def run(args: argparse.Namespace, write=lambda result: None) -> dict:
                    else f"CPU ({platform.processor() or platform.machine()})"),
         "measured_with": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "FSDPMemTracker peak (CPU)",
         "torch": torch.__version__,
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "recipe": args.recipe,
         "model": planner.model_name(shape.model_cfg),
         "preset": args.preset or recipe.model.preset,

@@ -24,12 +24,17 @@ import dataclasses
 import datetime as dt
 import json
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script (the command above), not as a module
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.provenance import git_commit  # noqa: E402
 
 MODES = {  # name: (param_dtype, autocast, CUDA autocast rules)
     "fp32": ("fp32", False, False),
@@ -114,14 +119,10 @@ def run(preset: str, steps: int, frames: int, width: int, seed: int, recipe_path
 
 
 def provenance(argv: list[str]) -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
     return {"command": "python benchmarks/precision_curves.py " + " ".join(argv),
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
             "device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-            "commit": commit}
+            "commit": git_commit()}
 
 
 def markdown(result: dict) -> str:

@@ -32,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.provenance import git_commit
+
 REPO = Path(__file__).resolve().parents[1]
 GIB = 1024**3
 # (recipe, cap in GiB, seconds a run needs on an H200: build and offloaded init, 2 steps, host AdamW;
@@ -165,19 +167,11 @@ def run_stage(out: Path, budget_s: float, smoke: bool) -> dict:
     import torch
 
     report = {"smoke": smoke, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "torch": torch.__version__,
-              "commit": _commit(), "command": "python -m benchmarks.single_gpu " + " ".join(sys.argv[1:]),
+              "commit": git_commit(), "command": "python -m benchmarks.single_gpu " + " ".join(sys.argv[1:]),
               "runs": runs}
     (out / "single_gpu.json").write_text(json.dumps(report, indent=1))
     (out / "summary.md").write_text(summary(report))
     return report
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def summary(report: dict) -> str:

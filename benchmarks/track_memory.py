@@ -27,7 +27,6 @@ import contextlib
 import datetime
 import json
 import platform
-import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -38,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from benchmarks.provenance import git_commit
 from vggt_fsdp.memory.accounting import count_saved_bytes
 from vggt_fsdp.model.config import VGGTConfig, get_preset
 
@@ -127,12 +127,7 @@ def cuda_grid_sample_rule() -> Iterator[None]:
 
 
 def provenance() -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                check=False).stdout.strip() or "unknown"
-    except OSError:
-        commit = "unknown"
-    return {"device": f"CPU ({platform.machine()})", "torch": torch.__version__, "commit": commit,
+    return {"device": f"CPU ({platform.machine()})", "torch": torch.__version__, "commit": git_commit(short=True),
             "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": " ".join(["python -m benchmarks.track_memory", *sys.argv[1:]])}
 

@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.provenance import git_commit
+
 REPO = Path(__file__).resolve().parents[1]
 
 # What each run trains (overrides of a bundled recipe). GPU: VGGT-1B at 8 frames of 252 px (18x18
@@ -260,8 +262,7 @@ def main(argv: list[str] | None = None) -> int:
               "resume_exact": lambda: run_resume(args.out, args.smoke, budget)}
     report = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "smoke": args.smoke, "torch": torch.__version__,
               "device": torch.cuda.get_device_name() if device_type == "cuda" else platform.processor() or "cpu",
-              "commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
-                                       text=True).stdout.strip() or "unknown",
+              "commit": git_commit(),
               "budget_s": args.budget_s, "checks": {}}
     for name, check in checks.items():
         if not args.smoke and budget.left() < NEEDS_S[name]:
