@@ -390,3 +390,23 @@ def test_train_command_exits_zero_after_a_clean_stop(tmp_path, capsys):
     status.write_text(json.dumps({"step": 7, "checkpoint": "/x/step-0000007"}))
     assert _exit_code(1, True, status) == 0 and "preempted at step 7" in capsys.readouterr().err
     assert _exit_code(1, False, status) == 1  # no signal forwarded: the failure stands
+
+
+def test_a_start_up_signal_whose_exception_was_swallowed_stops_at_the_hand_over():
+    """The start-up handler's exception can land in code that ignores exceptions (a __del__, a weakref
+    callback); the signal is then honoured when the training loop's handler takes over."""
+    from vggt_fsdp.train import faults
+
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        faults.stop_during_startup()
+        try:
+            signal.raise_signal(signal.SIGTERM)
+        except faults.StartupInterrupted:
+            pass  # what a __del__ or a callback would have done with it
+        with pytest.raises(faults.StartupInterrupted):
+            faults.StopSignal()
+        faults.stop_during_startup()  # a new start-up forgets it
+        assert faults.StopSignal().received is None
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -37,13 +37,22 @@ class StartupInterrupted(BaseException):
     """A stop signal arrived before training began (BaseException: no `except Exception` swallows it)."""
 
 
+# The stop signal received during start-up. The exception the handler raises can be swallowed when it
+# lands in code that ignores exceptions (a __del__, a weakref callback); StopSignal then honours it.
+_startup_signal: int | None = None
+
+
 def _raise_startup(signum, frame) -> None:
+    global _startup_signal
+    _startup_signal = signum
     raise StartupInterrupted(signum)
 
 
 def stop_during_startup(signals: tuple[int, ...] = (signal.SIGTERM,)) -> None:
     """Until `StopSignal` takes over, `signals` raise StartupInterrupted. A process that blocked them
     first (`signal.pthread_sigmask`, before its slow imports) receives a pending one now."""
+    global _startup_signal
+    _startup_signal = None
     for sig in signals:
         signal.signal(sig, _raise_startup)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, set(signals))
@@ -91,6 +100,8 @@ class StopSignal:
             self._group = dist.new_group(backend="gloo")
         for sig in signals:
             signal.signal(sig, self._handle)
+        if _startup_signal is not None:  # received during start-up, its exception swallowed: stop now
+            raise StartupInterrupted(_startup_signal)
 
     def _handle(self, signum, frame) -> None:
         if self.received is None:
