@@ -207,3 +207,22 @@ def test_recipe_show_reports_errors_as_one_line(capsys):
                           "parallel.checkpoint.policy=blok")
     assert code == 2 and out == ""
     assert err.startswith("error: ") and "did you mean 'block'" in err
+
+
+@pytest.mark.parametrize("section, env, expected", [
+    ({"num_machines": 1, "main_process_port": 29555}, {}, None),      # the recipe's port is written as is
+    ({"num_machines": 2}, {"MASTER_PORT": "29601"}, None),            # machines must agree: never chosen here
+    ({"num_machines": 1}, {"MASTER_PORT": "29601"}, 29601),           # the launcher's environment names it
+    ({"num_machines": 1}, {}, "free"),                                # else a free port, never the default
+])
+def test_a_one_machine_launch_rendezvous_on_its_own_port(monkeypatch, section, env, expected):
+    from vggt_fsdp.commands.train import rendezvous_port
+
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    port = rendezvous_port(section)
+    if expected == "free":
+        assert isinstance(port, int) and port != 29500 and 1024 <= port < 65536
+    else:
+        assert port == expected

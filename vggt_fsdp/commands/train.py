@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     with tempfile.TemporaryDirectory(prefix="vggt-fsdp-") as tmp:
         config_file = Path(tmp) / "accelerate_config.yaml"
-        config_file.write_text(accelerate_config_yaml(recipe))
+        config_file.write_text(accelerate_config_yaml(recipe, main_process_port=rendezvous_port(acc)))
         command = launch_command(config_file, args.recipe, list(args.overrides))
         print(f"[vggt-fsdp] launching {where}: {shlex.join(command)}", file=sys.stderr, flush=True)
         env = dict(os.environ)
@@ -83,6 +83,22 @@ def run(args: argparse.Namespace) -> int:
         env[STATUS_ENV] = str(status)
         code, signalled = _run_forwarding_signals(command, env)
         return _exit_code(code, signalled, status)
+
+
+def rendezvous_port(acc: dict) -> int | None:
+    """The port a one-machine launch rendezvous on: the recipe's `accelerate.main_process_port`, else
+    MASTER_PORT, else a free port of this machine, so two runs on one machine (two users, two tests, two
+    jobs on one node) never meet on torch's default 29500. None for several machines: all of them must
+    agree on one port, which the recipe or the launcher's environment names."""
+    if acc.get("main_process_port") is not None or acc.get("num_machines", 1) > 1:
+        return None
+    if os.environ.get("MASTER_PORT"):
+        return int(os.environ["MASTER_PORT"])
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def _exit_code(code: int, signalled: bool, status: Path) -> int:

@@ -115,12 +115,16 @@ def _check_topology(data: dict[str, Any], parallel: ParallelConfig) -> None:
                              f"num_machines={machines})") from None
 
 
-def accelerate_config_yaml(spec: LaunchSpec) -> str:
+def accelerate_config_yaml(spec: LaunchSpec, main_process_port: int | None = None) -> str:
     """The recipe's `accelerate:` section as the text of an Accelerate config file (for
-    `accelerate launch --config_file`); strings such as 'no' stay quoted so YAML reads them back."""
+    `accelerate launch --config_file`), with `main_process_port` set where given; strings such as 'no'
+    stay quoted so YAML reads them back."""
     import yaml
 
-    return yaml.safe_dump(spec.accelerate, sort_keys=False)
+    section = dict(spec.accelerate)
+    if main_process_port is not None:
+        section["main_process_port"] = main_process_port
+    return yaml.safe_dump(section, sort_keys=False)
 
 
 def topology_notice(section: dict[str, Any], world: int) -> str | None:
