@@ -163,15 +163,6 @@ def test_export_refuses_a_damaged_checkpoint_and_the_command_falls_back(two_chec
         find_checkpoint(second)
 
 
-def test_legacy_checkpoint_without_manifest_is_resumed_with_a_warning(two_checkpoints, capsys):
-    root, first, second, _ = two_checkpoints
-    marker = json.loads((second / ckpt.MARKER).read_text())
-    del marker["files"]
-    (second / ckpt.MARKER).write_text(json.dumps(marker))
-    assert ckpt.agreed_resume("auto", root) == second
-    assert "without a file manifest" in capsys.readouterr().err
-
-
 def test_block_checksums_name_the_damaged_range(tmp_path, monkeypatch):
     from vggt_fsdp.train import integrity
 

@@ -6,7 +6,9 @@ files are verified against the checksums of its COMPLETE marker first, and weigh
 are refused (named); nothing is written then. The file holds the model's fp32 master weights (or
 --dtype bf16) under upstream names, loadable with `vggt_fsdp.model.load_weights(model, path)` or by
 upstream's VGGT, readable like any new file (0666 less the umask). Runs in one process, without a
-process group; memory: one copy of the model.
+process group; memory: one copy of the model. Nothing in the checkpoint is run as code: its files are
+read as tensors and plain data only, and a file holding anything else is refused (train/safe_load.py).
+An output path that is a directory, or whose directory cannot be created, is refused before reading.
 """
 from __future__ import annotations
 
@@ -43,15 +45,32 @@ def find_checkpoint(path: Path) -> Path:
     from vggt_fsdp.train import checkpoint as ckpt
 
     found, explicit = candidates(path)
+    if not explicit:
+        for root in (path, path / "checkpoints"):
+            ckpt.say_unmarked(root, lambda text: print(f"warning: {text}", file=sys.stderr))
     for checkpoint in found:
         problems = ckpt.checkpoint_problems(checkpoint)
         if not problems:
             return checkpoint
-        text = f"checkpoint {checkpoint} is damaged: {'; '.join(problems)}"
+        text = f"checkpoint {checkpoint} {ckpt.verdict(problems)}: {'; '.join(problems)}"
         if explicit:
             raise ckpt.CheckpointError(text)
         print(f"warning: {text}; trying the next older one", file=sys.stderr)
     raise ckpt.CheckpointError(f"no intact checkpoint under {path}")
+
+
+def output_problem(out: Path) -> str | None:
+    """Why `out` cannot be written (None: it can, as far as can be told before writing)."""
+    import os
+
+    if out.is_dir():
+        return "is a directory; name a .safetensors file inside it"
+    existing = next((p for p in (out.parent.absolute(), *out.parent.absolute().parents) if p.exists()), None)
+    if existing is None or not existing.is_dir():
+        return f"cannot be created: {existing} is not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"cannot be created: {existing} is not writable by this user"
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,6 +81,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.out.suffix != ".safetensors":
         print(f"error: output {args.out} must end in .safetensors", file=sys.stderr)
+        return 2
+    if problem := output_problem(args.out):
+        print(f"error: output {args.out} {problem}", file=sys.stderr)
         return 2
     try:
         source = find_checkpoint(args.checkpoint)
@@ -74,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     try:
         count = ckpt.export_safetensors(source, args.out, dtype=dtype, verify=False)  # verified above
-    except NonFiniteWeightsError as err:
+    except (NonFiniteWeightsError, ckpt.CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     size = args.out.stat().st_size / 2**20

@@ -307,10 +307,12 @@ def _train(recipe, lock) -> int:
     trainer = built.trainer
     out = Path(recipe.train.output_dir)
     if trainer.rank == 0:
-        from vggt_fsdp.recipe import dump_recipe
-        (out / "recipe.yaml").write_text(dump_recipe(recipe))
         (out / PREEMPTED_MARKER).unlink(missing_ok=True)  # only this run's preemption may be reported
     trainer.resume()
+    if trainer.rank == 0:  # after the resume: the recipe in effect, and what changed (resume_check.py)
+        from vggt_fsdp.recipe import dump_recipe
+        from vggt_fsdp.train.resume_check import record_recipe
+        record_recipe(out, dump_recipe(recipe), trainer.resumed_from, trainer.state.step, trainer.state.recipe_changes)
     outcome = trainer.fit()
     if outcome.preempted:
         _report_preempted(recipe, lock, outcome.step, outcome.last_checkpoint)

@@ -94,7 +94,7 @@ class Trainer:
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.state = ckpt.TrainState(step=0, scheduler=scheduler, sampler=getattr(task, "sampler", None),
-                                     max_steps=cfg.max_steps)
+                                     max_steps=cfg.max_steps, recipe=recipe)
         # Where the sharded parameters (and so the optimizer's found_inf input) live: the host with
         # parallel.sharding.cpu_offload, the compute device otherwise.
         state_device = next(model.parameters()).device

@@ -6,6 +6,7 @@ types, ranges and combinations; preflight checks the recipe against the world an
 
 - train.output_dir: a writable directory (or creatable), not held by a live trainer (lock.py);
 - data roots, model.init_weights and a train.resume path: present and readable;
+- resuming: no change against the checkpoint's recipe that a resume cannot honour (resume_check.py);
 - model.init_weights: tensor names and shapes against the model, from the file's header only;
 - model.freeze, parallel.layout (block and attention types, units, groups), parallel.precision.fp32_modules
   and parallel.checkpoint.n against the model built on the meta device (no memory);
@@ -56,6 +57,7 @@ def preflight(recipe, model: nn.Module | None = None, *, cuda: bool | None = Non
     problems += data_problems(recipe.data)
     problems += device_problems(recipe, cuda)
     problems += resume_problems(recipe.train.resume)
+    problems += resume_recipe_problems(recipe)
     if model is None:
         from vggt_fsdp.model import build_model
         from vggt_fsdp.recipe import model_config
@@ -154,7 +156,7 @@ def resume_problems(resume: str) -> list[Problem]:
     checksums are verified by the trainer, spread over its ranks)."""
     if resume in ("auto", "none"):
         return []
-    from vggt_fsdp.train.checkpoint import MARKER, CheckpointError, read_marker
+    from vggt_fsdp.train.checkpoint import MARKER, CheckpointError, marker_trust_problems, read_marker
 
     path, key = Path(resume), "train.resume"
     if error := _readable_dir(resume):
@@ -163,15 +165,44 @@ def resume_problems(resume: str) -> list[Problem]:
         return [Problem(key, f"{path} is not a complete checkpoint (no {MARKER} marker); valid: auto, none or "
                         "a complete step-* directory")]
     try:
-        files = read_marker(path).get("files", {})
+        marker = read_marker(path)
     except CheckpointError as err:
         return [Problem(key, f"{err}; name another checkpoint or train.resume=auto")]
+    if untrusted := marker_trust_problems(marker):
+        return [Problem(key, f"checkpoint {path} is not trusted: {'; '.join(untrusted)}; name another checkpoint "
+                        "or train.resume=auto")]
+    files = marker["files"]
     wrong = [name for name, record in files.items()
              if not (path / name).is_file() or (path / name).stat().st_size != record["size"]]
     if wrong:
         return [Problem(key, f"checkpoint {path} is damaged: {', '.join(sorted(wrong))} missing or of the wrong "
                         "size; name another checkpoint or train.resume=auto")]
     return []
+
+
+def resume_recipe_problems(recipe) -> list[Problem]:
+    """Changes against the recipe of the checkpoint this run would resume from that a resume cannot
+    honour (resume_check.py's rule), one per key with both values. The trainer compares again with the
+    checkpoint it actually loads (a damaged newest one falls back to an older one)."""
+    from vggt_fsdp.train import resume_check
+    from vggt_fsdp.train.checkpoint import CheckpointError, complete_checkpoints, is_complete, read_marker
+
+    resume = recipe.train.resume
+    if resume == "none":
+        return []
+    found = ([path for _, path in complete_checkpoints(Path(recipe.train.output_dir) / "checkpoints")]
+             if resume == "auto" else [Path(resume)] if is_complete(Path(resume)) else [])
+    if not found:
+        return []
+    try:
+        marker = read_marker(found[-1])
+    except CheckpointError:
+        return []  # named by resume_problems or, with auto, by the trainer, which falls back
+    saved, _ = resume_check.saved_recipe(found[-1], marker)
+    if saved is None:
+        return []
+    changes = resume_check.compare(saved, recipe)
+    return [Problem(key, message) for key, message in resume_check.refused(found[-1], changes)]
 
 
 # ------------------------------------------------------------------------------------- the model
