@@ -73,7 +73,8 @@ def _forge_optimizer_item(path: Path, target: Path) -> None:
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
 
 
-FORGERIES = {".metadata": _forge_metadata, "rank file": _forge_rank_file, "optimizer item in a shard": _forge_optimizer_item}
+FORGERIES = {".metadata": _forge_metadata, "rank file": _forge_rank_file,
+             "optimizer item in a shard": _forge_optimizer_item}
 
 
 def _unprotected_read(path: Path, where: str) -> None:
@@ -162,6 +163,21 @@ def test_a_format_2_rank_file_with_numpy_rng_state_still_resumes_exactly(tmp_pat
     np.random.seed(0)
     _resume(path)
     assert (np.random.rand(3) == expected).all()
+
+
+@pytest.mark.parametrize("reader", ["load_weights", "preflight"])
+def test_a_weights_file_with_a_payload_is_refused_unrun(tmp_path, reader):
+    from vggt_fsdp.model.weights import UnsafeWeightsError, load_weights
+
+    target, weights = tmp_path / "payload-ran", tmp_path / "model.pt"
+    torch.save({"model": Toy().state_dict(), "extra": Payload(target)}, weights)
+    if reader == "load_weights":
+        with pytest.raises(UnsafeWeightsError, match="refused unread"):
+            load_weights(Toy(), weights)
+    else:
+        problems = preflight.init_weights_problems(Toy(), str(weights))
+        assert len(problems) == 1 and "refused unread" in problems[0].message
+    assert not target.exists()
 
 
 # --------------------------------------------------------------------------- markers not trusted
@@ -282,9 +298,10 @@ def test_preflight_refuses_a_model_change_before_launch_naming_key_and_values(ru
     recipe.model.heads.track = True
     problems = {p.key: p.message for p in preflight.resume_recipe_problems(recipe)}
     assert set(problems) == {"model.preset", "model.heads.track"}
-    assert "'vggt-tiny' in checkpoint" in problems["model.preset"] and "'vggt-mid' in this recipe" in problems["model.preset"]
-    assert "false in checkpoint" in problems["model.heads.track"] and "true in this recipe" in problems["model.heads.track"]
-    assert str(step) in problems["model.preset"] and "train.resume=none" in problems["model.preset"]
+    preset, track = problems["model.preset"], problems["model.heads.track"]
+    assert "'vggt-tiny' in checkpoint" in preset and "'vggt-mid' in this recipe" in preset
+    assert "false in checkpoint" in track and "true in this recipe" in track
+    assert str(step) in preset and "train.resume=none" in preset
     assert preflight.resume_recipe_problems(_cpu_tiny(f"train.output_dir={out}", "optim.lr=5e-4")) == []
     assert preflight.resume_recipe_problems(_cpu_tiny(f"train.output_dir={out}", "model.preset=vggt-mid",
                                                       "train.resume=none")) == []

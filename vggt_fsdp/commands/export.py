@@ -44,10 +44,10 @@ def find_checkpoint(path: Path) -> Path:
     in a directory is reported on stderr and the next older one is tried."""
     from vggt_fsdp.train import checkpoint as ckpt
 
-    found, explicit = candidates(path)
-    if not explicit:
+    if not ckpt.is_complete(path):
         for root in (path, path / "checkpoints"):
             ckpt.say_unmarked(root, lambda text: print(f"warning: {text}", file=sys.stderr))
+    found, explicit = candidates(path)
     for checkpoint in found:
         problems = ckpt.checkpoint_problems(checkpoint)
         if not problems:

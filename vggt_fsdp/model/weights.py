@@ -1,6 +1,7 @@
 """Loading and saving VGGT weights in upstream's format (names as facebookresearch/vggt).
 
-Accepted files: `.safetensors`, or `.pt`/`.pth`/`.bin` holding a raw state dict or {"model": sd}.
+Accepted files: `.safetensors`, or `.pt`/`.pth`/`.bin` holding a raw state dict or {"model": sd}, read
+weights-only (tensors and plain data; anything else is refused unread: `UnsafeWeightsError`).
 Loading is strict by default: any missing, unexpected or wrongly shaped tensor raises
 `WeightsMismatchError`, whose message lists the first few names of each kind with counts.
 
@@ -49,6 +50,24 @@ class WeightsMismatchError(RuntimeError):
         super().__init__(f"weights {path} do not match the model: {report.describe()}{hint}")
 
 
+class UnsafeWeightsError(ValueError):
+    """A weights file holding objects other than tensors and plain data: refused, never run."""
+
+
+def load_tensors_only(path: str | Path, **kwargs):
+    """`torch.load(weights_only=True)`, its refusal said without torch's advice to turn the restriction
+    off (that would run whatever the file holds)."""
+    import pickle
+
+    try:
+        return torch.load(str(path), weights_only=True, **kwargs)
+    except pickle.UnpicklingError as err:
+        found = [line.strip() for line in str(err).splitlines() if "GLOBAL" in line or "Unsupported" in line]
+        raise UnsafeWeightsError(f"{path} holds objects other than tensors and plain data "
+                                 f"({found[0] if found else 'not a tensor file'}): refused unread (a weights file "
+                                 "is data, never code); use a .safetensors file or a plain state dict") from None
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a checkpoint file on the CPU, upstream names."""
     path = Path(path)
@@ -59,7 +78,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
         return load_file(str(path), device="cpu")
     if path.suffix in (".pt", ".pth", ".bin"):
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        obj = load_tensors_only(path, map_location="cpu")
         if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
             obj = obj["model"]
         if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

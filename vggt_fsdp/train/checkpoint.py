@@ -178,7 +178,8 @@ def agreed_resume(resume: str, root: Path) -> Path | None:
             return path
         damaged.append(f"{path}: " + "; ".join(problems))
         if resume != "auto":
-            raise CheckpointError(f"train.resume={resume}: checkpoint {path} {verdict(problems)}: {'; '.join(problems)}. "
+            raise CheckpointError(f"train.resume={resume}: checkpoint {path} {verdict(problems)}: "
+                                  f"{'; '.join(problems)}. "
                                   "Name another checkpoint, or train.resume=auto for the newest intact one")
         older = candidates[len(damaged)] if len(damaged) < len(candidates) else None
         warn_every_rank(f"checkpoint {path} {verdict(problems)} and will not be resumed from: {'; '.join(problems)}"
@@ -334,11 +335,11 @@ def save_checkpoint(root: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier attempt at this very step
         tmp.mkdir()
 
-    failed.guard(lambda: rank0_decides(failed.wrap(start), (CheckpointSaveError,)))
-    failed.guard(lambda: dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp)))
-    files = failed.guard(lambda: _agree(failed.wrap(lambda: _write_rank_file(tmp, rank, train.step, per_rank))))
-    failed.guard(lambda: rank0_decides(failed.wrap(lambda: _complete(root, tmp, final, train, files, info, keep_last)),
-                                       (CheckpointSaveError,)))
+    failed.run(lambda: rank0_decides(failed.wrap(start), (CheckpointSaveError,)))
+    failed.run(lambda: dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp)))
+    files = failed.run(lambda: _agree(failed.wrap(lambda: _write_rank_file(tmp, rank, train.step, per_rank))))
+    finish = failed.wrap(lambda: _complete(root, tmp, final, train, files, info, keep_last))
+    failed.run(lambda: rank0_decides(finish, (CheckpointSaveError,)))
     return final
 
 
@@ -423,6 +424,7 @@ class _SaveFailure:
         self.root, self.tmp, self.final, self.estimate = root, tmp, final, estimate
 
     def wrap(self, step):
+        """`step` raising CheckpointSaveError only (so rank0_decides and _agree can pass it on)."""
         def wrapped():
             try:
                 return step()
@@ -432,15 +434,13 @@ class _SaveFailure:
                 raise self.error(err) from None
         return wrapped
 
-    def guard(self, step):
+    def run(self, step):
+        """`wrap(step)()`; an error another rank passed on removes this rank's view of the directory too."""
         try:
-            return step()
+            return self.wrap(step)()
         except CheckpointSaveError:
             shutil.rmtree(self.tmp, ignore_errors=True)
             raise
-        except (Exception, CheckpointException) as err:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            raise self.error(err) from None
 
     def error(self, err: BaseException) -> CheckpointSaveError:
         shutil.rmtree(self.tmp, ignore_errors=True)

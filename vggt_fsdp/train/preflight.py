@@ -323,7 +323,9 @@ def _header_shapes(path: Path) -> dict[str, torch.Tensor]:
 
         with safe_open(str(path), "pt") as f:
             return {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
-    obj = torch.load(str(path), mmap=True, weights_only=True, map_location="meta")
+    from vggt_fsdp.model.weights import load_tensors_only
+
+    obj = load_tensors_only(path, mmap=True, map_location="meta")
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

@@ -5,16 +5,18 @@ checkpoints of earlier versions: the run directory's recipe.yaml). Before launch
 when the trainer loads the checkpoint, the new recipe is compared with it key by key, and each changed
 key gets the verdict of the first rule below that names it:
 
-| keys | verdict | why |
-|---|---|---|
-| train.resume, train.output_dir | not compared | they name the run, not the training |
-| model.init_weights | not used | the weights come from the checkpoint |
-| model.* (preset, overrides, heads, freeze) | refused | the checkpoint's parameters and optimizer state fit its model only |
-| optim.no_decay, optim.no_decay_1d | refused | they decide which parameters share an optimizer group |
-| optim.*, schedule.*, train.max_steps | applied | the optimizer's hyperparameters and the lr schedule are this recipe's, continued at the checkpoint's step |
-| train.seed | not used | the RNG streams continue from the checkpoint (fresh from the seed only with another world size) |
-| data.* | applied | the sampler continues at the checkpoint's position of the new data order: not the batches an uninterrupted run would have drawn |
-| anything else (loss, parallel, accelerate, hardware, train) | applied | from the next step |
+- train.resume, train.output_dir: not compared (they name the run, not the training);
+- model.init_weights: not used (the weights come from the checkpoint);
+- model.* (preset, overrides, heads, freeze): refused (the checkpoint's parameters and optimizer
+  state fit its model only);
+- optim.no_decay, optim.no_decay_1d: refused (they decide which parameters share an optimizer group);
+- optim.*, schedule.*, train.max_steps: applied (the optimizer's hyperparameters and the lr schedule
+  are this recipe's, continued at the checkpoint's step);
+- train.seed: not used (the RNG streams continue from the checkpoint; from the seed only with another
+  world size);
+- data.*: applied (the sampler continues at the checkpoint's position of the new data order: not the
+  batches an uninterrupted run would have drawn);
+- anything else (loss, parallel, accelerate, hardware, train): applied from the next step.
 
 A refused change stops the run before anything starts, naming each key with both values; applied and
 unused ones are announced in one line each. The run directory's `recipe.yaml` is then the recipe in
@@ -113,7 +115,8 @@ def compare(saved: dict, recipe: Any) -> list[Change]:
         if not found:
             continue
         if isinstance(before, dict) and isinstance(now, dict):
-            pairs += [(f"{key}.{k}", before.get(k, _UNSET), now.get(k, _UNSET)) for k in sorted(before.keys() | now.keys())]
+            pairs += [(f"{key}.{k}", before.get(k, _UNSET), now.get(k, _UNSET))
+                      for k in sorted(before.keys() | now.keys())]
         else:
             pairs.append((key, before, now))
     changes = []
