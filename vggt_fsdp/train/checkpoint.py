@@ -643,6 +643,8 @@ def _continue_schedule(train: TrainState, base_lrs: list[float], before: list[fl
 
 
 def _differs(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):  # betas: a tuple built, maybe a list read
+        return len(a) != len(b) or any(_differs(x, y) for x, y in zip(a, b))
     if isinstance(a, (int, float)) and isinstance(b, (int, float)):
         return abs(a - b) > 1e-12 * max(abs(a), abs(b), 1e-30)
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
