@@ -417,8 +417,8 @@ _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 class _SaveFailure:
     """Turns whatever a save step raised (DCP's CheckpointException, which is a BaseException, torch's
-    "unexpected pos" of a short write, an OSError) into a CheckpointSaveError, removing the partial
-    directory first."""
+    "unexpected pos" of a short write, an OSError) into a CheckpointSaveError, and removes the partial
+    directory once every rank knows."""
 
     def __init__(self, root: Path, tmp: Path, final: Path, estimate: int):
         self.root, self.tmp, self.final, self.estimate = root, tmp, final, estimate
@@ -435,7 +435,7 @@ class _SaveFailure:
         return wrapped
 
     def run(self, step):
-        """`wrap(step)()`; an error another rank passed on removes this rank's view of the directory too."""
+        """`wrap(step)()` for a step whose failure every rank learns of; then the partial directory goes."""
         try:
             return self.wrap(step)()
         except CheckpointSaveError:
@@ -443,7 +443,8 @@ class _SaveFailure:
             raise
 
     def error(self, err: BaseException) -> CheckpointSaveError:
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        # The partial directory stays until every rank has heard of the failure (`run`): another rank may
+        # still be writing into it, and would fail on the missing directory instead of saying the cause.
         causes = _causes(err)
         free = _free_bytes(self.root)
         full = (any(isinstance(c, OSError) and c.errno in _NO_SPACE for c in causes)
