@@ -308,6 +308,17 @@ def test_preflight_refuses_a_model_change_before_launch_naming_key_and_values(ru
                                                       "train.resume=none")) == []
 
 
+def test_vggt_fsdp_train_refuses_it_before_launching(run_with_checkpoint, capsys, monkeypatch):
+    from vggt_fsdp.commands import train
+
+    out, step = run_with_checkpoint
+    monkeypatch.setattr(train, "_run_forwarding_signals", lambda *a: pytest.fail("launched"))
+    args = argparse.Namespace(recipe=str(REPO / "recipes" / "cpu_tiny.yaml"), dry_run=False, config_file=None,
+                              overrides=[f"train.output_dir={out}", "model.preset=vggt-mid"])
+    assert train.run(args) == 2
+    assert "error: model.preset: 'vggt-tiny' in checkpoint" in capsys.readouterr().err
+
+
 def test_a_checkpoint_of_an_earlier_version_is_compared_with_the_run_directorys_recipe_yaml(run_with_checkpoint):
     from vggt_fsdp.recipe import dump_recipe
 
