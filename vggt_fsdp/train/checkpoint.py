@@ -28,7 +28,6 @@ module's words, naming the path, and removes its partial directory; the previous
 """
 from __future__ import annotations
 
-import errno
 import io
 import json
 import os
@@ -51,6 +50,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from vggt_fsdp.train import resume_check
+from vggt_fsdp.train.checkpoint_errors import (CheckpointError, CheckpointSaveError, ExportWriteError, SaveFailure,
+                                               cause_text, no_space)
 from vggt_fsdp.train.faults import rank0_decides
 from vggt_fsdp.train.integrity import check_finite, checksum_files, share_of, verify_files
 from vggt_fsdp.train.safe_load import (SafePlanner, SafeReader, UnsafeCheckpointError, load_plain,
@@ -66,10 +67,6 @@ _TMP_PREFIX = ".tmp-"
 # Test hook: `VGGT_FSDP_CRASH_IN_SAVE=<step>` kills this process with SIGKILL after its shards of that
 # step are written but before the checkpoint is complete (how the atomicity test simulates a crash).
 _CRASH_ENV = "VGGT_FSDP_CRASH_IN_SAVE"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message names its path and what is wrong."""
 
 
 class Stateful(Protocol):
@@ -312,11 +309,6 @@ def _write_synced(path: Path, write) -> None:
         os.fsync(f.fileno())
 
 
-class CheckpointSaveError(CheckpointError):
-    """A save that failed; the message names the path, the cause (a full disk said as such) and that
-    the previous checkpoint is intact. The partial directory has been removed."""
-
-
 def save_checkpoint(root: Path, model: nn.Module, optimizer: torch.optim.Optimizer, train: TrainState,
                     device: torch.device, keep_last: int, info: dict | None = None) -> Path:
     """Collective: every rank must call it. Returns the final checkpoint directory. `info`: extra
@@ -328,7 +320,12 @@ def save_checkpoint(root: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     tmp = root / f"{_TMP_PREFIX}{final.name}"
     model_sd, optim_sd = get_state_dict(model, optimizer)
     per_rank = _per_rank_bytes(train, device)  # nothing below draws random numbers before it is written
-    failed = _SaveFailure(root, tmp, final, (_state_bytes((model_sd, optim_sd)) + len(per_rank)) * _world())
+    estimate = (_state_bytes((model_sd, optim_sd)) + len(per_rank)) * _world()
+
+    def previous() -> Path | None:  # said to be intact when this save fails
+        return next((p for _, p in reversed(complete_checkpoints(root)) if p != final), None)
+
+    failed = SaveFailure(root, tmp, final, estimate, previous)
 
     def start() -> None:  # rank 0
         root.mkdir(parents=True, exist_ok=True)
@@ -412,94 +409,6 @@ def _state_bytes(tree: Any) -> int:
     return 0
 
 
-_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-
-
-class _SaveFailure:
-    """Turns whatever a save step raised (DCP's CheckpointException, which is a BaseException, torch's
-    "unexpected pos" of a short write, an OSError) into a CheckpointSaveError, and removes the partial
-    directory once every rank knows."""
-
-    def __init__(self, root: Path, tmp: Path, final: Path, estimate: int):
-        self.root, self.tmp, self.final, self.estimate = root, tmp, final, estimate
-
-    def wrap(self, step):
-        """`step` raising CheckpointSaveError only (so rank0_decides and _agree can pass it on)."""
-        def wrapped():
-            try:
-                return step()
-            except CheckpointSaveError:
-                raise
-            except (Exception, CheckpointException) as err:
-                raise self.error(err) from None
-        return wrapped
-
-    def run(self, step):
-        """`wrap(step)()` for a step whose failure every rank learns of; then the partial directory goes."""
-        try:
-            return self.wrap(step)()
-        except CheckpointSaveError:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            raise
-
-    def error(self, err: BaseException) -> CheckpointSaveError:
-        # The partial directory stays until every rank has heard of the failure (`run`): another rank may
-        # still be writing into it, and would fail on the missing directory instead of saying the cause.
-        causes = _causes(err)
-        free = _free_bytes(self.root)
-        full = (any(isinstance(c, OSError) and c.errno in _NO_SPACE for c in causes)
-                or (free is not None and free < self.estimate))
-        if full:
-            what = (f"no space left on the device holding {self.root}: the checkpoint needs about "
-                    f"{_size(self.estimate)} (an estimate: this rank's model and optimizer state times the "
-                    f"world size), {_size(free) if free is not None else 'an unknown amount'} is free")
-            fix = ("Free space, or set train.output_dir on a larger filesystem (or lower train.keep_last), then "
-                   "run again to resume")
-        else:
-            what = _cause_text(err)
-            fix = "Fix the cause, then run again to resume"
-        previous = [path for step, path in complete_checkpoints(self.root) if path != self.final]
-        kept = (f"the previous checkpoint {previous[-1]} is intact" if previous
-                else f"no earlier checkpoint exists in {self.root}")
-        return CheckpointSaveError(f"saving checkpoint {self.final} failed: {what}. The partial directory {self.tmp} "
-                                   f"was removed; {kept}. {fix}")
-
-
-def _causes(err: BaseException) -> list[BaseException]:
-    """`err`, its causes and contexts, and the per-rank failures a CheckpointException gathered."""
-    found, todo = [], [err]
-    while todo:
-        item = todo.pop()
-        if item is None or any(item is f for f in found):
-            continue
-        found.append(item)
-        todo += [item.__cause__, item.__context__]
-        if isinstance(item, CheckpointException):
-            todo += [pair[0] if isinstance(pair, tuple) else pair for pair in item.failures.values()]
-    return found
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:300] if text else "(no message)"
-
-
-def _free_bytes(path: Path) -> int | None:
-    for candidate in (path, *path.parents):
-        try:
-            return shutil.disk_usage(candidate).free
-        except OSError:
-            continue
-    return None
-
-
-def _size(count: int) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if count >= scale:
-            return f"{count / scale:,.1f} {unit}"
-    return f"{count} bytes"
-
-
 def _replace_dir(src: Path, dst: Path) -> None:
     """Rename src to dst; an existing dst (a re-run of the same step) is moved aside first, so dst is
     complete at every instant it exists."""
@@ -557,7 +466,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         dcp.load(state, storage_reader=reader, planner=SafePlanner())
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     except (Exception, CheckpointException) as err:  # DCP's own messages do not name the checkpoint
-        raise CheckpointError(f"reading checkpoint {path} failed: {_cause_text(err)}") from None
+        raise CheckpointError(f"reading checkpoint {path} failed: {cause_text(err)}") from None
     check_finite(model, f"the model weights of checkpoint {path}")
     notices += _keep_hyperparameters(optimizer, hyper)
 
@@ -571,7 +480,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     except UnsafeCheckpointError as err:
         raise CheckpointError(str(err)) from None
     except Exception as err:
-        raise CheckpointError(f"reading {rank_file} failed: {_cause_text(err)}") from None
+        raise CheckpointError(f"reading {rank_file} failed: {cause_text(err)}") from None
     train.step = per_rank["step"]
     if train.scheduler is not None and per_rank.get("scheduler") is not None:
         before = list(per_rank["scheduler"].get("_last_lr") or [])
@@ -653,17 +562,6 @@ def _differs(a: Any, b: Any) -> bool:
     return a != b
 
 
-def _cause_text(err: BaseException) -> str:
-    """The innermost meaningful error: an UnsafeCheckpointError where one was raised (possibly inside
-    DCP's CheckpointException), otherwise the first non-DCP error of the chain."""
-    causes = _causes(err)
-    unsafe = [c for c in causes if isinstance(c, UnsafeCheckpointError)]
-    if unsafe:
-        return str(unsafe[0])
-    first = next((c for c in causes if not isinstance(c, CheckpointException)), err)
-    return f"{type(first).__name__}: {_first_line(first)}"
-
-
 # ------------------------------------------------------------------------------------------- export
 
 
@@ -694,7 +592,7 @@ def consolidated_model_state(path: Path, dtype: torch.dtype | None = None) -> di
         try:
             dcp.load({"model": state}, storage_reader=reader, planner=SafePlanner(), no_dist=True)
         except (Exception, CheckpointException) as err:
-            raise CheckpointError(f"reading checkpoint {path} failed: {_cause_text(err)}") from None
+            raise CheckpointError(f"reading checkpoint {path} failed: {cause_text(err)}") from None
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     return state
@@ -717,7 +615,7 @@ def check_data_only(path: Path) -> None:
                 warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
                 dcp.load(items, storage_reader=reader, planner=SafePlanner(), no_dist=True)
     except (Exception, CheckpointException) as err:
-        raise CheckpointError(f"reading checkpoint {path} failed: {_cause_text(err)}") from None
+        raise CheckpointError(f"reading checkpoint {path} failed: {cause_text(err)}") from None
 
 
 def export_safetensors(path: Path, out: Path, dtype: torch.dtype | None = None, verify: bool = True) -> int:
@@ -748,18 +646,10 @@ def export_safetensors(path: Path, out: Path, dtype: torch.dtype | None = None, 
         if tmp.is_file():
             tmp.unlink()
         need = sum(v.numel() * v.element_size() for v in state.values())
-        free = _free_bytes(out.parent)
-        full = any(isinstance(c, OSError) and c.errno in _NO_SPACE for c in _causes(err)) or (
-            free is not None and free < need)
-        cause = (f"no space left on the device holding {out.parent} (the file needs about {_size(need)}, "
-                 f"{_size(free)} is free)" if full and free is not None else _cause_text(err))
+        cause = no_space(err, out.parent, need, "the file") or cause_text(err)
         raise ExportWriteError(f"writing {out} failed: {cause}; nothing was written there (checkpoint {path} "
                                "is untouched)") from None
     return len(state)
-
-
-class ExportWriteError(CheckpointError):
-    """The export file could not be written (a full disk, a path that is not writable)."""
 
 
 def _umask() -> int:
