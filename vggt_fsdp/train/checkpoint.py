@@ -23,8 +23,9 @@ no intact one left, stops the run. A marker that records no files, of an unknown
 (a `step-*` directory without one) is not trusted: the checkpoint is skipped and the skip is said.
 
 Nothing in a checkpoint is run as code (safe_load.py): CRC-32 finds damage, not tampering, so every
-file is read as data whoever wrote it. A save that fails (a full disk, a lost mount) says so in this
-module's words, naming the path, and removes its partial directory; the previous checkpoint is intact.
+file is read as data whoever wrote it. A save that fails (a full disk, a lost mount) says so in the
+toolkit's words (checkpoint_errors.py), naming the path, and removes its partial directory; the
+previous checkpoint is intact.
 """
 from __future__ import annotations
 
