@@ -25,6 +25,12 @@ import tempfile
 from pathlib import Path
 
 
+EXAMPLES = """  vggt-fsdp train cpu_tiny                                 2 CPU processes, the bundled tiny recipe
+  vggt-fsdp train recipes/a100_80g.yaml data.root=/data/co3d train.output_dir=runs/try1
+  vggt-fsdp train cpu_tiny --dry-run train.max_steps=5     check, write the Accelerate config, print the command
+  vggt-fsdp train runs/try1/recipe.yaml train.resume=auto  continue a run from its latest checkpoint
+"""
+
 def build_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="recipe YAML file")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
