@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import subprocess
+from pathlib import Path
 import sys
 from importlib.metadata import version
 
@@ -111,3 +112,20 @@ def test_a_closed_pipe_ends_the_command_quietly():
     _, err = proc.communicate(timeout=120)
     assert err.decode() == ""
     assert proc.returncode == 128 + 13
+
+
+def test_a_recipe_this_machine_cannot_run_is_one_line_under_accelerate_launch(tmp_path):
+    """`accelerate launch recipes/a100_40g.yaml` without a GPU buried its one clear line in 69 lines with two
+    tracebacks; now the trainer's part is that line and a note on the launcher's own traceback."""
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "a100_40g.yaml"
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", str(recipe),
+                           f"train.output_dir={tmp_path / 'run'}"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0
+    line = ("error: accelerate.use_cpu: false, but this machine has no CUDA device; run on a GPU machine, or set "
+            "accelerate.use_cpu=true with a CPU recipe")
+    assert line in proc.stderr.splitlines()
+    assert "`accelerate launch --quiet` leaves it out" in proc.stderr
+    assert "vggt_fsdp" not in "".join(l for l in proc.stderr.splitlines() if l.lstrip().startswith("File "))
+    assert not (tmp_path / "run").exists()
