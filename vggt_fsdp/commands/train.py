@@ -9,6 +9,9 @@ accelerate.machine_rank and accelerate.main_process_ip per node). SIGTERM is pas
 launcher, whose processes save a checkpoint at the next step boundary (or, still starting, just stop)
 and exit; this command then exits 0 (see faults.py).
 
+When the launcher ends the run normally, this command prints a summary: the loss of the first and the
+last steps logged, the time, and where the metrics, checkpoints and weights are (run_summary.py).
+
 `--dry-run` does the checks, writes the config file where it stays (OUTPUT_DIR/accelerate_config.yaml
 or --config-file) and prints the command that trains the recipe; it starts nothing.
 """
@@ -22,6 +25,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 
@@ -87,7 +91,12 @@ def run(args: argparse.Namespace) -> int:
         env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "300")
         status = Path(tmp) / "status.json"  # rank 0 writes it when a signal stopped the run cleanly
         env[STATUS_ENV] = str(status)
+        started = time.monotonic()
         code, signalled = _run_forwarding_signals(command, env)
+        if code == 0 and not signalled:
+            from vggt_fsdp.commands.run_summary import summarize
+
+            print(summarize(recipe.train.output_dir, time.monotonic() - started), file=sys.stderr)
         return _exit_code(code, signalled, status)
 
 
