@@ -63,6 +63,16 @@ def _devices() -> list[str]:
     return devices
 
 
+def _torch_build(torch) -> str:
+    if not torch.version.cuda:
+        return "no CUDA (a CPU build)" if not getattr(torch.version, "hip", None) else f"ROCm {torch.version.hip}"
+    try:
+        nccl = ".".join(map(str, torch.cuda.nccl.version()))
+    except Exception as err:  # a build without NCCL: say so, the report is still wanted
+        nccl = f"unknown ({type(err).__name__})"
+    return f"CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}, NCCL {nccl}"
+
+
 def collect() -> dict[str, object]:
     import psutil
     import torch
@@ -70,15 +80,13 @@ def collect() -> dict[str, object]:
     import vggt_fsdp
 
     package_dir = Path(vggt_fsdp.__file__).resolve().parent
-    cuda = torch.version.cuda
     info: dict[str, object] = {
         "vggt_fsdp": f"{vggt_fsdp.__version__} ({package_dir})",
         "git commit": git_commit(package_dir) or "not a git checkout",
         "python": f"{sys.version.split()[0]} ({sys.executable})",
         "platform": platform.platform(),
         **{name: _version(name) for name in PACKAGES},
-        "torch built with": (f"CUDA {cuda}, cuDNN {torch.backends.cudnn.version()}, NCCL "
-                             f"{'.'.join(map(str, torch.cuda.nccl.version()))}" if cuda else "no CUDA (a CPU build)"),
+        "torch built with": _torch_build(torch),
         "devices": _devices() or ["none: torch sees no CUDA device"],
         "CPUs": f"{os.cpu_count()} (this process may use {len(os.sched_getaffinity(0))})"
         if hasattr(os, "sched_getaffinity") else str(os.cpu_count()),

@@ -36,9 +36,9 @@ EXAMPLES = """  vggt-fsdp train cpu_tiny                                 2 CPU p
 """
 
 def build_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("recipe", help="recipe YAML file")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="dotted overrides, e.g. train.max_steps=50 train.output_dir=runs/try1")
+    from vggt_fsdp.cli import add_recipe_arguments
+
+    add_recipe_arguments(parser, "train.max_steps=50 train.output_dir=runs/try1")
     parser.add_argument("--dry-run", action="store_true",
                         help="check the recipe, write the Accelerate config file and print the launch command; "
                              "start nothing")
