@@ -8,8 +8,11 @@ FSDP2 plugin comes from `parallel:`: parallel/accelerate.py). A plain script has
 them: each module of the recipe's block classes its own FSDP unit (TRANSFORMER_BASED_WRAP; without
 it Accelerate shards the model as one unit, which saves no memory while it runs), resharding after
 forward, CPU offload, activation checkpointing of those blocks where the recipe checkpoints any, rank
-0's weights sent to the other ranks, sharded state dicts, and for hybrid sharding Accelerate's 2-D mesh
-(`parallelism_config`: replicas x shards). It then says what it wrote, on stderr.
+0's weights sent to the other ranks, sharded state dicts. The same file launches the toolkit's trainer
+(`accelerate launch --config_file FILE -m vggt_fsdp.train RECIPE`, the SLURM script), which passes its
+own FSDP2 plugin and so reads none of these keys. Hybrid sharding is left out: Accelerate's
+`parallelism_config` would reach the trainer too (it builds its own mesh), so a plain script shards
+over all processes. It then says what it wrote, on stderr.
 Accelerate shards only GPU processes: under a CPU recipe's file a plain script trains unsharded (the
 toolkit's trainer bridges that itself), which the summary says too.
 """
@@ -48,18 +51,6 @@ def fsdp_config(parallel) -> dict:
     }
 
 
-def parallelism_config(recipe) -> dict:
-    """For hybrid sharding, Accelerate's 2-D mesh: replicate across shard groups, shard inside one
-    (the planner's shard size); nothing for full sharding, Accelerate's default."""
-    from vggt_fsdp.memory.planner import shard_size
-
-    if recipe.parallel.sharding.mode != "hybrid":
-        return {}
-    processes, machines = recipe.accelerate.get("num_processes", 1), recipe.accelerate.get("num_machines", 1)
-    shard = shard_size(recipe.parallel, processes, processes // machines)
-    return {"parallelism_config_dp_replicate_size": processes // shard, "parallelism_config_dp_shard_size": shard}
-
-
 def summary(recipe, where: Path | None) -> str:
     """What the file holds; `where`: the file written, None for stdout."""
     acc, cfg = recipe.accelerate, fsdp_config(recipe.parallel)
@@ -70,9 +61,10 @@ def summary(recipe, where: Path | None) -> str:
              f"module its own unit (your model's block class goes in fsdp_transformer_layer_cls_to_wrap), "
              f"reshard_after_forward {cfg['fsdp_reshard_after_forward']}, offload {cfg['fsdp_offload_params']}, "
              f"activation checkpointing {cfg['fsdp_activation_checkpointing']}"]
-    if mesh := parallelism_config(recipe):
-        lines.append(f"  hybrid sharding: {mesh['parallelism_config_dp_replicate_size']} replica(s) of "
-                     f"{mesh['parallelism_config_dp_shard_size']} shards (parallelism_config)")
+    if recipe.parallel.sharding.mode == "hybrid":
+        lines.append("  parallel.sharding.mode is hybrid, which this file leaves out: under it a plain script shards "
+                     "over all processes (Accelerate's parallelism_config would also reach vggt-fsdp's trainer, "
+                     "which the SLURM script launches with this file and which builds its own mesh)")
     if acc.get("use_cpu"):
         lines.append("  use_cpu is true: Accelerate shards only GPU processes, so a plain script trains unsharded "
                      "here; `vggt-fsdp train RECIPE` shards on CPU processes too")
@@ -86,8 +78,6 @@ def run(args: argparse.Namespace) -> int:
 
     recipe = load_recipe_or_exit(args.recipe, args.overrides)
     section = {**recipe.accelerate, "fsdp_config": fsdp_config(recipe.parallel)}
-    if mesh := parallelism_config(recipe):
-        section["parallelism_config"] = mesh
     text = yaml.safe_dump(section, sort_keys=False)
     if args.output is None:
         sys.stdout.write(text)
