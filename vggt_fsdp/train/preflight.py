@@ -87,8 +87,9 @@ def output_dir_problems(output_dir: str, check_lock: bool = True) -> list[Proble
     existing = path if path.exists() else next(p for p in path.absolute().parents if p.exists())
     if not existing.is_dir():
         return [Problem(key, f"{path} cannot be created: {existing} is a file")]
-    error = _cannot_write_in(existing) if os.access(existing, os.W_OK | os.X_OK) else None
-    if error or not os.access(existing, os.W_OK | os.X_OK):
+    writable = os.access(existing, os.W_OK | os.X_OK)
+    error = _cannot_write_in(existing) if writable else None
+    if not writable or error:
         what = "is not writable" if existing == path else f"cannot be created: {existing} is not writable"
         why = f" ({error})" if error else " by this user"
         return [Problem(key, f"{path} {what}{why}; choose another directory or fix its permissions")]
