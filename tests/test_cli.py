@@ -81,6 +81,7 @@ def test_env_reports_what_a_bug_report_needs(capsys):
     assert info["CPUs"].startswith(str(os.cpu_count())) and info["memory"].endswith("GiB available")
     # This test runs from a checkout (a clean clone in CI); an installed copy reports no commit.
     assert info["git commit"] == "not a git checkout" or len(info["git commit"].split("+")[0]) == 12
+    assert info["accelerate default config"] == "none" or os.path.isfile(info["accelerate default config"])
     assert cli.main(["env"]) == 0
     assert "torch " in capsys.readouterr().out
 

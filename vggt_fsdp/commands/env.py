@@ -2,7 +2,8 @@
 
 Versions (python, torch and the CUDA / cuDNN / NCCL it was built with, accelerate, vggt_fsdp and where it is
 imported from, safetensors, pyyaml, psutil), the accelerator devices torch sees with their memory, CPU
-count, host memory, the platform, and the git commit of the checkout vggt_fsdp runs from, if it is one.
+count, host memory, the platform, Accelerate's default config file (which `accelerate launch` reads
+when given none), and the git commit of the checkout vggt_fsdp runs from, if it is one.
 Nothing here fails: what cannot be read is reported as such.
 """
 from __future__ import annotations
@@ -93,6 +94,10 @@ def collect() -> dict[str, object]:
         "memory": f"{psutil.virtual_memory().total / 2**30:.1f} GiB, "
                   f"{psutil.virtual_memory().available / 2**30:.1f} GiB available",
     }
+    # `accelerate launch` without --config_file reads this file: it changes what a launch does.
+    from accelerate.commands.config.config_args import default_config_file
+
+    info["accelerate default config"] = default_config_file if Path(default_config_file).is_file() else "none"
     for name in ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "PYTORCH_CUDA_ALLOC_CONF"):
         if name in os.environ:
             info[name] = os.environ[name]
