@@ -67,6 +67,14 @@ def test_every_commands_help_ends_with_examples_of_it(name):
     assert any(line.startswith(f"  vggt-fsdp {name}") for line in examples)
 
 
+@pytest.mark.parametrize("argv", [["recipe", "show"], ["recipe", "list"], ["data", "check"]])
+def test_a_sub_commands_help_has_its_own_examples(argv, capsys):
+    with pytest.raises(SystemExit):
+        cli.main([*argv, "--help"])
+    examples = capsys.readouterr().out.split("examples:\n", 1)[1].splitlines()
+    assert examples and all(line.startswith(f"  vggt-fsdp {' '.join(argv)}") for line in examples)
+
+
 def test_env_reports_what_a_bug_report_needs(capsys):
     import json
 

@@ -100,6 +100,12 @@ def command_parser(name: str) -> tuple[object, argparse.ArgumentParser]:
                                      epilog=f"examples:\n{examples}" if examples else None,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     module.build_parser(parser)
+    for action in parser._actions:  # `recipe show --help`, `data check --help`: their own examples
+        if isinstance(action, argparse._SubParsersAction):
+            for sub_name, sub in action.choices.items():
+                own = [line for line in examples.splitlines() if f"vggt-fsdp {name} {sub_name} " in line + " "]
+                if own:
+                    sub.epilog, sub.formatter_class = "examples:\n" + "\n".join(own), parser.formatter_class
     return module, parser
 
 
