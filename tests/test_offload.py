@@ -22,8 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPE = str(REPO / "recipes" / "gpu24g_single.yaml")
 # gpu24g_single's settings (one process, CPU offload, its precision, checkpointing, heads, freezing and
 # gradient accumulation) on the tiny model, the synthetic source and small shapes, on the CPU.
-TINY = ["model.preset=vggt-tiny", "accelerate.use_cpu=true", "data.source=synthetic", "data.root=null",
-        "data.image_width=56", "data.frames_range=[2,3]", "data.frames_per_gpu=3", "data.num_workers=0",
+TINY = ["model.preset=vggt-tiny", "accelerate.use_cpu=true", "hardware.device=null", "data.source=synthetic",
+        "data.root=null", "data.image_width=56", "data.frames_range=[2,3]", "data.frames_per_gpu=3", "data.num_workers=0",
         "train.grad_accum_steps=2", "train.log_every=1", "train.progress_bar=false", "train.val_every=0",
         "schedule.warmup_steps=1", "train.checkpoint_every=2", "train.keep_last=3"]
 

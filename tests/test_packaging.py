@@ -108,17 +108,25 @@ def test_commands_take_a_bundled_name(argv, tmp_path, monkeypatch, capsys):
 
 
 # ----------------------------------------------------------------------------- recipe list / copy
-def test_recipe_list_names_each_recipe_with_its_card_processes_frames_and_purpose(capsys):
+@pytest.mark.parametrize("width", [80, 100])
+def test_recipe_list_names_each_recipe_with_its_card_processes_frames_and_purpose(width, capsys, monkeypatch):
+    """Within the terminal's width (it was hundreds of columns wide), and no recipe's card "unstated"."""
     from vggt_fsdp.hardware import card
 
+    monkeypatch.setenv("COLUMNS", str(width))
     assert cli.main(["recipe", "list"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    rows = {line.split()[0]: line for line in lines[1:] if not line.startswith("#")}
+    assert max(len(line) for line in lines) <= width
+    rows = {line.split()[0]: line for line in lines[1:] if not line.startswith(("#", " "))}
     assert sorted(rows) == [p.stem for p in RECIPES]
+    assert not [name for name, row in rows.items() if "unstated" in row]
+    purposes = {line.split()[0]: lines[i + 1] for i, line in enumerate(lines) if line.split()[0] in rows}
     a100_40g = f"a100_40g, {card('a100_40g').memory_gib:g} GiB"
-    assert re.match(rf"a100_40g +{a100_40g} +8 GPU +24 +train VGGT-1B .* on A100 40GB GPUs", rows["a100_40g"])
-    assert re.match(r"cpu_tiny +cpu, 4 GiB a process +2 CPU +4 +the tiny VGGT on built-in synthetic scenes",
-                    rows["cpu_tiny"])
+    assert re.fullmatch(rf"a100_40g +{a100_40g} +8 GPU +24", rows["a100_40g"])
+    assert purposes["a100_40g"].startswith("    train VGGT-1B (trainable aggregator")
+    assert re.fullmatch(r"cpu_tiny +cpu, 4 GiB a process +2 CPU +4", rows["cpu_tiny"])
+    assert purposes["cpu_tiny"].startswith("    the tiny VGGT on built-in synthetic scenes")
+    assert re.fullmatch(r"gpu24g_single +gpu, 22 GiB \(any CUDA card\) +1 GPU +59", rows["gpu24g_single"])
 
 
 def test_recipe_copy_writes_a_recipe_that_loads_and_the_slurm_script_on_request(tmp_path, capsys):

@@ -58,6 +58,29 @@ CASES = {
     "frames_per_gpu auto on the CPU": (["data.frames_per_gpu=auto"], "data.frames_per_gpu", "has no GPU"),
     "an output_dir that is a file": (["train.output_dir={tmp}/afile"], "train.output_dir", "is a file"),
     "an output_dir below a file": (["train.output_dir={tmp}/afile/run"], "train.output_dir", "is a file"),
+    # Issue 21: late (a NaN loss after minutes, a traceback, a 60 GB allocation) or silent before.
+    "lr NaN": (["optim.lr=.nan"], "optim.lr", "nan is not a finite number"),
+    "lr infinite": (["optim.lr=.inf"], "optim.lr", "inf is not a finite number"),
+    "a loss weight NaN": (["loss.depth.weight=.nan"], "loss.depth.weight", "not a finite number"),
+    "warmup_start_lr NaN": (["schedule.warmup_start_lr=.nan"], "schedule.warmup_start_lr", "not a finite number"),
+    "a clip norm NaN": (["optim.clip_groups.aggregator=.nan"], "optim.clip_groups.aggregator", "not a finite"),
+    "a NaN in a free-form section": (["model.overrides.aggregator.drop=-.inf"], "model.overrides.aggregator.drop",
+                                     "-inf is not a finite number"),
+    "a NaN in a list": (["optim.betas=[0.9, .nan]"], "optim.betas[1]", "not a finite number"),
+    "a negative data seed": (["data.seed=-1"], "data.seed", "give a non-negative seed"),
+    "a negative train seed": (["train.seed=-1"], "train.seed", "give a non-negative seed"),
+    "a seed above 2**63": (["data.seed=9223372036854775808"], "data.seed", "must be in [0, 2**63 - 1]"),
+    "an output_dir under /proc": (["train.output_dir=/proc/vggt-fsdp-run"], "train.output_dir",
+                                  "cannot be created"),
+    "min_lr above lr": (["schedule.min_lr=0.01"], "schedule.min_lr", "is above optim.lr=0.001"),
+    "max_steps of 10**21": (["train.max_steps=1000000000000000000000"], "train.max_steps", "a typo?"),
+    "max_steps as 1e21": (["train.max_steps=1e21"], "train.max_steps", "expected int, got float"),
+    "warmup steps of 10**12": (["schedule.warmup_steps=1000000000000"], "schedule.warmup_steps", "must be in"),
+    "a model whose states exceed the process memory": (["model.overrides.aggregator.embed_dim=100000"],
+                                                       "model.overrides", "above the 4 GiB of hardware.memory_gib"),
+    "a model whose states exceed the host": (["model.overrides.aggregator.embed_dim=100000",
+                                              "hardware.memory_gib=100000000"], "model.overrides",
+                                             "GiB for this host's 2 process(es) in host memory, above its"),
 }
 
 
@@ -82,6 +105,29 @@ def _problems(overrides: list[str], tmp: Path) -> list[str]:
     except RecipeError as err:
         return [str(err).split(": ", 1)[1]]  # without the recipe file's name
     return [str(p) for p in preflight(recipe, cuda=False)]
+
+
+@pytest.mark.parametrize("content", [b"\x00\x01safetensors\x00", "model: {preset: vggt-t\xefny}".encode("latin-1")],
+                         ids=["binary", "latin-1"])
+def test_a_file_that_is_not_text_is_not_a_recipe(content, tmp_path):
+    path = tmp_path / "model.yaml"
+    path.write_bytes(content)
+    with pytest.raises(RecipeError, match=r"model\.yaml: not a text YAML recipe \((it holds NUL bytes|byte 22 is "
+                       r"not UTF-8)\); name a recipe \.yaml file$"):
+        load_recipe(path)
+
+
+def test_a_model_that_fits_is_not_refused_for_its_size(scratch):
+    """The size check counts states only: vggt-tiny's 2 processes need far below cpu_tiny's 4 GiB each."""
+    from vggt_fsdp.model import build_model
+    from vggt_fsdp.recipe import model_config
+    from vggt_fsdp.train.preflight import model_state_problems
+
+    recipe = load_recipe(RECIPE, [f"train.output_dir={scratch / 'run'}"])
+    assert model_state_problems(recipe, build_model(model_config(recipe.model), device="meta")) == []
+    tight = load_recipe(RECIPE, ["model.overrides.aggregator.embed_dim=2048", "hardware.memory_gib=4"])
+    problem, = model_state_problems(tight, build_model(model_config(tight.model), device="meta"))
+    assert problem.key == "model.overrides" and "sharded over 2" in problem.message
 
 
 def test_a_good_recipe_passes(scratch):

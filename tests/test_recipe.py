@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import pytest
@@ -173,10 +174,43 @@ def test_accelerate_config_is_accepted_by_accelerates_loader(tmp_path, capsys):
                         "accelerate.num_machines=2", "accelerate.num_processes=16", "accelerate.machine_rank=1",
                         "--output", str(out))
     assert code == 0, err
+    assert err.startswith(f"wrote {out}: an Accelerate config for `accelerate launch --config_file {out} SCRIPT.py`")
     config = load_config_from_file(str(out))
     assert config.distributed_type == DistributedType.FSDP
     assert (config.num_machines, config.num_processes, config.machine_rank) == (2, 16, 1)
-    assert config.mixed_precision == "bf16" and config.fsdp_config == {"fsdp_version": 2}
+    assert config.mixed_precision == "bf16" and config.fsdp_config["fsdp_version"] == 2
+
+
+def test_accelerate_config_lets_accelerate_shard_a_plain_script_by_block(tmp_path, capsys, monkeypatch):
+    """What `accelerate launch --config_file FILE script.py` hands a script's `accelerator.prepare`: the
+    launcher's environment for the file, the FSDP2 plugin Accelerate builds from it, and the units its
+    wrap policy makes of a model (without a wrap policy it shards the model as one unit)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    from vggt_fsdp.model import build_model
+    from vggt_fsdp.model.config import get_preset
+    from vggt_fsdp.model.layers import Block
+
+    out = tmp_path / "acc.yaml"
+    assert _cli(capsys, "accelerate-config", "a100_80g", "-o", str(out), "parallel.sharding.cpu_offload=true")[0] == 0
+    args, _, _ = _validate_launch_command(launch_command_parser().parse_args(["--config_file", str(out), "s.py"]))
+    for key, value in prepare_multi_gpu_env(args).items():
+        if key.startswith(("FSDP_", "ACCELERATE_")):
+            monkeypatch.setenv(key, value)
+    assert os.environ.get("ACCELERATE_USE_PARALLELISM_CONFIG") is None  # nothing that reaches the trainer's mesh
+    plugin = FullyShardedDataParallelPlugin()
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    assert plugin.fsdp_version == 2 and isinstance(plugin.cpu_offload, CPUOffloadPolicy)
+    assert plugin.cpu_ram_efficient_loading
+    assert plugin.reshard_after_forward is False  # a100_80g keeps parameters unsharded between passes
+    model = build_model(get_preset("vggt-tiny"), device="meta")
+    policy = fsdp2_prepare_auto_wrap_policy(plugin, model)
+    units = [m for m in model.modules() if policy(m)]
+    assert units and len(units) == sum(isinstance(m, Block) for m in model.modules())
 
 
 def test_fp32_recipe_keeps_no_as_a_string_in_accelerate_config(tmp_path):
@@ -226,3 +260,4 @@ def test_a_one_machine_launch_rendezvous_on_its_own_port(monkeypatch, section, e
         assert isinstance(port, int) and port != 29500 and 1024 <= port < 65536
     else:
         assert port == expected
+

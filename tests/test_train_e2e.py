@@ -86,6 +86,17 @@ def test_kill_during_checkpoint_write_leaves_previous_checkpoint(runs):
     assert "resumed from" in runs["b2"].stderr and "step-0000002 at step 2" in runs["b2"].stderr
 
 
+def test_vggt_fsdp_train_ends_with_a_summary_and_no_fsdp_view_warning(runs):
+    err = runs["a"].stderr
+    out = runs["root"] / "a"
+    summary = err[err.index("[vggt-fsdp] run ended after"):].splitlines()
+    assert summary[0].endswith(f": {out}") and summary[1].startswith("  loss ")
+    assert summary[1].endswith("(mean of steps 4-4)")  # train.log_every=1 here
+    assert summary[3].startswith(f"  checkpoints  {out / 'checkpoints'} (step-0000002, step-0000004;")
+    assert summary[4].startswith(f"  weights      {out / 'model.safetensors'} (")
+    assert "returned a view tensor" not in err  # FSDP2's warning about the DPT heads (issue 22)
+
+
 def test_resume_is_exact(runs):
     a = [r for r in read_metrics(runs["root"] / "a" / "metrics.jsonl") if "val" not in r]
     b = [r for r in read_metrics(runs["root"] / "b" / "metrics.jsonl") if "val" not in r]

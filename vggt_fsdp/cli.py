@@ -5,13 +5,16 @@ called, so `vggt-fsdp summary` does not pay for the trainer's imports and a brok
 dependency of one command cannot break the others. A command module provides
 `build_parser(parser: argparse.ArgumentParser) -> None` and `run(args: argparse.Namespace) -> int`;
 one that takes a recipe declares it with `add_recipe_arguments`, so every command takes a recipe the same
-way (a path or a bundled recipe's name, then positional `key=value` overrides).
+way (a path or a bundled recipe's name, then positional `key=value` overrides), and `key=value` overrides
+may come before or after the command's flags (`parse_command`). A module's `EXAMPLES` (text) ends its
+`--help`.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import os
+import re
 import sys
 
 # name -> (module under vggt_fsdp.commands, one-line help)
@@ -24,7 +27,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("data", "inspect data: `data preview RECIPE --out DIR`, `data check RECIPE` (every file read once)"),
     "summary": ("summary", "parameter counts of a model preset (--json: the state-dict manifest)"),
     "parity": ("parity", "check the model against an upstream parity fixture directory"),
+    "env": ("env", "versions, devices, CPUs, memory and git commit: what a bug report needs"),
 }
+
+# A `key=value` override as a command line holds it: a dotted key (list items by index allowed), `=`.
+OVERRIDE = re.compile(r"^[A-Za-z_][\w\[\]-]*(?:\.[\w\[\]-]+)*=")
 
 
 def add_recipe_arguments(parser: argparse.ArgumentParser, example: str) -> None:
@@ -81,11 +88,44 @@ def _dispatch(argv: list[str]) -> int:
         if argv[0] not in ("-h", "--help", "--version"):
             parser.error(f"unknown command {argv[0]!r}; valid commands: {', '.join(COMMANDS)}")
         parser.parse_args(argv[:1])  # prints the help or the version, and exits 0
-    name, rest = argv[0], argv[1:]
+    module, args = parse_command(argv[0], argv[1:])
+    return int(module.run(args) or 0)
+
+
+def command_parser(name: str) -> tuple[object, argparse.ArgumentParser]:
+    """A command's module and its parser (its examples as the help's epilog)."""
     module = importlib.import_module(f"vggt_fsdp.commands.{COMMANDS[name][0]}")
-    parser = argparse.ArgumentParser(prog=f"vggt-fsdp {name}", description=COMMANDS[name][1])
+    examples = getattr(module, "EXAMPLES", "")
+    parser = argparse.ArgumentParser(prog=f"vggt-fsdp {name}", description=COMMANDS[name][1],
+                                     epilog=f"examples:\n{examples}" if examples else None,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     module.build_parser(parser)
-    return int(module.run(parser.parse_args(rest)) or 0)
+    for action in parser._actions:  # `recipe show --help`, `data check --help`: their own examples
+        if isinstance(action, argparse._SubParsersAction):
+            for sub_name, sub in action.choices.items():
+                own = [line for line in examples.splitlines() if f"vggt-fsdp {name} {sub_name} " in line + " "]
+                if own:
+                    sub.epilog, sub.formatter_class = "examples:\n" + "\n".join(own), parser.formatter_class
+    return module, parser
+
+
+def parse_command(name: str, rest: list[str]) -> tuple[object, argparse.Namespace]:
+    """Parse a command's arguments with `key=value` overrides anywhere among its flags.
+
+    argparse fills the recipe and the overrides from the first run of positionals only, so an override
+    after a flag (`train cpu_tiny --dry-run train.output_dir=X`) comes back unrecognised; those are
+    appended to the overrides in the order given (a later one still wins). Anything else unrecognised
+    is the usual error. (`parse_intermixed_args` would do this, but refuses parsers with sub-commands.)
+    """
+    module, parser = command_parser(name)
+    args, extras = parser.parse_known_args(rest)
+    late = [item for item in extras if OVERRIDE.match(item)]
+    if late and hasattr(args, "overrides"):
+        args.overrides = [*args.overrides, *late]
+        extras = [item for item in extras if item not in late]
+    if extras:
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
+    return module, args
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import yaml
 
 CATALOG = Path(__file__).with_name("hardware.yaml")
 CPU = "cpu"
+GPU = "gpu"  # a CUDA card not in the catalog: the recipe states its memory, and no rates are known
 GiB = 1024**3
 # Kinds of work and the peak each is held against when a rate is derived (see hardware.yaml).
 RATE_PEAKS = {"attention": "bf16", "matmul": "bf16", "convolution": "tf32", "memory": "bandwidth"}
@@ -138,19 +139,24 @@ class HardwareConfig:
     memory per process).
     """
 
-    # A card of vggt_fsdp/hardware.yaml (a100_40g, a100_80g, h100_sxm, h200, ...) or cpu; null: unstated.
+    # A card of vggt_fsdp/hardware.yaml (a100_40g, a100_80g, h100_sxm, h200, ...), gpu (any other CUDA
+    # card, memory_gib required), or cpu; null: unstated.
     device: Union[str, None] = None
     # The memory to plan against, GiB; null: the card's (hardware.yaml).
     memory_gib: Union[float, None] = None
 
     def validate(self) -> None:
-        if self.device is not None and self.device != CPU and self.device not in cards():
+        generic = (CPU, GPU)
+        if self.device is not None and self.device not in generic and self.device not in cards():
             raise ValueError(f"hardware.device: {self.device!r} is not a known card"
-                             f"{_suggest(self.device, [*cards(), CPU])}; valid: {', '.join([*cards(), CPU])}")
+                             f"{_suggest(self.device, [*cards(), *generic])}; valid: {', '.join([*cards(), *generic])}")
         if self.memory_gib is not None and self.memory_gib <= 0:
             raise ValueError(f"hardware.memory_gib must be > 0, got {self.memory_gib}")
         if self.device == CPU and self.memory_gib is None:
             raise ValueError("hardware.device is cpu: state the memory of a process with hardware.memory_gib")
+        if self.device == GPU and self.memory_gib is None:
+            raise ValueError("hardware.device is gpu (a card not in the catalog): state its memory with "
+                             "hardware.memory_gib")
 
     @property
     def kind(self) -> str:
@@ -158,7 +164,7 @@ class HardwareConfig:
         return "cpu" if self.device == CPU else "cuda"
 
     def card(self) -> Card | None:
-        return None if self.device in (None, CPU) else card(self.device)
+        return None if self.device in (None, CPU, GPU) else card(self.device)
 
     def memory_bytes(self) -> int | None:
         if self.memory_gib is not None:

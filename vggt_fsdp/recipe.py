@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import re
 import sys
 import types
@@ -43,6 +44,9 @@ from vggt_fsdp.train.config import OptimConfig, ScheduleConfig, TrainConfig
 
 class RecipeError(ValueError):
     """A recipe that cannot be loaded; the message names the file, the dotted key and the valid choices."""
+
+
+MAX_SEED = 2**63 - 1
 
 
 # --------------------------------------------------------------------------------------- the model
@@ -117,6 +121,12 @@ class Recipe:
 
     def validate(self) -> None:
         check_accelerate_section(self.accelerate, self.parallel)
+        for key, seed in (("train.seed", self.train.seed), ("data.seed", self.data.seed)):
+            if not 0 <= seed <= MAX_SEED:  # numpy's generators refuse negative seeds; torch's stop at 2**64
+                raise ValueError(f"{key}={seed} must be in [0, 2**63 - 1]; give a non-negative seed")
+        if self.schedule.min_lr > self.optim.lr:
+            raise ValueError(f"schedule.min_lr={self.schedule.min_lr:g} is above optim.lr={self.optim.lr:g}: the "
+                             "cosine decay would raise the lr after warmup; set schedule.min_lr <= optim.lr")
         if self.hardware.device is not None and (self.hardware.device == CPU) != bool(self.accelerate.get("use_cpu")):
             raise ValueError(f"hardware.device is {self.hardware.device!r} but accelerate.use_cpu is "
                              f"{self.accelerate.get('use_cpu')!r}: a cpu recipe launches CPU processes "
@@ -145,7 +155,7 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
         path = bundled.resolve_recipe(path)
     except FileNotFoundError as err:
         raise RecipeError(str(err)) from None
-    text = path.read_text()
+    text = _recipe_text(path)
     try:
         raw = yaml.load(text, Loader=_RecipeLoader)
     except yaml.YAMLError as err:
@@ -156,6 +166,22 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
         except ValueError as err:
             raise RecipeError(f"{path}: {err}") from None
     return recipe_from_dict(raw, overrides, source=str(path))
+
+
+def _recipe_text(path: Path) -> str:
+    """The file's text, or a RecipeError for a file that is not text (a checkpoint, an image, a
+    recipe saved in another encoding) or cannot be read."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise RecipeError(f"{path}: cannot be read: {err.strerror or err}") from None
+    try:
+        if b"\0" in data:
+            raise ValueError("it holds NUL bytes")
+        return data.decode("utf-8")
+    except (UnicodeDecodeError, ValueError) as err:
+        why = f"byte {err.start} is not UTF-8" if isinstance(err, UnicodeDecodeError) else err.args[0]
+        raise RecipeError(f"{path}: not a text YAML recipe ({why}); name a recipe .yaml file") from None
 
 
 def load_recipe_or_exit(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
@@ -175,6 +201,7 @@ def recipe_from_dict(raw: Any, overrides: Sequence[str] = (), source: str = "<re
         recipe_script.pop_script_key(raw)
         for keys, value in parse_overrides(overrides):
             _set_dotted(raw, keys, value, create=True)
+        _check_finite(raw, "")
         recipe = from_data(Recipe, raw, "")
         for section in dataclasses.fields(recipe):
             validate = getattr(getattr(recipe, section.name), "validate", None)
@@ -208,6 +235,20 @@ def recipe_to_dict(recipe: Recipe) -> dict:
 def dump_recipe(recipe: Recipe) -> str:
     """The resolved recipe as YAML; loading it again gives an equal Recipe."""
     return yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False, default_flow_style=False)
+
+
+def _check_finite(value: Any, path: str) -> None:
+    """Every number of the recipe, typed sections and free-form ones (accelerate:, model.overrides) alike,
+    is finite: YAML reads `.nan` and `.inf`, and a NaN lr or loss weight would only show as a non-finite
+    loss after the model is built, sharded and stepped."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{path or 'the recipe'}: {value} is not a finite number; give a finite value")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_finite(item, _join(path, str(key)))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_finite(item, f"{path}[{i}]")
 
 
 # --------------------------------------------------------------------------------------- YAML

@@ -19,6 +19,10 @@ from pathlib import Path
 import torch
 
 
+EXAMPLES = """  vggt-fsdp data preview cpu_tiny --out preview/         one batch as PNG sheets and JSON
+  vggt-fsdp data check a100_80g data.root=/data/co3d     read every frame once, report problems
+"""
+
 def build_parser(parser: argparse.ArgumentParser) -> None:
     from vggt_fsdp.cli import add_recipe_arguments
 

@@ -16,6 +16,10 @@ import argparse
 import sys
 from pathlib import Path
 
+EXAMPLES = """  vggt-fsdp export runs/cpu_tiny runs/cpu_tiny/final.safetensors     the newest intact checkpoint
+  vggt-fsdp export runs/try1/checkpoints/step-000500 step500.safetensors --dtype bf16
+"""
+
 DTYPES = ("fp32", "bf16")
 
 

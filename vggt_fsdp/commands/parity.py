@@ -18,6 +18,9 @@ from pathlib import Path
 
 import torch
 
+EXAMPLES = """  vggt-fsdp parity tests/fixtures/vggt_tiny
+"""
+
 FIXTURE_FILES = ("config.json", "weights.safetensors", "io.safetensors")
 OUTPUT_TOL = 1e-4
 TRACK_TOL = 1e-3

@@ -19,6 +19,11 @@ from vggt_fsdp import hardware
 from vggt_fsdp.cli import add_recipe_arguments
 from vggt_fsdp.memory import planner, steptime
 
+EXAMPLES = """  vggt-fsdp plan a100_40g                                   peak memory and step time on the recipe's card
+  vggt-fsdp plan a100_40g --optimize data.frames_per_gpu=32  the fastest checkpoint policy that fits
+  vggt-fsdp plan gpu24g_single --host-memory 64 --json
+"""
+
 GiB = planner.GiB
 
 
@@ -111,7 +116,7 @@ def device_memory(gib: float | None, recipe) -> tuple[int, str]:
 def target(recipe, args) -> Target:
     memory, source = device_memory(args.gpu_memory, recipe)
     card = recipe.hardware.card()
-    if card is None and recipe.hardware.device is None:
+    if card is None and recipe.hardware.device in (None, hardware.GPU):  # the visible card's rates, if known
         import torch
 
         if torch.cuda.is_available():

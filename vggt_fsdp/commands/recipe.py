@@ -18,6 +18,12 @@ import sys
 from pathlib import Path
 
 
+EXAMPLES = """  vggt-fsdp recipe list
+  vggt-fsdp recipe show a100_40g --plan-only parallel.checkpoint.policy=attention
+  vggt-fsdp recipe show cpu_tiny --get train.output_dir
+  vggt-fsdp recipe copy a100_80g my_recipes/ --slurm
+"""
+
 def build_parser(parser: argparse.ArgumentParser) -> None:
     from vggt_fsdp.cli import add_recipe_arguments
 
@@ -108,33 +114,43 @@ def header_summary(path: Path) -> str:
 
 def card_summary(hardware) -> str:
     """The card a recipe states and the memory it is planned against."""
-    from vggt_fsdp.hardware import CPU, card
+    from vggt_fsdp.hardware import CPU, GPU, card
 
     if hardware.device is None:
         return "unstated"
     if hardware.memory_gib is not None:
         memory = hardware.memory_gib
     else:
-        memory = card(hardware.device).memory_gib  # a cpu recipe must state its memory (HardwareConfig)
-    return f"{hardware.device}, {memory:g} GiB" + (" a process" if hardware.device == CPU else "")
+        memory = card(hardware.device).memory_gib  # cpu and gpu recipes must state memory (HardwareConfig)
+    suffix = {CPU: " a process", GPU: " (any CUDA card)"}.get(hardware.device, "")
+    return f"{hardware.device}, {memory:g} GiB{suffix}"
 
 
-def list_recipes() -> int:
+def list_recipes(width: int | None = None) -> int:
+    """A row per recipe (name, card, processes, frames per GPU), what it is for wrapped below it, all
+    within `width` columns (default: the terminal's, 100 when not a terminal)."""
+    import textwrap
+
     from vggt_fsdp.bundled import bundled_recipes, recipe_dir
     from vggt_fsdp.recipe import load_recipe
 
-    rows = [("name", "card", "processes", "frames/GPU", "for")]
+    width = width or shutil.get_terminal_size((100, 24)).columns
+    rows, purposes = [("name", "card", "processes", "frames/GPU")], []
     for name, path in bundled_recipes().items():
         recipe = load_recipe(path)
         acc = recipe.accelerate
         kind = "CPU" if acc.get("use_cpu") else "GPU"
         rows.append((name, card_summary(recipe.hardware), f"{acc.get('num_processes')} {kind}",
-                     str(recipe.data.frames_per_gpu), header_summary(path)))
+                     str(recipe.data.frames_per_gpu)))
+        purposes.append(textwrap.wrap(header_summary(path), width - 4, max_lines=2, placeholder=" ..."))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[4])
-    print(f"# in {recipe_dir()}; `vggt-fsdp recipe copy NAME DEST` copies one, and any command takes a "
-          f"bundled recipe's NAME where it takes a recipe file")
+    for i, row in enumerate(rows):
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        for line in purposes[i - 1] if i else []:
+            print(f"    {line}")
+    notes = (f"in {recipe_dir()}; `vggt-fsdp recipe show NAME` shows one in full, `vggt-fsdp recipe copy NAME "
+             "DEST` copies one; any command takes a bundled recipe's NAME where it takes a recipe file")
+    print("\n".join(textwrap.wrap(notes, width, initial_indent="# ", subsequent_indent="# ")))
     return 0
 
 

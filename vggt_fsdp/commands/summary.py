@@ -8,6 +8,10 @@ from __future__ import annotations
 import argparse
 import json
 
+EXAMPLES = """  vggt-fsdp summary vggt-1b
+  vggt-fsdp summary vggt-tiny --disable track --json
+"""
+
 HEADS = ("camera", "depth", "point", "track")
 
 

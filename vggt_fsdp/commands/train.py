@@ -9,6 +9,9 @@ accelerate.machine_rank and accelerate.main_process_ip per node). SIGTERM is pas
 launcher, whose processes save a checkpoint at the next step boundary (or, still starting, just stop)
 and exit; this command then exits 0 (see faults.py).
 
+When the launcher ends the run normally, this command prints a summary: the loss of the first and the
+last steps logged, the time, and where the metrics, checkpoints and weights are (run_summary.py).
+
 `--dry-run` does the checks, writes the config file where it stays (OUTPUT_DIR/accelerate_config.yaml
 or --config-file) and prints the command that trains the recipe; it starts nothing.
 """
@@ -22,13 +25,20 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 
+EXAMPLES = """  vggt-fsdp train cpu_tiny                                 2 CPU processes, the bundled tiny recipe
+  vggt-fsdp train recipes/a100_80g.yaml data.root=/data/co3d train.output_dir=runs/try1
+  vggt-fsdp train cpu_tiny --dry-run train.max_steps=5     check, write the Accelerate config, print the command
+  vggt-fsdp train runs/try1/recipe.yaml train.resume=auto  continue a run from its latest checkpoint
+"""
+
 def build_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("recipe", help="recipe YAML file")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="dotted overrides, e.g. train.max_steps=50 train.output_dir=runs/try1")
+    from vggt_fsdp.cli import add_recipe_arguments
+
+    add_recipe_arguments(parser, "train.max_steps=50 train.output_dir=runs/try1")
     parser.add_argument("--dry-run", action="store_true",
                         help="check the recipe, write the Accelerate config file and print the launch command; "
                              "start nothing")
@@ -81,7 +91,12 @@ def run(args: argparse.Namespace) -> int:
         env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "300")
         status = Path(tmp) / "status.json"  # rank 0 writes it when a signal stopped the run cleanly
         env[STATUS_ENV] = str(status)
+        started = time.monotonic()
         code, signalled = _run_forwarding_signals(command, env)
+        if code == 0 and not signalled:
+            from vggt_fsdp.commands.run_summary import summarize
+
+            print(summarize(recipe.train.output_dir, time.monotonic() - started), file=sys.stderr)
         return _exit_code(code, signalled, status)
 
 

@@ -76,6 +76,15 @@ def unit_layout_of(model: nn.Module, parallel_cfg, freeze: tuple[str, ...] = ())
     ]
 
 
+def model_state_bytes(model: nn.Module, parallel_cfg, world_size: int, gpus_per_node: int,
+                      freeze: tuple[str, ...] = ()) -> tuple[int, int]:
+    """(bytes, shard size): one rank's sharded fp32 parameters, gradients and AdamW state, the planner's
+    state terms, wherever they live (device or, offloaded, host)."""
+    shard = shard_size(parallel_cfg, world_size, gpus_per_node)
+    terms = _state_terms(unit_layout_of(model, parallel_cfg, freeze), shard, offload=False, device_kind="cpu")
+    return sum(term.bytes for term in terms), shard
+
+
 # ======================================================================================== measuring
 @dataclass(frozen=True)
 class Sample:

@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None, prog: str = PROG, script: str | None = N
             recipe = load_recipe(args.recipe, args.overrides)
         except RecipeError as err:
             print(f"error: {err}", file=sys.stderr)
+            _launcher_hint()
+            return 2
+        if refused_by_this_machine(recipe):
             return 2
         from vggt_fsdp.train.build import run
 
@@ -56,6 +59,32 @@ def main(argv: list[str] | None = None, prog: str = PROG, script: str | None = N
     except StartupInterrupted as signum:
         print(f"[vggt-fsdp] stopped by signal {signum} during start-up: nothing was trained", file=sys.stderr)
         return PREEMPTED_EXIT_CODE
+
+
+def refused_by_this_machine(recipe) -> bool:
+    """Whether this machine cannot run the recipe at all (a GPU recipe without CUDA, frames planned for
+    a GPU that is not there): rank 0 prints each problem as one line, and every rank stops before the
+    Accelerator is built, which would fail on every rank with a traceback. `vggt-fsdp train` refuses
+    these before launching; this is the same check for a recipe a launcher started directly."""
+    from vggt_fsdp.train.preflight import device_problems
+
+    problems = device_problems(recipe, None)
+    if problems and os.environ.get("RANK", "0") == "0":
+        for problem in problems:
+            print(f"error: {problem}", file=sys.stderr)
+        _launcher_hint()
+    return bool(problems)
+
+
+def _launcher_hint() -> None:
+    """Under `accelerate launch`, say that the launcher's traceback after a refusal adds nothing."""
+    from vggt_fsdp.train.cpu_launch import parent_cmdline
+
+    launcher = parent_cmdline()
+    if (os.environ.get("RANK", "0") == "0" and any("accelerate" in part for part in launcher[:3])
+            and not {"-q", "--quiet"} & set(launcher)):
+        print("[vggt-fsdp] refused before training: the launcher's traceback that follows only repeats this "
+              "exit status (`accelerate launch --quiet` leaves it out)", file=sys.stderr, flush=True)
 
 
 def run_recipe_script(path: str, argv: Sequence[str]) -> NoReturn:

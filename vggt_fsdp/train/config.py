@@ -8,6 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Union
 
+# Step counts above this are typos (`1e21`, an extra digit): a billion steps is decades of any real run.
+MAX_STEPS = 10**9
+
 
 def _upstream_clip_groups() -> dict[str, float]:
     # Upstream's default clips aggregator, depth head and camera head each to norm 1.0; point and
@@ -66,8 +69,8 @@ class ScheduleConfig:
     def validate(self) -> None:
         if not 0.0 <= self.warmup_fraction < 1.0:
             raise ValueError(f"schedule.warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"schedule.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0 <= self.warmup_steps <= MAX_STEPS:
+            raise ValueError(f"schedule.warmup_steps must be in [0, {MAX_STEPS:,}], got {self.warmup_steps}")
         if self.warmup_start_lr < 0:
             raise ValueError(f"schedule.warmup_start_lr must be >= 0, got {self.warmup_start_lr}")
         if self.min_lr < 0:
@@ -113,6 +116,10 @@ class TrainConfig:
             value = getattr(self, name)
             if value < 0:
                 raise ValueError(f"train.{name} must be >= 0 (0 disables it), got {value}")
+        for name in ("max_steps", "checkpoint_every", "log_every", "val_every", "grad_accum_steps"):
+            if getattr(self, name) > MAX_STEPS:
+                raise ValueError(f"train.{name}={getattr(self, name):,} is above {MAX_STEPS:,} steps: "
+                                 "a typo? give a step count a run can reach")
         if not self.output_dir:
             raise ValueError("train.output_dir must be a non-empty path")
         if not self.resume:

@@ -4,7 +4,10 @@
 heavy (a launcher other than `vggt-fsdp train` skips the first). Recipe loading has already checked
 types, ranges and combinations; preflight checks the recipe against the world and the model:
 
-- train.output_dir: a writable directory (or creatable), not held by a live trainer (lock.py);
+- train.output_dir: a writable directory (or creatable: tried, not guessed from permission bits, which
+  root passes everywhere, /proc included), not held by a live trainer (lock.py);
+- the model's size: its fp32 parameters, gradients and AdamW state (the planner's state terms, from the
+  meta-device model) must fit the card the recipe states and this host's memory;
 - data roots, model.init_weights and a train.resume path: present and readable;
 - resuming: no change against the checkpoint's recipe that a resume cannot honour (resume_check.py);
 - model.init_weights: tensor names and shapes against the model, from the file's header only;
@@ -64,7 +67,8 @@ def preflight(recipe, model: nn.Module | None = None, *, cuda: bool | None = Non
 
         model = build_model(model_config(recipe.model), device="meta")
     problems += freeze_problems(model, recipe.model.freeze)
-    problems += layout_problems(model, recipe.parallel)
+    layout = layout_problems(model, recipe.parallel)
+    problems += layout or model_state_problems(recipe, model)  # sizing needs a valid layout
     if recipe.model.init_weights:
         problems += init_weights_problems(model, recipe.model.init_weights)
     return problems
@@ -85,9 +89,12 @@ def output_dir_problems(output_dir: str, check_lock: bool = True) -> list[Proble
     existing = path if path.exists() else next(p for p in path.absolute().parents if p.exists())
     if not existing.is_dir():
         return [Problem(key, f"{path} cannot be created: {existing} is a file")]
-    if not os.access(existing, os.W_OK | os.X_OK):
+    writable = os.access(existing, os.W_OK | os.X_OK)
+    error = _cannot_write_in(existing) if writable else None
+    if not writable or error:
         what = "is not writable" if existing == path else f"cannot be created: {existing} is not writable"
-        return [Problem(key, f"{path} {what} by this user; choose another directory or fix its permissions")]
+        why = f" ({error})" if error else " by this user"
+        return [Problem(key, f"{path} {what}{why}; choose another directory or fix its permissions")]
     if check_lock and path.is_dir():
         from vggt_fsdp.train.lock import LockError, check_free
 
@@ -98,6 +105,17 @@ def output_dir_problems(output_dir: str, check_lock: bool = True) -> list[Proble
         if busy:
             return [Problem(key, busy)]
     return []
+
+
+def _cannot_write_in(directory: Path) -> str | None:
+    """Why a directory cannot be made in `directory` (tried, then removed), or None."""
+    import tempfile
+
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".vggt-fsdp-preflight-", dir=directory))
+    except OSError as err:
+        return err.strerror or str(err)
+    return None
 
 
 def _readable_dir(path: str) -> str | None:
@@ -260,6 +278,39 @@ def layout_problems(model: nn.Module, cfg: ParallelConfig) -> list[Problem]:
     problems += _fp32_problems(model, cfg, plan, modules, disabled)
     problems += _every_n_problems(cfg, plan)
     return problems
+
+
+def model_state_problems(recipe, model: nn.Module) -> list[Problem]:
+    """The model's fp32 parameters, gradients and AdamW state (nothing else: activations come on top)
+    against the card the recipe states and this host's memory. They are sharded over the ranks of a
+    shard group; on the card unless parallel.sharding.cpu_offload, and a CPU recipe's processes all hold
+    theirs in this host's memory."""
+    import psutil
+
+    from vggt_fsdp.hardware import CPU, GiB, card
+    from vggt_fsdp.memory.generic import model_state_bytes
+
+    acc, hardware = recipe.accelerate, recipe.hardware
+    processes, machines = acc.get("num_processes", 1), acc.get("num_machines", 1)
+    per_rank, shard = model_state_bytes(model, recipe.parallel, processes, processes // machines,
+                                        tuple(recipe.model.freeze))
+    on_host = bool(acc.get("use_cpu")) or recipe.parallel.sharding.cpu_offload
+    params = sum(p.numel() for p in model.parameters())
+    need = (f"{params:,} parameters: their fp32 values, gradients and AdamW state take {per_rank / GiB:.1f} "
+            f"GiB per process (sharded over {shard})")
+    fix = "choose a smaller model (model.preset, model.overrides) or more processes"
+    key = "model.overrides" if recipe.model.overrides else "model.preset"
+    if hardware.device is not None and not (on_host and hardware.device != CPU):
+        budget = hardware.memory_gib if hardware.memory_gib is not None else card(hardware.device).memory_gib
+        if per_rank > budget * GiB:
+            where = "hardware.memory_gib" if hardware.memory_gib is not None else f"card {hardware.device!r}"
+            offload = "" if hardware.device == CPU else ", or parallel.sharding.cpu_offload=true"
+            return [Problem(key, f"{need}, above the {budget:g} GiB of {where} a process has; {fix}{offload}")]
+    host, local = psutil.virtual_memory().total, processes // machines
+    if on_host and per_rank * local > host:
+        return [Problem(key, f"{need}, {per_rank * local / GiB:.1f} GiB for this host's {local} process(es) "
+                        f"in host memory, above its {host / GiB:.1f} GiB; {fix}")]
+    return []
 
 
 def _fp32_problems(model, cfg: ParallelConfig, plan, modules, disabled) -> list[Problem]:

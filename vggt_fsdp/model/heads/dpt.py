@@ -204,7 +204,11 @@ class DPTHead(nn.Module):
                 outputs.append(self._forward_chunk(height, width, *chunk_layers))
 
         def join(parts: list[Tensor]) -> Tensor:
-            return (torch.cat(parts) if len(parts) > 1 else parts[0]).unflatten(0, (batch, num_frames))
+            joined = (torch.cat(parts) if len(parts) > 1 else parts[0]).unflatten(0, (batch, num_frames))
+            # A module FSDP2 wraps must not return a view: FSDP2 hooks the outputs for backward, and
+            # warns that a view "can cause backward to fail or produce wrong gradients" (4 times a run).
+            # The copy is one output's size, freed with its base at once; clone's backward is identity.
+            return joined.clone() if joined._is_view() else joined
 
         if self.feature_only:
             return join(outputs)
