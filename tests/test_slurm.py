@@ -245,6 +245,14 @@ def test_the_script_asks_for_no_resources_a_recipe_does_not_need():
     assert {"--requeue", "--open-mode=append", "--output=%x-%j.out"} <= set(sbatch_lines)
 
 
+def test_recipe_copy_slurm_of_a_broken_recipe_writes_nothing(tmp_path, capsys):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text((REPO / "recipes" / "cpu_tiny.yaml").read_text().replace("num_workers: 0", "num_workers: -1"))
+    assert cli.main(["recipe", "copy", str(broken), str(tmp_path / "out"), "--slurm"]) == 2
+    assert "data.num_workers=-1 must be >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("recipe, resources", [
     ("cpu_tiny", ["--cpus-per-task=2"]),                         # 2 CPU processes, no loader workers; no GPU
     ("a100_40g", ["--gpus-per-node=8", "--cpus-per-task=72"]),   # 8 GPUs, each process with 8 workers

@@ -153,12 +153,20 @@ def copy_recipe(name: str, dest: Path, slurm: bool, force: bool) -> int:
     if existing and not force:
         print(f"error: {', '.join(existing)} exist(s); pass --force to overwrite", file=sys.stderr)
         return 2
+    texts = {}
+    if slurm:  # the script with the resources the recipe needs (commands/slurm_copy.py), before any write
+        from vggt_fsdp.commands.slurm_copy import script_for
+        from vggt_fsdp.recipe import RecipeError
+
+        try:
+            texts[slurm_script()] = script_for(source, slurm_script())
+        except RecipeError as err:
+            print(f"error: {err} (the SLURM script asks for what the recipe needs)", file=sys.stderr)
+            return 2
     target.parent.mkdir(parents=True, exist_ok=True)
     for frm, to in copies:
-        if frm == slurm_script():  # with the resources the recipe needs (commands/slurm_copy.py)
-            from vggt_fsdp.commands.slurm_copy import script_for
-
-            to.write_text(script_for(source, frm))
+        if frm in texts:
+            to.write_text(texts[frm])
         else:
             shutil.copyfile(frm, to)
         print(f"wrote {to} (from {frm})")
