@@ -58,6 +58,10 @@ if name == "squeue":
 if name == "scancel":
     sys.exit(0)
 if name == "vggt-fsdp":
+    if argv[:2] == ["recipe", "show"] and env.get("USR1_AT_START"):  # an early signal before the step starts
+        script = [p for p in psutil.Process().parents() if any("sbatch" in a for a in p.cmdline())][-1]  # not $()
+        script.send_signal(signal.SIGUSR1)
+        time.sleep(0.3)
     if argv[:2] == ["recipe", "show"]:
         values = {"train.output_dir": env["RUN_DIR"], "accelerate.num_processes": "16",
                   "accelerate.num_machines": "2"}
@@ -200,11 +204,21 @@ def test_when_slurm_ends_the_job_the_script_says_whether_it_comes_back(job, show
     assert (["requeue", JOB_ID] in [c["argv"] for c in _of(calls, "scontrol")]) == requeues
 
 
-def test_a_time_limit_within_the_save_lead_is_reported_at_the_start(job):
-    result, _, _ = job("a100_40g", TIME_LEFT="4:50")
-    assert "warning: 4:50 left of the time limit, not more than the 300 s save lead: SLURM will send no early " \
-           "signal" in result.stderr
+def test_a_time_limit_within_the_save_lead_is_reported_and_its_early_signal_ignored(job):
+    # SLURM sends the early signal at once then (measured), while the processes start
+    result, calls, _ = job("a100_40g", TIME_LEFT="4:50", SIGNAL_BATCH="SIGUSR1")
+    assert "warning: 4:50 left of the time limit, not more than the 300 s save lead: the early signal is " \
+           "ignored" in result.stderr
+    assert "early time-limit signal ignored" in result.stderr
+    assert not _of(calls, "scancel") and result.returncode == 0
     assert "warning" not in job("a100_40g", TIME_LEFT="1-00:00:00")[0].stderr
+
+
+def test_an_early_signal_before_the_step_starts_does_not_end_the_script(job):
+    result, calls, _ = job("a100_40g", USR1_AT_START="1")
+    assert result.returncode == 0, result.stderr
+    assert "early time-limit signal before training started: ignored" in result.stderr
+    assert len(_of(calls, "accelerate")) == 2 and not _of(calls, "scancel")
 
 
 def test_a_failure_keeps_its_status_and_a_stale_marker_is_not_a_preemption(job, tmp_path):
