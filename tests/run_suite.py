@@ -1,18 +1,20 @@
-"""`make test`: the test suite as two pytest processes side by side, so that both of CI's two cores work.
+"""`make test`: the test suite as pytest processes side by side, so that both of CI's two cores work.
 
 Most in-process tests are bound by Python and keep one core busy, and so does a training process with
 one thread; run one after another, the suite leaves a core idle for much of its time. The modules
-are split in two groups that run at once:
+are split in groups that run at once:
 
 - LAUNCHING: the modules that start trainings through launchers (`vggt-fsdp train`, `accelerate
   launch`, torchrun, the GPU stages' smoke runs). They stay in one group, run one at a time, because
   single-node launchers rendezvous on Accelerate's and torch's default port 29500.
+- CLUSTER: the modules that start a real service and mostly wait on it (test_slurm_cluster: a SLURM
+  whose requeued job waits before it starts again). A process of their own, so that the waiting
+  overlaps the other groups' work; what they run is small (a few tiny steps).
 - every other module: in-process tests, and ranks started with mp.spawn on a free port of their own.
 
-Each process runs with one intra-op thread (OMP_NUM_THREADS=1): two of them share two cores. Arguments
-are passed to both pytest processes (`-m "not slow"`, `-x`, `-k ...`); a group none of whose tests is
-selected is not an error. The exit status is the worse of the two. `python -m pytest` still runs the
-whole suite in one process.
+Each process runs with one intra-op thread (OMP_NUM_THREADS=1). Arguments are passed to every pytest
+process (`-m "not slow"`, `-x`, `-k ...`); a group none of whose tests is selected is not an error. The
+exit status is the worst of them. `python -m pytest` still runs the whole suite in one process.
 
     python tests/run_suite.py [PYTEST_ARGS ...]
 """
@@ -29,15 +31,17 @@ TESTS = Path(__file__).resolve().parent
 LAUNCHING = {
     "test_cli", "test_data_mixture", "test_gpu_session", "test_gpu_stages_smoke", "test_integrity",
     "test_launch", "test_lock", "test_offload", "test_own_model", "test_packaging", "test_slurm",
-    "test_train_e2e",
+    "test_train_e2e", "test_multinode",
 }
+CLUSTER = {"test_slurm_cluster"}
 NO_TESTS_COLLECTED = 5  # pytest's exit status when a selection leaves a group empty
 
 
 def groups() -> dict[str, list[Path]]:
     modules = sorted(TESTS.glob("test_*.py"))
     return {"launching": [m for m in modules if m.stem in LAUNCHING],
-            "in-process": [m for m in modules if m.stem not in LAUNCHING]}
+            "cluster": [m for m in modules if m.stem in CLUSTER],
+            "in-process": [m for m in modules if m.stem not in LAUNCHING | CLUSTER]}
 
 
 def main(argv: list[str]) -> int:
@@ -55,7 +59,7 @@ def main(argv: list[str]) -> int:
         log.seek(0)
         print(f"{'=' * 30} {name} modules (exit {codes[name]}) {'=' * 30}\n{log.read()}", flush=True)
     codes = {name: 0 if code == NO_TESTS_COLLECTED else code for name, code in codes.items()}
-    print(f"[run_suite] both groups done in {time.monotonic() - started:.0f} s: "
+    print(f"[run_suite] all groups done in {time.monotonic() - started:.0f} s: "
           + ", ".join(f"{name} exit {code}" for name, code in codes.items()))
     return max(codes.values())
 

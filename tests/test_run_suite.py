@@ -1,6 +1,7 @@
-"""`make test` runs the suite as two pytest processes (tests/run_suite.py). Single-node launchers
-rendezvous on a default port, so every module that starts one must be in the LAUNCHING group, whose
-modules run one at a time; the groups together hold every module once."""
+"""`make test` runs the suite as pytest processes side by side (tests/run_suite.py). Single-node
+launchers rendezvous on a default port, so every module that starts one must be in the LAUNCHING group,
+whose modules run one at a time; a module that starts a real SLURM cluster is in the CLUSTER group, a
+process of its own; the groups together hold every module once."""
 from __future__ import annotations
 
 import re
@@ -17,10 +18,19 @@ STARTS_A_LAUNCHER = re.compile(r'sys\.executable, "-m", "(accelerate\.commands\.
 
 def test_the_groups_hold_every_module_once():
     groups = run_suite.groups()
+    assert list(groups) == ["launching", "cluster", "in-process"]
     every = sorted(TESTS.glob("test_*.py"))
-    assert sorted(groups["launching"] + groups["in-process"]) == every
-    assert not set(groups["launching"]) & set(groups["in-process"])
+    assert sorted(sum(groups.values(), [])) == every  # each module in exactly one group
     assert {m.stem for m in groups["launching"]} == run_suite.LAUNCHING  # no stale name
+    assert {m.stem for m in groups["cluster"]} == run_suite.CLUSTER
+    assert not run_suite.LAUNCHING & run_suite.CLUSTER
+
+
+def test_every_module_that_starts_a_slurm_cluster_runs_in_the_cluster_group():
+    starting = {m.stem for m in TESTS.glob("test_*.py") if re.search(r"^import slurm_cluster$|^from slurm_cluster ",
+                                                                     m.read_text(), re.M)}
+    assert "test_slurm_cluster" in starting
+    assert starting == run_suite.CLUSTER
 
 
 def test_every_module_that_starts_a_launcher_is_in_the_launching_group():

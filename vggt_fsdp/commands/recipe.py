@@ -3,7 +3,8 @@
 `recipe list`: the bundled recipes (vggt_fsdp/bundled.py): name, the card each is sized for
 (`hardware:`), processes, frames per GPU and what each is for (the first paragraph of its header).
 `recipe copy NAME DEST [--slurm]`: a bundled recipe into DEST (a file, or a directory), and with
---slurm the multi-node SLURM script beside it, to edit and run in your own project.
+--slurm the multi-node SLURM script beside it, asking for the resources the recipe needs per node
+(commands/slurm_copy.py), to run unedited with `sbatch --nodes N` or to edit.
 `recipe show RECIPE [key=value ...]`: the resolved recipe, then the parallel plan: which modules become
 FSDP units, their parameter and reduce dtypes, and what is checkpointed. The model is built on the meta
 device, so this is instant and needs no process group, even for VGGT-1B. With `--get KEY` it prints only
@@ -168,9 +169,22 @@ def copy_recipe(name: str, dest: Path, slurm: bool, force: bool) -> int:
     if existing and not force:
         print(f"error: {', '.join(existing)} exist(s); pass --force to overwrite", file=sys.stderr)
         return 2
+    texts = {}
+    if slurm:  # the script with the resources the recipe needs (commands/slurm_copy.py), before any write
+        from vggt_fsdp.commands.slurm_copy import script_for
+        from vggt_fsdp.recipe import RecipeError
+
+        try:
+            texts[slurm_script()] = script_for(source, slurm_script())
+        except RecipeError as err:
+            print(f"error: {err} (the SLURM script asks for what the recipe needs)", file=sys.stderr)
+            return 2
     target.parent.mkdir(parents=True, exist_ok=True)
     for frm, to in copies:
-        shutil.copyfile(frm, to)
+        if frm in texts:
+            to.write_text(texts[frm])
+        else:
+            shutil.copyfile(frm, to)
         print(f"wrote {to} (from {frm})")
     print(f"# try it: vggt-fsdp recipe show {target}")
     if slurm:
