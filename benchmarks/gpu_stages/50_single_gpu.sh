@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 15 on a lent GPU: the single-GPU recipes (gpu24g_single, a100_40g_single: VGGT-1B fine-tuned on
+# Stage (d), issue 15 on a lent GPU: the single-GPU recipes (gpu24g_single, a100_40g_single: VGGT-1B fine-tuned on
 # one card, parameters, gradients and AdamW state offloaded to the host) on an H200 capped at 24 and
 # 40 GiB: device peak against the planner, step time, host memory, the host optimizer's share of a step.
 # See benchmarks/single_gpu.py.
