@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
 
     modules = {"": checkpointing, **{f" [{item.split('=', 1)[0]}]": _load(item.split("=", 1)[1])
                                      for item in args.policy_module}}
-    prov = {"command": "python -m benchmarks.selective_overhead " + " ".join(argv or []),
+    prov = {"command": "python -m benchmarks.selective_overhead " + " ".join(sys.argv[1:] if argv is None else argv),
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
             "device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
             "commit": git_commit()}
