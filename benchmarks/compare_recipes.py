@@ -405,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         _write(doc, args.out, _stem(doc["results"], profile), charts=False)
         # An out-of-memory run is a measurement (the configuration does not fit); an error or timeout is not.
         ledger.record(args.out, config.name, ledger.MEASURED if result["status"] in ("ok", "oom") else ledger.FAILED,
-                      result.get("error"), status=result["status"],
+                      result.get("error"), run_status=result["status"],
                       step_s=(result.get("timing") or {}).get("median"))
     cache_dir.cleanup()
     doc["wall_s"] = time.monotonic() - started

@@ -229,7 +229,7 @@ def run_stage(out: Path, budget_s: float, smoke: bool) -> dict:
         _write(doc, out)
         status = doc["results"][-1].get("status")
         ledger.record(out, config.name, ledger.MEASURED if status in ("ok", "oom") else ledger.FAILED,
-                      doc["results"][-1].get("error"), status=status)
+                      doc["results"][-1].get("error"), run_status=status)
     doc["wall_s"] = round(time.monotonic() - start, 1)
     _write(doc, out)
     return doc

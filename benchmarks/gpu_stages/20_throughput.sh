@@ -8,10 +8,10 @@ set -euo pipefail
 DIR=$1
 BUDGET=$2
 if [ "${GPU_SESSION_SMOKE:-0}" = 1 ]; then
-  # The same code path with the tiny model: the 40GB recipe and the block policy, autocast on and off,
-  # eager (compiled blocks on the CPU: tests/test_compile.py).
+  # The same code path with the tiny model: the 40GB recipe with autocast on and off, eager (the block
+  # policy's code path: stage 30's smoke run; compiled blocks on the CPU: tests/test_compile.py).
   python3 -m benchmarks.compare_recipes --profile cpu --out "$DIR" --budget-s "$BUDGET" --no-charts \
-    --grid --no-compile-grid --roles block_40g,recipe_40g --no-mix --no-baseline --no-sweep --warmup 1 --steps 1
+    --grid --no-compile-grid --roles recipe_40g --no-mix --no-baseline --no-sweep --warmup 1 --steps 1
 else
   python3 -m benchmarks.compare_recipes --profile gpu --out "$DIR" --budget-s "$((BUDGET - 5))" --no-charts \
     --grid --no-mix --no-baseline --no-sweep
