@@ -126,7 +126,7 @@ def run(preset: str, steps: int, frames: int, width: int, seed: int, recipe_path
     from vggt_fsdp.recipe import load_recipe
 
     recipe = load_recipe(recipe_path, [f"model.preset={preset}", f"data.image_width={width}",
-                                       f"data.frames_per_gpu={frames}"])
+                                       f"data.frames_range=[{min(2, frames)}, {frames}]", f"data.frames_per_gpu={frames}"])
     batches = host_batches(recipe, steps, frames)
     result = {"preset": preset, "steps": steps, "frames_per_step": frames, "image_width": width,
               "shapes": [list(b["images"].shape) for b in batches], "curves": {}}
