@@ -29,12 +29,15 @@ from processes import finish, start
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 1500  # generous: five stages share two cores
+# The session runs its stages one after another; here five share two cores, so each gets the session's
+# split at twice the smoke scale.
+SIDE_BY_SIDE_SCALE = 6
 
 
-def session_budgets() -> dict[str, int]:
+def session_budgets(scale: int | None = None) -> dict[str, int]:
     """The smoke session's split of its budget: the stages' budgets in `GPU_SESSION_SMOKE=1 bash
-    benchmarks/gpu_session.sh`."""
-    env = dict(os.environ, GPU_SESSION_SMOKE="1")
+    benchmarks/gpu_session.sh` (at another budget scale if given)."""
+    env = dict(os.environ, GPU_SESSION_SMOKE="1", **({"GPU_SESSION_SCALE": str(scale)} if scale else {}))
     out = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_session.sh"), "--budgets"], env=env, cwd=REPO,
                          capture_output=True, text=True, check=True).stdout
     return {name: int(budget) for name, budget in (line.split() for line in out.splitlines())}
@@ -44,7 +47,7 @@ class Stages:
     """The stages' smoke runs, started at once; `finished(name)` waits for one."""
 
     def __init__(self, root: Path):
-        budgets = session_budgets()
+        budgets = session_budgets(SIDE_BY_SIDE_SCALE)
         self.dirs = {name: root / name for name in budgets}
         self.scratch = {name: root / "scratch" / name for name in budgets}
         self.procs = {}
