@@ -1,4 +1,4 @@
-"""The single-GPU recipes on one GPU (GPU stage 40_single_gpu): VGGT-1B fine-tuned with CPU offload.
+"""The single-GPU recipes on one GPU (GPU stage 50_single_gpu): VGGT-1B fine-tuned with CPU offload.
 
     python -m benchmarks.single_gpu OUT_DIR --budget-s 80 [--smoke]
 

@@ -263,7 +263,7 @@ def summary(doc: dict) -> str:
     for owed in doc["owed"]:
         lines.append(f"| {owed['name']} | - | - | owed: {owed['why']} | - | - | - | - |")
     lines += ["", "Each row: one GPU's share of an 8-GPU job (fake process group), memory capped to emulate "
-              "the card; `python -m benchmarks.track_gpu` (benchmarks/gpu_stages/30_track.sh)."]
+              "the card; `python -m benchmarks.track_gpu` (benchmarks/gpu_stages/40_track.sh)."]
     return "\n".join(lines) + "\n"
 
 

@@ -1,4 +1,4 @@
-"""The trainer's first CUDA run (GPU stage 20_trainer_cuda): the real entry points, on one GPU.
+"""The trainer's first CUDA run (GPU stage 10_trainer_cuda): the real entry points, on one GPU.
 
     python -m benchmarks.trainer_cuda OUT_DIR --budget-s 100 [--smoke]
 

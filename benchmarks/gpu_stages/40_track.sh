@@ -3,7 +3,7 @@
 # at their frames per GPU under a 40 / 80 GiB cap (peak, frames/s, MFU, the planner's predicted peak and
 # its error), and the 40GB recipe with an upstream-style track head (no recompute in it) at the same
 # shape. See benchmarks/track_gpu.py.
-#   bash benchmarks/gpu_stages/30_track.sh DIR BUDGET_S      (GPU_SESSION_SMOKE=1: tiny model on the CPU)
+#   bash benchmarks/gpu_stages/40_track.sh DIR BUDGET_S      (GPU_SESSION_SMOKE=1: tiny model on the CPU)
 set -euo pipefail
 DIR=$1
 BUDGET=$2
