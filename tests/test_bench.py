@@ -446,7 +446,7 @@ def test_the_grid_runs_each_variant_of_the_three_before_the_next():
     assert not any("compiled" in c.name for c in no_compile)
 
 
-def _timed(role, variant, step, status="ok", cap_respected=True, mix=0):
+def _grid_result(role, variant, step, status="ok", cap_respected=True, mix=0):
     name = {"recipe_40g": "40GB recipe", "recipe_80g": "80GB recipe"}.get(role, role)
     return {"status": status, "config": {"role": role, "name": f"{name}, {variant}" if variant else name,
                                          "variant": variant, "mix": mix},
@@ -455,11 +455,11 @@ def _timed(role, variant, step, status="ok", cap_respected=True, mix=0):
 
 
 def test_the_fastest_configuration_that_fits_its_cap_is_named_as_overrides():
-    results = [_timed("recipe_40g", "", 3.0), _timed("recipe_40g", "no autocast", 2.6),
-               _timed("recipe_40g", "compiled", 2.1, cap_respected=False),  # reserved past the cap: does not fit
-               _timed("recipe_40g", "no autocast, compiled", 0, status="oom"),
-               _timed("recipe_40g", "compiled", 1.0, mix=6),  # a mix is no worst case
-               _timed("recipe_80g", "", 0, status="oom"), _timed("block_40g", "", 0.5)]
+    results = [_grid_result("recipe_40g", "", 3.0), _grid_result("recipe_40g", "no autocast", 2.6),
+               _grid_result("recipe_40g", "compiled", 2.1, cap_respected=False),  # reserved past the cap: does not fit
+               _grid_result("recipe_40g", "no autocast, compiled", 0, status="oom"),
+               _grid_result("recipe_40g", "compiled", 1.0, mix=6),  # a mix is no worst case
+               _grid_result("recipe_80g", "", 0, status="oom"), _grid_result("block_40g", "", 0.5)]
     best = compare_recipes.fastest_fitting(results)
     assert best["40GB recipe"]["overrides"] == compare_recipes.GRID_VARIANTS["no autocast"]
     assert best["40GB recipe"]["step_s"] == 2.6 and best["80GB recipe"] is None and set(best) == {"40GB recipe",
