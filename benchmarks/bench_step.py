@@ -29,7 +29,8 @@ made once by the synthetic data source and reused, so the loader is not measured
 `--frames` frames per GPU and the image width of `--image` (scenes of S frames over data.frames_range,
 batch = floor(frames / S) scenes, aspect ratios over data.aspect_range, as in training; the draw is
 fixed by data.seed, so two configurations of one run see the same sequence). The timed steps are the N
-batches once each, after `--warmup` untimed ones; frames/s and MFU are totals over the sequence.
+batches once each, after one untimed step on each of them (every shape warmed up) and `--warmup` more;
+frames/s and MFU are totals over the sequence.
 """
 from __future__ import annotations
 
@@ -383,6 +384,15 @@ def time_steps(step: Callable[[], None], warmup: int, steps: int, device: torch.
     return times
 
 
+def warm_each_batch(workload: Workload, device: torch.device) -> None:
+    """One untimed step on every batch of a mix, then back to its first batch: each shape's first-call
+    costs (cuDNN plans, compiled graphs, allocator growth) stay out of the timed pass."""
+    for _ in workload.shapes:
+        workload.step()
+    _sync(device)
+    workload.taken = 0
+
+
 def summarise_times(times: list[float]) -> dict:
     return {
         "all": times,
@@ -439,6 +449,9 @@ def _measure(spec: BenchSpec, device: torch.device, result: dict) -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
+        if spec.mix:
+            result["phase"] = "warm-up per shape"
+            warm_each_batch(workload, device)
         result["phase"] = "steps"
         times = time_steps(workload.step, spec.warmup, spec.steps, device)
         result["memory"] = _memory(device)

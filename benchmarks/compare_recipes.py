@@ -27,6 +27,13 @@ Configurations, in the order they run (the most important first, so a tight budg
 4. the sweep: the 80GB recipe over frames per GPU and the checkpoint policy of its DINO, frame and
    global blocks (the memory/throughput frontier), without a memory cap (the card's own memory).
 The recipes themselves are not edited: a configuration is a recipe plus `key=value` overrides.
+
+`--grid` adds, after 1-3, their variants with autocast off and with compiled blocks (GRID_VARIANTS; the
+precision and compile choice a recipe should make by measurement) and writes `fastest.json`: for each
+recipe, the fastest variant that ran within its cap, as overrides. `--mix-only` keeps the mix
+configurations alone (the session's sampler-mix stage). Each configuration is recorded in the GPU
+session's ledger as it completes (benchmarks/session_ledger.py), and one an earlier session at the same
+code measured is skipped.
 """
 from __future__ import annotations
 
@@ -63,6 +70,15 @@ UPSTREAM_BASELINE = [
     "model.overrides.keep_all_layers=true",
 ]
 
+# The precision and compile variants of the block policy and the recipes (--grid), most likely lever first
+# (issue 18: autocast off is predicted 1.19x, compiled blocks measured 1.21x on the H200 in November).
+GRID_VARIANTS = {
+    "no autocast": ["parallel.precision.autocast=false", "accelerate.mixed_precision=no"],
+    "compiled": ["parallel.compile=true"],
+    "no autocast, compiled": ["parallel.precision.autocast=false", "accelerate.mixed_precision=no",
+                              "parallel.compile=true"],
+}
+RECIPE_ROLES = {"recipe_40g": "40GB recipe", "recipe_80g": "80GB recipe"}
 
 VOLUMES_WORLD_SIZE = 8
 # Errors (not out-of-memory) in this many configurations in a row mean the setup is broken: stop rather
@@ -81,6 +97,7 @@ class Config:
     gpu_memory_gib: float | None = None
     policy: str | None = None  # the swept checkpoint policy (sweep rows)
     mix: int = 0  # 0: scenes of the worst-case shape; N: the recipe sampler's first N batches
+    variant: str = ""  # a GRID_VARIANTS key; "" for the configuration as its role defines it
 
 
 @dataclass
@@ -121,7 +138,8 @@ PROFILES = {
 }
 
 
-def plan(profile: Profile, include_baseline: bool = True, include_sweep: bool = True) -> list[Config]:
+def plan(profile: Profile, include_baseline: bool = True, include_sweep: bool = True, grid: bool = False,
+         compile_grid: bool = True) -> list[Config]:
     common = profile.overrides
     configs = []
     if profile.volumes_job:
@@ -137,6 +155,12 @@ def plan(profile: Profile, include_baseline: bool = True, include_sweep: bool = 
                list(common), profile.cap_80g),
     ]
     configs += recipes
+    if grid:  # each variant of the three before the next variant: a budget cut drops the least likely lever
+        for variant, overrides in GRID_VARIANTS.items():
+            if "compiled" in variant and not compile_grid:
+                continue
+            configs += [replace(c, name=f"{c.name}, {variant}", overrides=[*c.overrides, *overrides], variant=variant)
+                        for c in recipes]
     if profile.mix_batches:
         configs += [replace(c, name=f"{c.name}, mix", mix=profile.mix_batches) for c in recipes]
     baseline = [*common, *UPSTREAM_BASELINE]
@@ -147,7 +171,7 @@ def plan(profile: Profile, include_baseline: bool = True, include_sweep: bool = 
         for frames, cap in ((profile.frames_40g, profile.cap_40g), (profile.frames_80g, profile.cap_80g)):
             configs.append(Config(f"upstream-style baseline @{frames}", "baseline", RECIPE_80G, frames, 1,
                                   baseline, cap))
-    if profile.compile_probe and not _compiles(RECIPE_40G):
+    if profile.compile_probe and not grid and not _compiles(RECIPE_40G):
         # After the baseline, as compiling is the slowest start: the worst case (one scene of 24 frames)
         # for the speed-up, then the sampler mix, whose batches of 2+ scenes are where pytorch#166926 failed.
         compiled = Config("40GB recipe, compiled", "compiled_40g", RECIPE_40G, profile.frames_40g,
@@ -242,12 +266,38 @@ def predict(config: Config, profile: Profile, device_name: str | None) -> dict:
             "peak_bytes": planned["plan"].get("peak_bytes"), "command": shlex.join(["vggt-fsdp", *cmd[4:]])}
 
 
+def fits_cap(result: dict) -> bool:
+    """Ran to the end within its configuration's cap (an OOM, or a run that reserved past the cap, does not)."""
+    return result.get("status") == "ok" and (result.get("memory") or {}).get("cap_respected", True) is not False
+
+
+def fastest_fitting(results: list[dict]) -> dict[str, dict | None]:
+    """For each recipe measured at its worst case (no mix), its fastest variant that fits its cap: the
+    overrides that make it (relative to the recipe), the median step and the device that measured."""
+    best: dict[str, dict | None] = {}
+    for role, recipe in RECIPE_ROLES.items():
+        runs = [r for r in results if r.get("config", {}).get("role") == role and not r["config"].get("mix")]
+        if not runs:
+            continue
+        fitting = [r for r in runs if fits_cap(r)]
+        if not fitting:
+            best[recipe] = None
+            continue
+        top = min(fitting, key=lambda r: r["timing"]["median"])
+        best[recipe] = {"name": top["config"]["name"], "overrides": GRID_VARIANTS.get(top["config"].get("variant"), []),
+                        "step_s": top["timing"]["median"], "device": (top.get("device") or {}).get("name"),
+                        "compared": sorted(r["config"]["name"] for r in fitting)}
+    return best
+
+
 def _write(doc: dict, out: Path, stem: str, charts: bool) -> None:
     from benchmarks.report import write_report
 
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps(doc, indent=1, default=str))
     write_report(doc, out, stem, charts=charts)
+    if doc.get("grid"):
+        (out / "fastest.json").write_text(json.dumps(fastest_fitting(doc["results"]), indent=1))
 
 
 def _stem(results: list[dict], profile: Profile) -> str:
@@ -280,6 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma-separated roles to run (block_40g, recipe_40g, recipe_80g, compiled_40g, "
                              "baseline, sweep, volumes); default all")
     parser.add_argument("--no-mix", action="store_true", help="skip the realistic-mix configurations")
+    parser.add_argument("--mix-only", action="store_true", help="only the realistic-mix configurations")
+    parser.add_argument("--grid", action="store_true",
+                        help="also each of 1-3 with autocast off and compiled (GRID_VARIANTS); writes fastest.json")
+    parser.add_argument("--no-compile-grid", action="store_true", help="--grid without the compiled variants")
     parser.add_argument("--keep-going", action="store_true",
                         help=f"do not stop after {MAX_ERRORS_IN_ROW} configurations in a row fail with an error")
     return parser
@@ -301,19 +355,25 @@ def _profile_from_args(args: argparse.Namespace) -> Profile:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from benchmarks import session_ledger as ledger
+
     args = build_parser().parse_args(argv)
     profile = _profile_from_args(args)
-    configs = plan(profile, include_baseline=not args.no_baseline, include_sweep=not args.no_sweep)
+    configs = plan(profile, include_baseline=not args.no_baseline, include_sweep=not args.no_sweep,
+                   grid=args.grid, compile_grid=not args.no_compile_grid)
     if args.roles:
         configs = [c for c in configs if c.role in args.roles.split(",")]
     if args.no_mix:
         configs = [c for c in configs if not c.mix]
+    if args.mix_only:
+        configs = [c for c in configs if c.mix]
     started = time.monotonic()
     doc = {
         "command": shlex.join(["python", "-m", "benchmarks.compare_recipes",
                                *(sys.argv[1:] if argv is None else argv)]),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "profile": asdict(profile),
+        "grid": args.grid,
         "results": [],
     }
     errors_in_row = 0
@@ -321,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     cache_dir = tempfile.TemporaryDirectory()
     flops_cache = Path(cache_dir.name) / "flops.json"
     for config in configs:
+        if ledger.skip_if_measured(args.out, config.name):
+            continue
         left = None if args.budget_s is None else args.budget_s - (time.monotonic() - started)
         reason = None
         if left is not None and left < min(profile.timeout_s, 60):
@@ -329,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
             reason = f"{errors_in_row} configurations in a row failed with an error (a broken setup, not a shape)"
         if reason is not None:
             doc["results"].append({"status": "skipped", "error": reason, "config": asdict(config)})
+            ledger.record(args.out, config.name, ledger.OWED, reason)
             continue
         timeout = profile.timeout_s if left is None else min(profile.timeout_s, left)
         print(f"[compare] {config.name}: frames {config.frames}, world size {config.world_size}", flush=True)
@@ -340,6 +403,10 @@ def main(argv: list[str] | None = None) -> int:
         doc["results"].append(result)
         errors_in_row = errors_in_row + 1 if result["status"] == "error" else 0
         _write(doc, args.out, _stem(doc["results"], profile), charts=False)
+        # An out-of-memory run is a measurement (the configuration does not fit); an error or timeout is not.
+        ledger.record(args.out, config.name, ledger.MEASURED if result["status"] in ("ok", "oom") else ledger.FAILED,
+                      result.get("error"), run_status=result["status"],
+                      step_s=(result.get("timing") or {}).get("median"))
     cache_dir.cleanup()
     doc["wall_s"] = time.monotonic() - started
     measured = next((r["device"] for r in doc["results"] if "device" in r), None)

@@ -15,6 +15,9 @@ bitwise the no-autocast one; tests/test_precision.py checks that.) One process, 
 group. What it cannot show: GPU kernels' own rounding (cuBLAS split-K, cuDNN attention), nor speed.
 
     python benchmarks/precision_curves.py --preset vggt-tiny --steps 30 --out benchmarks/results/X
+
+The .json and .md are rewritten after every mode's curve, so a run stopped part-way keeps the curves it
+finished (long CPU runs: tiny 200 steps, mid 30, take hours on a shared 2-core machine).
 """
 from __future__ import annotations
 
@@ -94,28 +97,48 @@ def train_curve(recipe, mode: str, batches: list[dict[str, torch.Tensor]], seed:
     return {"losses": losses, "terms": terms, "init_checksum": checksum, "seconds": time.perf_counter() - start}
 
 
-def compare(curves: dict[str, dict]) -> dict[str, dict]:
-    """Each bf16 mode against fp32: mean and max |loss - fp32 loss| / fp32 loss over the steps."""
-    ref = curves["fp32"]["losses"]
+def tail_mean(losses: list[float], fraction: float = 0.2) -> float:
+    """Mean loss over the last `fraction` of the steps (at least one): where the curve has got to, less
+    sensitive than the last step alone to one batch's noise."""
+    tail = losses[-max(1, round(len(losses) * fraction)):]
+    return sum(tail) / len(tail)
+
+
+def compare(curves: dict[str, dict], reference: str = "fp32") -> dict[str, dict]:
+    """Each other mode against `reference`: mean and max |loss - ref loss| / ref loss over the steps both
+    ran, and the tail means (last 20% of the steps) of both."""
+    if reference not in curves:
+        return {}
+    ref = curves[reference]["losses"]
     out = {}
     for mode, curve in curves.items():
-        if mode == "fp32":
+        if mode == reference:
             continue
         rel = [abs(a - b) / abs(b) for a, b in zip(curve["losses"], ref)]
         out[mode] = {"mean_rel_dev": sum(rel) / len(rel), "max_rel_dev": max(rel),
-                     "final_loss": curve["losses"][-1], "fp32_final_loss": ref[-1]}
+                     "final_loss": curve["losses"][-1], f"{reference}_final_loss": ref[-1],
+                     "tail_mean": tail_mean(curve["losses"]), f"{reference}_tail_mean": tail_mean(ref)}
     return out
 
 
-def run(preset: str, steps: int, frames: int, width: int, seed: int, recipe_path: str) -> dict:
+def run(preset: str, steps: int, frames: int, width: int, seed: int, recipe_path: str, on_curve=None) -> dict:
+    """Every mode's curve for one preset; `on_curve(partial_run)` after each mode (incremental writes)."""
     from vggt_fsdp.recipe import load_recipe
 
     recipe = load_recipe(recipe_path, [f"model.preset={preset}", f"data.image_width={width}",
-                                       f"data.frames_per_gpu={frames}"])
+                                       f"data.frames_range=[{min(2, frames)}, {frames}]", f"data.frames_per_gpu={frames}"])
     batches = host_batches(recipe, steps, frames)
-    curves = {mode: train_curve(recipe, mode, batches, seed) for mode in MODES}
-    return {"preset": preset, "steps": steps, "frames_per_step": frames, "image_width": width,
-            "shapes": [list(b["images"].shape) for b in batches], "curves": curves, "vs_fp32": compare(curves)}
+    result = {"preset": preset, "steps": steps, "frames_per_step": frames, "image_width": width,
+              "shapes": [list(b["images"].shape) for b in batches], "curves": {}}
+    for mode in MODES:
+        result["curves"][mode] = train_curve(recipe, mode, batches, seed)
+        result["vs_fp32"] = compare(result["curves"])
+        # autocast=false against autocast directly: the choice a recipe makes on a GPU.
+        result["no_autocast_vs_autocast"] = compare(result["curves"], "bf16 autocast (CUDA rules)").get(
+            "bf16 no autocast")
+        if on_curve is not None:
+            on_curve(result)
+    return result
 
 
 def provenance(argv: list[str]) -> dict:
@@ -135,13 +158,22 @@ def markdown(result: dict) -> str:
     for run_ in result["runs"]:
         lines += [f"## {run_['preset']}: {run_['steps']} steps, {run_['frames_per_step']} frames a step, "
                   f"{run_['image_width']} px", "",
-                  "| mode | first loss | last loss | mean abs. rel. dev. from fp32 | max | wall s (not a speed figure) |",
-                  "| --- | --- | --- | --- | --- | --- |"]
+                  "| mode | first loss | last loss | mean loss, last 20% of steps | mean abs. rel. dev. from fp32 "
+                  "| max | wall s (not a speed figure) |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
         for mode, curve in run_["curves"].items():
-            dev = run_["vs_fp32"].get(mode)
+            dev = run_.get("vs_fp32", {}).get(mode)
             cells = (f"{dev['mean_rel_dev']:.2e}", f"{dev['max_rel_dev']:.2e}") if dev else ("(reference)", "")
-            lines.append(f"| {mode} | {curve['losses'][0]:.5f} | {curve['losses'][-1]:.5f} | {cells[0]} | {cells[1]} "
-                         f"| {curve['seconds']:.0f} |")
+            lines.append(f"| {mode} | {curve['losses'][0]:.5f} | {curve['losses'][-1]:.5f} "
+                         f"| {tail_mean(curve['losses']):.5f} | {cells[0]} | {cells[1]} | {curve['seconds']:.0f} |")
+        missing = [mode for mode in MODES if mode not in run_["curves"]]
+        if missing:
+            lines.append(f"| {', '.join(missing)} | not run (the run stopped before these modes) | | | | | |")
+        pair = run_.get("no_autocast_vs_autocast")
+        if pair:
+            lines += ["", f"`autocast=false` against autocast (CUDA rules), step by step: mean abs. rel. dev. "
+                          f"{pair['mean_rel_dev']:.2e}, max {pair['max_rel_dev']:.2e}; mean loss over the last 20% "
+                          f"of steps {pair['tail_mean']:.5f} against {pair['bf16 autocast (CUDA rules)_tail_mean']:.5f}."]
         lines.append("")
         lines.append("Losses per step: " + "; ".join(
             f"{mode}: " + ", ".join(f"{x:.4f}" for x in curve["losses"]) for mode, curve in run_["curves"].items()))
@@ -163,12 +195,19 @@ def main(argv: list[str] | None = None) -> int:
     if len(args.steps) != len(args.preset):
         parser.error("give one --steps per --preset")
     prov = provenance(argv)  # at the start: the commit the run's code came from
-    runs = [run(p, s, args.frames, args.width, args.seed, args.recipe) for p, s in zip(args.preset, args.steps)]
-    result = {"provenance": prov, "runs": runs}
+    result = {"provenance": prov, "runs": []}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    out.with_suffix(".md").write_text(markdown(result))
+
+    def write(partial_run: dict) -> None:
+        runs = [r for r in result["runs"] if r is not partial_run] + [partial_run]
+        snapshot = {**result, "runs": runs}
+        out.with_suffix(".json").write_text(json.dumps(snapshot, indent=1))
+        out.with_suffix(".md").write_text(markdown(snapshot))
+
+    for preset, steps in zip(args.preset, args.steps):
+        result["runs"].append(run(preset, steps, args.frames, args.width, args.seed, args.recipe, on_curve=write))
+        write(result["runs"][-1])
     print(markdown(result))
     return 0
 

@@ -359,6 +359,20 @@ def comm_section(results: list[dict], cpu: bool) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------- charts
+def chart_label(r: dict) -> str:
+    """A bar's name: the configuration with its frames per GPU and memory cap."""
+    cfg = r["config"]
+    cap = cfg.get("gpu_memory_gib")
+    return f"{cfg['name']} ({cfg['frames']} frames/GPU{f', cap {cap:g} GiB' if cap else ', no cap'})"
+
+
+def chart_provenance(doc: dict) -> str:
+    """The device and date a chart's figures were measured on."""
+    device = next((r["device"] for r in doc["results"] if r.get("device")), None) or doc.get("device") or {}
+    name = device.get("name", "unknown device") if isinstance(device, dict) else str(device)
+    return f"{name}, measured {str(doc.get('date_utc', ''))[:10]}"
+
+
 def write_charts(doc: dict, out: Path, stem: str, cpu: bool) -> list[str]:
     """PNG charts beside the report; returns their file names. Needs matplotlib (the `plots` extra)."""
     import matplotlib
@@ -373,24 +387,28 @@ def write_charts(doc: dict, out: Path, stem: str, cpu: bool) -> list[str]:
     label = " (CPU, tiny model)" if cpu else ""
     files = []
 
-    main = [r for r in results if role(r) in ("recipe_40g", "recipe_80g", "baseline")]
+    main = [r for r in results if role(r) in ("block_40g", "recipe_40g", "recipe_80g", "compiled_40g", "baseline")
+            and r.get("status") != "skipped"]
     if main:
-        names = [r["config"]["name"] for r in main]
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+        names = [chart_label(r) for r in main]
+        fig, axes = plt.subplots(1, 2, figsize=(13, 0.45 * len(main) + 2.2))
+        # A run that did not finish has no bar (no figure was measured): its status is written instead.
         fps = [r["throughput"]["frames_per_s"] if ok(r) else 0.0 for r in main]
-        axes[0].barh(names, fps, color=["tab:blue" if ok(r) else "tab:red" for r in main])
-        axes[0].set_xlabel("frames/s per GPU" + label)
-        mem = [((r.get("memory") or {}).get(mem_key) or 0) / unit for r in main]
-        axes[1].barh(names, mem, color=["tab:green" if ok(r) else "tab:red" for r in main])
-        axes[1].set_xlabel(mem_label)
-        for ax, values in ((axes[0], fps), (axes[1], mem)):
+        axes[0].barh(names, fps, color="tab:blue")
+        axes[0].set_xlabel("frames/s per GPU (measured)" + label)
+        mem = [((r.get("memory") or {}).get(mem_key) or 0) / unit if ok(r) else 0.0 for r in main]
+        axes[1].barh(names, mem, color="tab:green")
+        axes[1].set_xlabel(mem_label + " (measured)")
+        for ax in axes:
             for i, r in enumerate(main):
                 if not ok(r):
-                    ax.text(values[i], i, f" {r.get('status')}", va="center", color="tab:red")
+                    ax.text(0, i, f" {str(r.get('status')).upper()}", va="center", color="tab:red", fontweight="bold")
         if not cpu:
-            for limit in (38, 76):
-                axes[1].axvline(limit, color="grey", linestyle="--", linewidth=1)
-        fig.suptitle(f"Recipes side by side{label}")
+            caps = sorted({r["config"].get("gpu_memory_gib") for r in main if r["config"].get("gpu_memory_gib")})
+            for cap in caps:
+                axes[1].axvline(cap, color="grey", linestyle="--", linewidth=1)
+                axes[1].text(cap, len(main) - 0.5, f" cap {cap:g} GiB", color="grey", fontsize=8)
+        fig.suptitle(f"Recipes side by side{label}: {chart_provenance(doc)}", fontsize=10)
         fig.tight_layout()
         files.append(_save(fig, out, f"{stem}-recipes.png"))
         plt.close(fig)
@@ -401,9 +419,16 @@ def write_charts(doc: dict, out: Path, stem: str, cpu: bool) -> list[str]:
         for policy in sorted({row["policy"] for row in rows}):
             pts = sorted((row["frames"], row["memory"] / unit) for row in rows if row["policy"] == policy)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"checkpoint: {policy}")
+        # A sweep point that ran out of memory has no figure: marked at the top, not plotted as a value.
+        top = max(row["memory"] / unit for row in rows)
+        for r in results:
+            if role(r) == "sweep" and r.get("status") == "oom":
+                ax.plot([r["config"]["frames"]], [top], marker="x", color="tab:red", linestyle="none")
+                ax.annotate(f"OOM ({r['config'].get('policy')})", (r["config"]["frames"], top), color="tab:red",
+                            textcoords="offset points", xytext=(-30, 6), fontsize=8)
         ax.set_xlabel("frames per GPU")
-        ax.set_ylabel(mem_label)
-        ax.set_title(f"Memory against frames (80GB recipe){label}")
+        ax.set_ylabel(mem_label + " (measured)")
+        ax.set_title(f"Memory against frames (80GB recipe, no cap){label}\n{chart_provenance(doc)}", fontsize=9)
         ax.legend()
         fig.tight_layout()
         files.append(_save(fig, out, f"{stem}-memory-vs-frames.png"))
@@ -522,10 +547,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("results", type=Path, help="the <date>-<device>.json a comparison wrote")
     parser.add_argument("--out", type=Path, default=None, help="directory to write to (default: beside the JSON)")
     parser.add_argument("--no-charts", action="store_true")
+    parser.add_argument("--charts-only", action="store_true", help="redraw the charts, leave the report as it is")
+    parser.add_argument("--rename", action="append", default=[], metavar="OLD=NEW",
+                        help="show configuration OLD as NEW (e.g. what a recipe was when it was measured)")
     args = parser.parse_args(argv)
     doc = json.loads(args.results.read_text())
+    renames = dict(item.split("=", 1) for item in args.rename)
+    for r in doc["results"]:
+        r["config"]["name"] = renames.get(r["config"]["name"], r["config"]["name"])
     out = args.out or args.results.parent
     out.mkdir(parents=True, exist_ok=True)
+    if args.charts_only:
+        cpu = not any((r.get("device") or {}).get("type") == "cuda" for r in doc["results"])
+        print("wrote " + ", ".join(write_charts(doc, out, args.results.stem, cpu)))
+        return 0
     path = write_report(doc, out, args.results.stem, charts=not args.no_charts)
     print(f"wrote {path}")
     return 0

@@ -1,4 +1,4 @@
-"""The single-GPU recipes on one GPU (GPU stage 40_single_gpu): VGGT-1B fine-tuned with CPU offload.
+"""The single-GPU recipes on one GPU (GPU stage 50_single_gpu): VGGT-1B fine-tuned with CPU offload.
 
     python -m benchmarks.single_gpu OUT_DIR --budget-s 80 [--smoke]
 
@@ -140,13 +140,24 @@ def _sync(device) -> None:
 
 # ======================================================================================== the stage
 def run_stage(out: Path, budget_s: float, smoke: bool) -> dict:
+    import torch
+
+    from benchmarks import session_ledger as ledger
+
     out.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + budget_s
     runs = {}
+    report = {"smoke": smoke, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "torch": torch.__version__,
+              "commit": git_commit(), "command": "python -m benchmarks.single_gpu " + " ".join(sys.argv[1:]),
+              "runs": runs}
     for name, cap, need in RUNS:
+        if ledger.skip_if_measured(out, name):
+            runs[name] = {"skipped": "measured in an earlier session at this code (ledger)"}
+            continue
         left = deadline - time.monotonic()
         if not smoke and left < need:
             runs[name] = {"skipped": f"{left:.0f} s of budget left, a run needs about {need} s"}
+            ledger.record(out, name, ledger.OWED, runs[name]["skipped"])
             continue
         log = out / f"{name}.log"
         result_file = out / f"{name}.json"
@@ -162,16 +173,18 @@ def run_stage(out: Path, budget_s: float, smoke: bool) -> dict:
                 code = "timeout"
         if code == 0 and result_file.is_file():
             runs[name] = json.loads(result_file.read_text())
+            ledger.record(out, name, ledger.MEASURED)
         else:
             runs[name] = {"failed": f"exit {code}", "log_tail": log.read_text()[-2000:]}
-    import torch
+            ledger.record(out, name, ledger.FAILED, runs[name]["failed"])
+        _write(report, out)  # now: a kill keeps the runs that finished
+    _write(report, out)
+    return report
 
-    report = {"smoke": smoke, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "torch": torch.__version__,
-              "commit": git_commit(), "command": "python -m benchmarks.single_gpu " + " ".join(sys.argv[1:]),
-              "runs": runs}
+
+def _write(report: dict, out: Path) -> None:
     (out / "single_gpu.json").write_text(json.dumps(report, indent=1))
     (out / "summary.md").write_text(summary(report))
-    return report
 
 
 def summary(report: dict) -> str:

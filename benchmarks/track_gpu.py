@@ -1,4 +1,4 @@
-"""GPU stage 30_track (issue 13): VGGT's track head trained within the 40GB and 80GB budgets, measured.
+"""GPU stage 40_track (issue 13): VGGT's track head trained within the 40GB and 80GB budgets, measured.
 
     python -m benchmarks.track_gpu OUT_DIR --budget-s 90 [--smoke]
 
@@ -13,8 +13,9 @@ GPU's share of an 8-GPU job over a fake process group, the card's allocator capp
 
 For each: status (ok / oom), peak allocated and reserved memory, frames/s, MFU, and for the recipes the
 planner's predicted peak at the same shape and its error. Model FLOPs include the track head (its 512
-query points per scene), counted once per shape on a plain copy of the model and handed to bench_step
-through its FLOP cache. A configuration the budget cannot hold is listed as owed, not run.
+query points per scene), counted once per shape on a plain copy of the model in the configuration's own
+process (never the stage's parent, which would spend the budget before any child starts) and handed to
+bench_step through its FLOP cache. A configuration the budget cannot hold is listed as owed, not run.
 
 `--smoke`: the same code paths with the tiny model, tiny shapes, world size 2 and one step on the CPU,
 in this process (tests/test_gpu_stages_smoke.py); no figure of a GPU. Writes OUT_DIR/track_gpu.json and
@@ -101,6 +102,9 @@ def record_flops(spec, cache: Path) -> dict:
 
     recipe = load_recipe(spec.recipe, spec.overrides)
     device = resolve_device(spec.device)
+    known = json.loads(cache.read_text()) if cache.is_file() else {}
+    if flops_key(spec, recipe, device) in known:  # counted by an earlier configuration of the same shape
+        return known[flops_key(spec, recipe, device)]
     model = build_model(model_config(recipe.model), device)
     freeze(model, recipe.model.freeze)
     points = recipe_shape(recipe).track_points
@@ -113,7 +117,6 @@ def record_flops(spec, cache: Path) -> dict:
         flops = count_step_flops(tracking, images, spec.scenes, spec.frames_per_scene)
     counted = {"forward": flops.forward, "backward": flops.backward, "total": flops.total,
                "track_points": points}
-    known = json.loads(cache.read_text()) if cache.is_file() else {}
     cache.write_text(json.dumps({**known, flops_key(spec, recipe, device): counted}))
     del model, tracking
     if device.type == "cuda":
@@ -128,6 +131,13 @@ def run_one(spec_json: str, plain_track_head: bool) -> dict:
 
     spec = bench_step.BenchSpec(**json.loads(spec_json))
     build = bench_step.build_workload
+    # The FLOP count here, in the configuration's own process and within its time, not in the stage's
+    # parent (which would hold a device and spend the stage's budget before any child starts).
+    flop_error = None
+    try:
+        record_flops(spec, Path(spec.flops_cache))
+    except torch.OutOfMemoryError as err:  # no MFU then; the measurement still runs
+        flop_error = str(err).splitlines()[0]
 
     def build_plain(*args, **kwargs):
         # bench_step builds the recipe's model; only the track head's recompute is switched off.
@@ -138,9 +148,12 @@ def run_one(spec_json: str, plain_track_head: bool) -> dict:
     if plain_track_head:
         bench_step.build_workload = build_plain
     try:
-        return bench_step.run_benchmark(spec)
+        result = bench_step.run_benchmark(spec)
     finally:
         bench_step.build_workload = build
+    if flop_error:
+        result["flop_count_error"] = flop_error
+    return result
 
 
 def run_config(config: TrackConfig, smoke: bool, cache: Path, timeout_s: float) -> dict:
@@ -195,6 +208,7 @@ def planned(spec, device_kind: str, result: dict) -> dict:
 
 # --------------------------------------------------------------------------------------- the stage
 def run_stage(out: Path, budget_s: float, smoke: bool) -> dict:
+    from benchmarks import session_ledger as ledger
     from benchmarks.bench_step import describe_device, resolve_device
 
     start = time.monotonic()
@@ -202,24 +216,20 @@ def run_stage(out: Path, budget_s: float, smoke: bool) -> dict:
     cache = out / "flops_cache.json"
     device = resolve_device("cpu" if smoke else "auto")
     doc: dict = {"smoke": smoke, "device": describe_device(device), "budget_s": budget_s, "results": [], "owed": []}
-    counted: set[tuple] = set()
     for config in configs(smoke):
+        if ledger.skip_if_measured(out, config.name):
+            continue
         left = budget_s - (time.monotonic() - start)
         if left < config.estimate_s:
-            doc["owed"].append({"name": config.name, "why": f"{left:.0f} s of the budget left, needs about "
-                                                            f"{config.estimate_s:.0f} s"})
+            why = f"{left:.0f} s of the budget left, needs about {config.estimate_s:.0f} s"
+            doc["owed"].append({"name": config.name, "why": why})
+            ledger.record(out, config.name, ledger.OWED, why)
             continue
-        spec = bench_spec(config, smoke)
-        key = (config.recipe, spec.frames_per_gpu, tuple(config.overrides))
-        if key not in counted:
-            try:
-                record_flops(spec, cache)
-            except torch.OutOfMemoryError as err:  # no MFU then, the measurement still runs
-                doc.setdefault("flop_count_errors", []).append(f"{config.name}: {str(err).splitlines()[0]}")
-            counted.add(key)
-        left = budget_s - (time.monotonic() - start)
         doc["results"].append(run_config(config, smoke, cache, timeout_s=max(left, 10)))
         _write(doc, out)
+        status = doc["results"][-1].get("status")
+        ledger.record(out, config.name, ledger.MEASURED if status in ("ok", "oom") else ledger.FAILED,
+                      doc["results"][-1].get("error"), run_status=status)
     doc["wall_s"] = round(time.monotonic() - start, 1)
     _write(doc, out)
     return doc
@@ -253,7 +263,7 @@ def summary(doc: dict) -> str:
     for owed in doc["owed"]:
         lines.append(f"| {owed['name']} | - | - | owed: {owed['why']} | - | - | - | - |")
     lines += ["", "Each row: one GPU's share of an 8-GPU job (fake process group), memory capped to emulate "
-              "the card; `python -m benchmarks.track_gpu` (benchmarks/gpu_stages/30_track.sh)."]
+              "the card; `python -m benchmarks.track_gpu` (benchmarks/gpu_stages/40_track.sh)."]
     return "\n".join(lines) + "\n"
 
 

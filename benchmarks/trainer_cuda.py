@@ -1,4 +1,4 @@
-"""The trainer's first CUDA run (GPU stage 20_trainer_cuda): the real entry points, on one GPU.
+"""The trainer's first CUDA run (GPU stage 10_trainer_cuda): the real entry points, on one GPU.
 
     python -m benchmarks.trainer_cuda OUT_DIR --budget-s 100 [--smoke]
 
@@ -7,15 +7,24 @@ Three checks, cheapest first, each skipped (and said so) when the budget left ca
    moments and step counts untouched, with the decision on the device (run under CUDA's sync debug
    mode: a host sync in flag + step is reported).
 2. vggt1b: `vggt-fsdp train` (accelerate launch, 1 process) trains VGGT-1B, all states on one card
-   (fp32 master weights, gradients and AdamW moments: 16 bytes a parameter), 10 steps of synthetic
+   (fp32 master weights, gradients and AdamW moments: 16 bytes a parameter), 4 steps of synthetic
    scenes, a checkpoint (checksummed), the export; metrics.jsonl's CUDA peaks and step times reported.
-3. resume_exact: vggt-mid in fp32 (the trainer's main(), with CUDA's deterministic kernels): a straight
-   run against one stopped by SIGTERM after step 2 (the process is paused first, so the signal lands in
-   the step after it) and resumed from its preemption checkpoint; exported weights and the re-run
-   losses compared.
+3. resume_exact: vggt-mid in fp32 with the 80GB recipe's checkpoint policies (selective in the DINO,
+   frame and global blocks), in deterministic mode (the trainer's main() with CUDA's deterministic
+   kernels: the fused SDPA kernels off, so SDPA runs its math kernel, which the selective policy
+   recognises): a straight run against one stopped by SIGTERM after step 2 (the process is paused
+   first, so the signal lands in the step after it) and resumed from its preemption checkpoint;
+   exported weights and the re-run losses compared.
+
+Run directories (a VGGT-1B checkpoint is about 15 GB) go to a scratch directory (GPU_SESSION_SCRATCH,
+else a temporary one), never OUT_DIR, and each check deletes its own when it has read them. Every
+check's result is written to OUT_DIR/trainer_cuda.json as it completes (a kill keeps the finished ones)
+and recorded in the GPU session's ledger (benchmarks/session_ledger.py); a check an earlier session at
+the same code completed is skipped.
 
 `--smoke` runs the same code paths on the CPU with the tiny model and tiny shapes (the test of this
-stage). Writes OUT_DIR/trainer_cuda.json and summary.md; exits 1 when a check that ran failed.
+stage), the resume check with the same checkpoint policies and the same deterministic switches. Writes
+OUT_DIR/trainer_cuda.json and summary.md; exits 1 when a check that ran failed.
 """
 from __future__ import annotations
 
@@ -23,9 +32,11 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -46,6 +57,20 @@ GPU_MID = ["model.preset=vggt-mid", "parallel.precision.param_dtype=fp32", "acce
 SMOKE_MID = ["parallel.precision.param_dtype=fp32", "accelerate.mixed_precision=no", "data.frames_range=[2,3]",
              "data.frames_per_gpu=3", "data.image_width=56", "data.num_workers=0", "accelerate.num_processes=1"]
 COMMON = ["train.log_every=1", "train.progress_bar=false", "schedule.warmup_steps=2"]
+# The recipe whose checkpoint policies the resume check runs with, on the GPU and in the smoke run alike.
+RESUME_POLICY_RECIPE = REPO / "recipes" / "a100_80g.yaml"
+
+
+def checkpoint_overrides(recipe: Path) -> list[str]:
+    """`parallel.checkpoint` of `recipe` as overrides of another recipe (its groups' selective policies
+    included), so the smoke run checkpoints exactly as the GPU run does."""
+    import dataclasses
+
+    from vggt_fsdp.recipe import load_recipe
+
+    section = dataclasses.asdict(load_recipe(recipe).parallel.checkpoint)
+    # JSON is YAML's flow style: what an override's value is parsed as.
+    return [f"parallel.checkpoint.{key}={json.dumps(value)}" for key, value in section.items()]
 # The trainer's own entry point with CUDA's deterministic kernels (math attention, deterministic
 # scatter/index ops and cuBLAS workspace), so that a straight run and a resumed one can be compared
 # bitwise: with the default kernels two straight runs already differ in the last bits.
@@ -145,10 +170,10 @@ def check_fused_skip(device_type: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------- 2. VGGT-1B
-def run_1b(out: Path, smoke: bool, budget: Budget) -> dict:
+def run_1b(out: Path, scratch: Path, smoke: bool, budget: Budget) -> dict:
     recipe = REPO / "recipes" / ("cpu_tiny.yaml" if smoke else "a100_80g.yaml")
-    run_dir = out / "vggt1b"
-    steps = 3 if smoke else 10
+    run_dir = scratch / "vggt1b"
+    steps = 3 if smoke else 4
     command = [sys.executable, "-m", "vggt_fsdp.cli", "train", str(recipe), *(SMOKE_1B if smoke else GPU_1B),
                *COMMON, f"train.max_steps={steps}", "train.checkpoint_every=0", f"train.output_dir={run_dir}"]
     code, seconds = _run(command, budget.left() - 5, out / "vggt1b.log")
@@ -172,10 +197,12 @@ def run_1b(out: Path, smoke: bool, budget: Budget) -> dict:
         "peak_allocated_gib_max": max((r["peak_allocated_gib"] or 0) for r in records) if records else None,
         "peak_reserved_gib_max": max((r["peak_reserved_gib"] or 0) for r in records) if records else None,
         "device_in_metrics": last.get("device"),
+        "step_times_s": [r.get("step_time_s") for r in records],
     }
     result["passed"] = (code == 0 and result["steps_logged"] == list(range(1, steps + 1)) and checkpoints == [steps]
                         and problems == [] and export.is_file() and result["skipped_steps"] == 0
                         and (smoke or (result["device_in_metrics"] == "cuda" and result["peak_allocated_gib_max"])))
+    shutil.rmtree(run_dir, ignore_errors=True)  # 15 GB of checkpoint on a GPU: nothing large leaves the machine
     return result
 
 
@@ -205,22 +232,24 @@ def _stop_after(command: list[str], run_dir: Path, step: int, timeout: float, lo
     return code, signalled
 
 
-def run_resume(out: Path, smoke: bool, budget: Budget) -> dict:
+def run_resume(out: Path, scratch: Path, smoke: bool, budget: Budget) -> dict:
     import torch
     from safetensors.torch import load_file
 
     recipe = REPO / "recipes" / ("cpu_tiny.yaml" if smoke else "a100_80g.yaml")
     steps = 6
-    base = [sys.executable, "-c", DETERMINISTIC_TRAIN, str(recipe), *(SMOKE_MID if smoke else GPU_MID), *COMMON,
-            f"train.max_steps={steps}", "train.checkpoint_every=0"]
-    straight, resumed = out / "mid_straight", out / "mid_resumed"
+    policies = checkpoint_overrides(RESUME_POLICY_RECIPE)
+    base = [sys.executable, "-c", DETERMINISTIC_TRAIN, str(recipe), *(SMOKE_MID if smoke else GPU_MID), *policies,
+            *COMMON, f"train.max_steps={steps}", "train.checkpoint_every=0"]
+    straight, resumed = scratch / "mid_straight", scratch / "mid_resumed"
     code_a, seconds_a = _run([*base, f"train.output_dir={straight}"], budget.left() / 3, out / "mid_straight.log")
     code_b1, at = _stop_after([*base, f"train.output_dir={resumed}"], resumed, 2, budget.left() / 2,
                               out / "mid_stopped.log")
     preempted = json.loads((resumed / "preempted.json").read_text()) if (resumed / "preempted.json").is_file() else None
     code_b2, _ = _run([*base, f"train.output_dir={resumed}"], budget.left() - 3, out / "mid_resumed.log")
     result = {"straight_exit": code_a, "straight_wall_s": round(seconds_a, 1), "stopped_exit": code_b1,
-              "signalled_after_step": at, "preempted": preempted, "resumed_exit": code_b2}
+              "signalled_after_step": at, "preempted": preempted, "resumed_exit": code_b2,
+              "checkpoint_policies": policies, "deterministic": "math SDPA kernel, deterministic algorithms"}
     exports = [straight / "model.safetensors", resumed / "model.safetensors"]
     if all(p.is_file() for p in exports):
         a, b = (load_file(str(p)) for p in exports)
@@ -236,14 +265,20 @@ def run_resume(out: Path, smoke: bool, budget: Budget) -> dict:
                         and result.get("metrics_steps_resumed") == list(range(1, steps + 1))
                         and result.get("weights_max_abs_diff", 1.0) <= 1e-6
                         and result.get("loss_max_abs_diff", 1.0) <= 1e-6)
+    for run_dir in (straight, resumed):
+        shutil.rmtree(run_dir, ignore_errors=True)
     return result
 
 
 # ------------------------------------------------------------------------------------- the stage
-NEEDS_S = {"fused_skip": 10, "vggt1b": 50, "resume_exact": 30}  # GPU estimates, to skip what cannot finish
+# GPU estimates, to skip what cannot finish: VGGT-1B's launch and init, 4 steps, a 15 GB save and its
+# checksum, the export; three vggt-mid runs of 6 steps in the math SDPA kernel.
+NEEDS_S = {"fused_skip": 10, "vggt1b": 75, "resume_exact": 45}
 
 
 def main(argv: list[str] | None = None) -> int:
+    from benchmarks import session_ledger as ledger
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("--budget-s", type=float, default=100.0)
@@ -257,16 +292,24 @@ def main(argv: list[str] | None = None) -> int:
     if not args.smoke and not torch.cuda.is_available():
         print("no CUDA device: run with --smoke on the CPU", file=sys.stderr)
         return 2
+    scratch_root = os.environ.get("GPU_SESSION_SCRATCH")
+    scratch = Path(scratch_root) if scratch_root else Path(tempfile.mkdtemp(prefix="trainer_cuda-"))
+    scratch.mkdir(parents=True, exist_ok=True)
     checks = {"fused_skip": lambda: check_fused_skip(device_type),
-              "vggt1b": lambda: run_1b(args.out, args.smoke, budget),
-              "resume_exact": lambda: run_resume(args.out, args.smoke, budget)}
+              "vggt1b": lambda: run_1b(args.out, scratch, args.smoke, budget),
+              "resume_exact": lambda: run_resume(args.out, scratch, args.smoke, budget)}
     report = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "smoke": args.smoke, "torch": torch.__version__,
               "device": torch.cuda.get_device_name() if device_type == "cuda" else platform.processor() or "cpu",
               "commit": git_commit(),
               "budget_s": args.budget_s, "checks": {}}
     for name, check in checks.items():
+        if ledger.skip_if_measured(args.out, name):
+            report["checks"][name] = {"skipped": "passed in an earlier session at this code (ledger)"}
+            continue
         if not args.smoke and budget.left() < NEEDS_S[name]:
-            report["checks"][name] = {"skipped": f"{budget.left():.0f} s of budget left, needs about {NEEDS_S[name]}"}
+            why = f"{budget.left():.0f} s of budget left, needs about {NEEDS_S[name]}"
+            report["checks"][name] = {"skipped": why}
+            ledger.record(args.out, name, ledger.OWED, why)
             continue
         started = time.perf_counter()
         try:
@@ -275,16 +318,26 @@ def main(argv: list[str] | None = None) -> int:
             report["checks"][name] = {"error": f"{type(err).__name__}: {err}", "passed": False}
         report["checks"][name]["seconds"] = round(time.perf_counter() - started, 1)
         print(f"[trainer_cuda] {name}: {json.dumps(report['checks'][name])}", flush=True)
-    (args.out / "trainer_cuda.json").write_text(json.dumps(report, indent=2))
-    (args.out / "summary.md").write_text(summary(report))
+        _write(report, args.out)  # now: a kill keeps the checks that finished
+        passed = report["checks"][name].get("passed")
+        ledger.record(args.out, name, ledger.MEASURED if passed else ledger.FAILED,
+                      None if passed else report["checks"][name].get("error", "check failed"))
+    _write(report, args.out)
+    if not scratch_root:
+        shutil.rmtree(scratch, ignore_errors=True)
     return 1 if any(c.get("passed") is False for c in report["checks"].values()) else 0
+
+
+def _write(report: dict, out: Path) -> None:
+    (out / "trainer_cuda.json").write_text(json.dumps(report, indent=2))
+    (out / "summary.md").write_text(summary(report))
 
 
 def summary(report: dict) -> str:
     kind = "CPU smoke run (tiny model; no GPU figure)" if report["smoke"] else f"GPU run on {report['device']}"
     lines = [f"### Trainer on CUDA: {kind}", "",
              f"{report['date']}, torch {report['torch']}, commit {report['commit']}; "
-             "`python -m benchmarks.trainer_cuda` (benchmarks/gpu_stages/20_trainer_cuda.sh)", "",
+             "`python -m benchmarks.trainer_cuda` (benchmarks/gpu_stages/10_trainer_cuda.sh)", "",
              "| check | result | figures |", "| --- | --- | --- |"]
     for name, c in report["checks"].items():
         status = "skipped: " + c["skipped"] if "skipped" in c else ("passed" if c.get("passed") else "FAILED")
@@ -297,7 +350,8 @@ def summary(report: dict) -> str:
                        f"reserved {c.get('peak_reserved_gib_max')} GiB, last step {c.get('step_time_s_last')} s, "
                        f"{c.get('frames_per_s_last')} frames/s, {c.get('wall_s')} s in all")
         else:
-            figures = (f"SIGTERM after step {c.get('signalled_after_step')}, saved at {(c.get('preempted') or {}).get('step')}; "
+            figures = (f"selective policies of a100_80g, deterministic (math SDPA); "
+                       f"SIGTERM after step {c.get('signalled_after_step')}, saved at {(c.get('preempted') or {}).get('step')}; "
                        f"weights bitwise equal: {c.get('weights_bitwise_equal')} (max |dw| {c.get('weights_max_abs_diff')}), "
                        f"max |dloss| {c.get('loss_max_abs_diff')}")
         if "error" in c:

@@ -260,7 +260,7 @@ def test_plan_orders_recipes_first_and_baseline_uses_upstream_choices():
 
 
 @pytest.mark.parametrize("device_name, card", [
-    # no card (a CPU run): also checked by the 10_throughput stage's smoke run (test_gpu_stages_smoke)
+    # no card (a CPU run): also checked by the 20_throughput stage's smoke run (test_gpu_stages_smoke)
     pytest.param(None, None, marks=pytest.mark.slow),
     ("NVIDIA H200", "h200"),
 ])
@@ -432,3 +432,43 @@ def test_profiling_refuses_the_cpu(tmp_path):
 
     with pytest.raises(ValueError, match="CUDA"):
         profile_step(lambda: None, torch.device("cpu"), tmp_path / "p.json")
+
+
+def test_the_grid_runs_each_variant_of_the_three_before_the_next():
+    configs = compare_recipes.plan(compare_recipes.PROFILES["gpu"], include_baseline=False, include_sweep=False,
+                                   grid=True)
+    worst = [c.name for c in configs if not c.mix]
+    assert worst[:3] == ["block policy (before)", "40GB recipe", "80GB recipe"]
+    assert worst[3:6] == [f"{n}, no autocast" for n in worst[:3]] and len(worst) == 12
+    assert all(c.frames == 24 for c in configs) and "compiled_40g" not in {c.role for c in configs}
+    no_compile = compare_recipes.plan(compare_recipes.PROFILES["gpu"], include_baseline=False, include_sweep=False,
+                                      grid=True, compile_grid=False)
+    assert not any("compiled" in c.name for c in no_compile)
+
+
+def _grid_result(role, variant, step, status="ok", cap_respected=True, mix=0):
+    name = {"recipe_40g": "40GB recipe", "recipe_80g": "80GB recipe"}.get(role, role)
+    return {"status": status, "config": {"role": role, "name": f"{name}, {variant}" if variant else name,
+                                         "variant": variant, "mix": mix},
+            "timing": {"median": step} if status == "ok" else None, "memory": {"cap_respected": cap_respected},
+            "device": {"name": "NVIDIA H100"}}
+
+
+def test_the_fastest_configuration_that_fits_its_cap_is_named_as_overrides():
+    results = [_grid_result("recipe_40g", "", 3.0), _grid_result("recipe_40g", "no autocast", 2.6),
+               _grid_result("recipe_40g", "compiled", 2.1, cap_respected=False),  # reserved past the cap: does not fit
+               _grid_result("recipe_40g", "no autocast, compiled", 0, status="oom"),
+               _grid_result("recipe_40g", "compiled", 1.0, mix=6),  # a mix is no worst case
+               _grid_result("recipe_80g", "", 0, status="oom"), _grid_result("block_40g", "", 0.5)]
+    best = compare_recipes.fastest_fitting(results)
+    assert best["40GB recipe"]["overrides"] == compare_recipes.GRID_VARIANTS["no autocast"]
+    assert best["40GB recipe"]["step_s"] == 2.6 and best["80GB recipe"] is None and set(best) == {"40GB recipe",
+                                                                                                  "80GB recipe"}
+
+
+def test_charts_name_frames_caps_device_and_date():
+    r = _gpu_result("recipe_40g", 24, 30.0, 9.0)
+    r["config"]["gpu_memory_gib"] = 40.0
+    assert report.chart_label(r) == "recipe_40g (24 frames/GPU, cap 40 GiB)"
+    assert report.chart_provenance({"results": [r], "date_utc": "2026-12-07T10:00:00"}) == (
+        "NVIDIA H100 80GB HBM3, measured 2026-12-07")

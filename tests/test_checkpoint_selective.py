@@ -165,16 +165,40 @@ def test_saved_bytes_of_one_block_are_the_formula(save, dtype, qk_norm, rope):
     assert sorted(tuple(t.shape) for t in cached) == sorted(expected)
 
 
-def test_math_attention_is_refused_not_silently_recomputed():
+@pytest.mark.parametrize("save", SAVE_SETS, ids="+".join)
+def test_math_attention_saves_its_output_and_gradients_equal_the_fused_kernel(save):
+    """SDPA's math kernel (the deterministic path on CUDA: fused kernels off) has no op of its own; the
+    policy saves its output matmul (not the scores) and the qkv projection, and the gradients are those
+    of the same kernel without checkpointing."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    model = _block(torch.float32)
+    def grads(wrap: bool):
+        model = _block(torch.float32)
+        if wrap:
+            wrap_modules(model, ["0"], {"0": save})
+        x, positions = _inputs(torch.float32)
+        cached = []
+        with sdpa_kernel([SDPBackend.MATH]), observe_selective_cache(cached.extend):
+            model[0](x, pos=positions).square().sum().backward()
+        return [x.grad, *(p.grad for p in model.parameters())], sorted(tuple(t.shape) for t in cached)
+
+    plain, _ = grads(False)
+    math, cached = grads(True)
+    seq = patch_positions(3, 4, 5, "cpu").shape[1]
+    expected = ([(12, seq, 8)] if "sdpa" in save else []) + ([(3 * seq, 96)] if "qkv" in save else [])
+    assert cached == sorted(expected)  # never the (12, seq, seq) scores or probabilities
+    for a, b in zip(math, plain):
+        torch.testing.assert_close(a, b)
+
+
+def test_a_block_without_attention_is_refused():
+    model = nn.Sequential(nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32)))
     wrap_modules(model, ["0"], {"0": ("sdpa",)})
-    x, positions = _inputs(torch.float32)
-    with sdpa_kernel([SDPBackend.MATH]), pytest.raises(RuntimeError, match="ran no fused SDPA op"):
-        model[0](x, pos=positions)
+    x = torch.randn(3, 5, 32, requires_grad=True)
+    with pytest.raises(RuntimeError, match="ran no attention"):
+        model[0](x)
     with torch.no_grad():  # nothing is checkpointed without gradients: nothing to refuse
-        model[0](x, pos=positions)
+        model[0](x)
 
 
 # ------------------------------------------------------------------------------------------- gradients

@@ -152,11 +152,17 @@ def _steps_by_frames(sampler, frames_range) -> dict[int, list]:
     return found
 
 
-def test_sampler_shapes_compile_a_bounded_reported_set_of_graphs(tmp_path, capfd, monkeypatch):
+# Without autocast the blocks trace bf16 inputs instead of autocast's casts; the same compile machinery
+# (wrappers, dynamic shapes, graph bound) as the autocast case, which CI runs: this one doubles the cost
+# (about 340 s on a loaded 2-core machine), so it is `slow` until a GPU run picks autocast off.
+@pytest.mark.parametrize("autocast", [True, pytest.param(False, marks=pytest.mark.slow)],
+                         ids=["autocast", "no-autocast"])
+def test_sampler_shapes_compile_a_bounded_reported_set_of_graphs(tmp_path, capfd, monkeypatch, autocast):
     """The tiny VGGT under FSDP2 (1 rank), a policy per group (none, attention, selective, block: both
-    compiled code paths), bf16 autocast. After one step of each specialisation (one frame: the camera
-    trunk's sequence is 1; all frames: one scene; in between) and a validation step, more sampler-drawn
-    shapes compile nothing."""
+    compiled code paths), bf16 with and without autocast (`parallel.precision.autocast=false`, the mode
+    a GPU run may choose). After one step of each specialisation (one frame: the camera trunk's sequence
+    is 1; all frames: one scene; in between) and a validation step, more sampler-drawn shapes compile
+    nothing."""
     import torch.distributed as dist
 
     from vggt_fsdp.data.sampler import DynamicBatchSampler
@@ -169,7 +175,9 @@ def test_sampler_shapes_compile_a_bounded_reported_set_of_graphs(tmp_path, capfd
     recipe = load_recipe("recipes/cpu_tiny.yaml", [
         "parallel.compile=true", "data.image_width=56", "data.frames_range=[1, 6]", "data.frames_per_gpu=6",
         "parallel.checkpoint.policy=selective", "parallel.checkpoint.groups.dino.policy=none",
-        "parallel.checkpoint.groups.frame.policy=attention", "parallel.checkpoint.groups.camera_trunk.policy=block"])
+        "parallel.checkpoint.groups.frame.policy=attention", "parallel.checkpoint.groups.camera_trunk.policy=block",
+        *([] if autocast else ["parallel.precision.autocast=false", "accelerate.mixed_precision=no"])])
+    assert recipe.parallel.precision.autocast is autocast
     sampler = DynamicBatchSampler(10, recipe.data, recipe.data.frames_per_gpu, 0, 1)
     by_frames = _steps_by_frames(sampler, recipe.data.frames_range)
     warm_up = [by_frames[1][0], by_frames[6][0], by_frames[2][0]]

@@ -272,3 +272,53 @@ def test_a_device_name_finds_its_card(name, card):
 def test_unknown_card_names_the_known_ones():
     with pytest.raises(ValueError, match="did you mean 'a100_80g'"):
         hardware.card("a100_80")
+
+
+# ------------------------------------------------------------------------------------------- refinements
+def _work(attention: int, attention_backward: int, matmul: int, memory: int, ops: int) -> steptime.StepWork:
+    model = Work.of({"attention": attention, "matmul": matmul}, model_flops=attention + matmul, bytes=memory)
+    return steptime.StepWork(planner.Batch(1, 2, 56, 112, 14), model, Work(), 0, attention_backward_flops=attention_backward,
+                             kernel_ops=ops)
+
+
+def test_refinements_split_attention_by_direction_and_charge_launches():
+    card = hardware.card("h200")
+    rates = card.rates()
+    work = _work(attention=3 * 10**12, attention_backward=2 * 10**12, matmul=10**12, memory=10**11, ops=5000)
+    base = steptime.predict(work, card)
+    assert steptime.predict(work, card, steptime.Refinements()).total_s == pytest.approx(base.total_s)
+    refined = steptime.predict(work, card, steptime.Refinements(attention_backward_rate=rates["attention"] / 1.5,
+                                                                launch_s_per_op=5e-6))
+    assert refined.seconds["attention"] == pytest.approx(1e12 / rates["attention"] + 2e12 * 1.5 / rates["attention"])
+    assert refined.seconds["launch"] == pytest.approx(5000 * 5e-6)
+    assert refined.seconds["matmul"] == base.seconds["matmul"] and "launch" not in base.seconds
+    with pytest.raises(ValueError, match="unknown kinds"):
+        steptime.Refinements(rates={"atention": 1.0})
+
+
+def test_calibration_recovers_the_rates_that_made_the_measured_steps():
+    card = hardware.card("h200")
+    truth = steptime.Refinements(rates={"matmul": 4e14, "memory": 2e12}, attention_backward_rate=2e14,
+                                 launch_s_per_op=4e-6)
+    works = [_work(a * 10**11, b * 10**11, m * 10**12, y * 10**10, o) for a, b, m, y, o in
+             [(3, 2, 1, 5, 4000), (6, 5, 2, 3, 9000), (1, 1, 4, 8, 2000), (9, 7, 3, 1, 15000), (2, 1, 1, 9, 30000)]]
+    points = [(w, steptime.predict(w, card, truth).total_s) for w in works]
+    fitted = steptime.calibrate(points, card, ("attention_backward", "matmul", "memory", "launch"))
+    assert fitted.rates["matmul"] == pytest.approx(4e14, rel=1e-6) and fitted.rates["memory"] == pytest.approx(2e12, rel=1e-6)
+    assert fitted.attention_backward_rate == pytest.approx(2e14, rel=1e-6)
+    assert fitted.launch_s_per_op == pytest.approx(4e-6, rel=1e-6)
+    for work, measured in points:
+        assert steptime.predict(work, card, fitted).total_s == pytest.approx(measured, rel=1e-9)
+    with pytest.raises(ValueError, match="2 measured steps cannot fit 4 terms"):
+        steptime.calibrate(points[:2], card, ("attention_backward", "matmul", "memory", "launch"))
+
+
+def test_the_track_head_adds_its_work_when_the_step_tracks_points():
+    cfg = get_preset("vggt-tiny")  # track head enabled
+    batch = planner.Batch(1, 2, 28, 56, 14)
+    parallel = _parallel("none", "none")
+    without = steptime.step_work(cfg, parallel, batch)
+    tracking = steptime.step_work(cfg, parallel, batch, track_points=4)
+    assert "track head" in tracking.parts and "track head" not in without.parts
+    assert tracking.model.model_flops > without.model.model_flops and tracking.kernel_ops > without.kernel_ops
+    assert tracking.attention_backward_flops >= without.attention_backward_flops > 0

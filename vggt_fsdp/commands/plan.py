@@ -148,7 +148,8 @@ def report(recipe, args, where: Target) -> tuple[dict, planner.MemoryPlan, stept
                                                  frames_range=frames_range, freeze=shape.freeze,
                                                  track_points=shape.track_points)
     work = steptime.slowest_step(shape.model_cfg, recipe.parallel, frames, frames_range, shape.image_hw, where.card,
-                                 world_size=shape.world_size, gpus_per_node=where.gpus_per_node, freeze=shape.freeze)
+                                 world_size=shape.world_size, gpus_per_node=where.gpus_per_node, freeze=shape.freeze,
+                                 track_points=shape.track_points)
     step = steptime.predict(work, where.card) if where.card is not None else None
     summary = {
         "recipe": args.recipe,

@@ -37,7 +37,7 @@ from vggt_fsdp.memory.planner import GiB, Term, UnitInfo
 
 # Host memory of the training process besides the model states: Python, torch, the CUDA runtime's
 # host-side allocations and pinned staging (an estimate, not measured by this project: the GPU stage
-# benchmarks/gpu_stages/40_single_gpu.sh measures the process's peak RSS).
+# benchmarks/gpu_stages/50_single_gpu.sh measures the process's peak RSS).
 PROCESS_BYTES = 6 * GiB
 # Each data-loader worker process (an estimate, as above).
 WORKER_BYTES = 1 * GiB

@@ -23,6 +23,14 @@ The time model, in one place:
   large kernels (VGGT-1B) is bound by its work, a small model's (vggt-tiny) by its launches, so its
   prediction is a lower bound.
 
+Refinements (`Refinements`, off unless given, so the figures above stay the card's): a backward
+attention rate of its own (attention backward runs about 1.5x slower than forward on current kernels,
+where the card's one attention rate is a mean), a cost per kernel launch (`StepWork.kernel_ops`:
+forward ops counted, backward and recompute ops estimated from them), and `calibrate`, which fits
+chosen rates and the launch cost to several measured steps at once (least squares, non-negative);
+the track head's work is counted when the step tracks points (`track_points`). What is still not
+modelled: communication (context-parallel exchange and FSDP2 collectives, assumed hidden).
+
 Which batch: the time of a step depends on how the sampler splits the frame budget into scenes; the
 prediction is for the slowest split (`slowest_step`: the one with the most images or the one with the
 largest scenes).
@@ -55,6 +63,8 @@ class StepWork:
     state_bytes: int  # optimizer, clipping, FSDP2 parameter and gradient copies
     parts: dict[str, Work] = field(default_factory=dict)  # model work by part of the model
     recompute_parts: dict[str, Work] = field(default_factory=dict)
+    attention_backward_flops: int = 0  # of model.by_kind()["attention"]: what the attention backward runs
+    kernel_ops: int = 0  # kernels a step launches (forward ops counted; backward and recompute estimated)
 
     def by_kind(self) -> dict[str, int]:
         """What the card runs: FLOPs by kind, and memory-bound bytes under "memory"."""
@@ -109,10 +119,100 @@ def _sig(value: float, digits: int = 6) -> float:
     return float(f"{value:.{digits}g}")
 
 
-def predict(work: StepWork, card: hardware.Card) -> StepTime:
+@dataclass(frozen=True)
+class Refinements:
+    """What the base model (work / the card's rates) leaves out, each off until measured or calibrated.
+
+    rates: FLOP/s (bytes/s for "memory") replacing the card's for the kinds named;
+    attention_backward_rate: FLOP/s of the attention backward (the card's attention rate, a mean of
+      forward and backward, applies to both when None);
+    launch_s_per_op: seconds each kernel launch costs beyond its work (eager PyTorch, one stream)."""
+
+    rates: dict[str, float] = field(default_factory=dict)
+    attention_backward_rate: float | None = None
+    launch_s_per_op: float = 0.0
+    provenance: str = ""
+
+    def __post_init__(self):
+        unknown = set(self.rates) - set(TIME_KINDS)
+        if unknown:
+            raise ValueError(f"Refinements.rates: unknown kinds {sorted(unknown)}; valid: {list(TIME_KINDS)}")
+        if any(v <= 0 for v in self.rates.values()) or (self.attention_backward_rate or 1) <= 0:
+            raise ValueError("Refinements: rates must be positive")
+        if self.launch_s_per_op < 0:
+            raise ValueError(f"Refinements.launch_s_per_op={self.launch_s_per_op} must be >= 0")
+
+
+def predict(work: StepWork, card: hardware.Card, refinements: Refinements | None = None) -> StepTime:
     rates = card.rates()
-    seconds = {kind: amount / rates[kind] for kind, amount in work.by_kind().items()}
-    return StepTime(card.name, card.provenance(), seconds, work.model.model_flops, card.peak("attention"))
+    if refinements is None:
+        seconds = {kind: amount / rates[kind] for kind, amount in work.by_kind().items()}
+        return StepTime(card.name, card.provenance(), seconds, work.model.model_flops, card.peak("attention"))
+    rates = {**rates, **refinements.rates}
+    by_kind = work.by_kind()
+    seconds = {kind: amount / rates[kind] for kind, amount in by_kind.items()}
+    if refinements.attention_backward_rate is not None:
+        forward = by_kind["attention"] - work.attention_backward_flops
+        seconds["attention"] = (forward / rates["attention"]
+                                + work.attention_backward_flops / refinements.attention_backward_rate)
+    if refinements.launch_s_per_op:
+        seconds["launch"] = work.kernel_ops * refinements.launch_s_per_op
+    provenance = card.provenance() + (f"; refined: {refinements.provenance}" if refinements.provenance else "; refined")
+    return StepTime(card.name, provenance, seconds, work.model.model_flops, card.peak("attention"))
+
+
+# The columns `calibrate` can fit: each kind's seconds per unit of work, the backward attention's, a launch.
+CALIBRATION_TERMS = ("attention", "attention_backward", "matmul", "convolution", "memory", "launch")
+
+
+def _terms(work: StepWork) -> dict[str, float]:
+    """A step's work in CALIBRATION_TERMS (attention forward and backward apart, kernel launches)."""
+    by_kind = work.by_kind()
+    return {"attention": by_kind["attention"] - work.attention_backward_flops,
+            "attention_backward": work.attention_backward_flops, "matmul": by_kind["matmul"],
+            "convolution": by_kind["convolution"], "memory": by_kind["memory"], "launch": work.kernel_ops}
+
+
+def calibrate(points: list[tuple[StepWork, float]], card: hardware.Card, free: tuple[str, ...],
+              provenance: str = "") -> Refinements:
+    """Refinements fitted to measured steps: the terms in `free` (CALIBRATION_TERMS) chosen so that the
+    predicted times of all `points` (work, measured seconds) are closest to the measured ones (least
+    squares, non-negative: a term that would come out negative is fixed at zero); the other terms keep
+    the card's rates (the backward attention the card's attention rate, no launch cost). Needs at least
+    as many points as free terms."""
+    unknown = set(free) - set(CALIBRATION_TERMS)
+    if unknown or not free:
+        raise ValueError(f"calibrate: free terms {sorted(unknown) or '(none)'}; choose from {list(CALIBRATION_TERMS)}")
+    if len(points) < len(free):
+        raise ValueError(f"calibrate: {len(points)} measured steps cannot fit {len(free)} terms ({', '.join(free)}); "
+                         "measure more configurations or free fewer terms")
+    rates = card.rates()
+    fixed_rate = {**{k: rates[k] for k in KINDS}, "memory": rates["memory"], "attention_backward": rates["attention"]}
+    rows, targets = [], []
+    for work, measured in points:
+        terms = _terms(work)
+        fixed = sum(terms[t] / fixed_rate[t] for t in CALIBRATION_TERMS if t not in free and t != "launch")
+        rows.append([float(terms[t]) for t in free])
+        targets.append(measured - fixed)
+    active = list(range(len(free)))
+    solution = [0.0] * len(free)
+    while active:
+        a = torch.tensor([[row[i] for i in active] for row in rows], dtype=torch.float64)
+        b = torch.tensor(targets, dtype=torch.float64)[:, None]
+        scale = a.abs().amax(dim=0).clamp_min(1e-30)  # columns of FLOPs, bytes and op counts: scaled alike
+        x = (torch.linalg.lstsq(a / scale, b).solution[:, 0] / scale).tolist()
+        negative = [i for i, v in zip(active, x) if v < 0]
+        if not negative:
+            for i, v in zip(active, x):
+                solution[i] = v
+            break
+        active = [i for i in active if i not in negative]
+    fitted = dict(zip(free, solution))
+    out_rates = {t: 1 / v for t, v in fitted.items() if t in TIME_KINDS and v > 0}
+    backward = fitted.get("attention_backward")
+    return Refinements(rates=out_rates, attention_backward_rate=(1 / backward if backward else None),
+                       launch_s_per_op=fitted.get("launch", 0.0),
+                       provenance=provenance or f"calibrated to {len(points)} measured steps ({', '.join(free)} fitted)")
 
 
 # ======================================================================================== the step
@@ -128,21 +228,29 @@ def candidate_batches(frames_per_gpu: int, frames_range: tuple[int, int], image_
 
 def slowest_step(model_cfg, parallel_cfg, frames_per_gpu: int, frames_range: tuple[int, int],
                  image_hw: tuple[int, int], card: hardware.Card | None, *, world_size: int = 1,
-                 gpus_per_node: int = 8, freeze: tuple[str, ...] = ()) -> StepWork:
+                 gpus_per_node: int = 8, freeze: tuple[str, ...] = (), track_points: int = 0) -> StepWork:
     """The work of the slowest split the sampler can draw (`candidate_batches`): by predicted time on
     `card`, by model FLOPs without one."""
     works = [step_work(model_cfg, parallel_cfg, b, world_size=world_size, gpus_per_node=gpus_per_node,
-                       freeze=freeze)
+                       freeze=freeze, track_points=track_points)
              for b in candidate_batches(frames_per_gpu, frames_range, image_hw, model_cfg.aggregator.patch_size)]
     return max(works, key=lambda w: predict(w, card).total_s if card is not None else w.model.model_flops)
 
 
+# Kernels a backward launches per forward op (gradients of both inputs of a matmul, elementwise chains):
+# an estimate until a profiled step calibrates `Refinements.launch_s_per_op` with it.
+BACKWARD_OPS_PER_FORWARD_OP = 2
+
+
 def step_work(model_cfg, parallel_cfg, batch: Batch, *, world_size: int = 1, gpus_per_node: int = 8,
-              freeze: tuple[str, ...] = ()) -> StepWork:
+              freeze: tuple[str, ...] = (), track_points: int = 0) -> StepWork:
     """Count the work of one training step of `batch` under `parallel_cfg` (its checkpoint policy and
-    precision; the sharding only for the state traffic)."""
+    precision; the sharding only for the state traffic); with `track_points` (query points per scene)
+    and the track head enabled, the track head's too."""
     units = planner.unit_layout(model_cfg, parallel_cfg, tuple(freeze))
-    calls = _calls(model_cfg, parallel_cfg, units, batch, tuple(freeze))
+    calls = dict(_calls(model_cfg, parallel_cfg, units, batch, tuple(freeze)))
+    if model_cfg.enable_track and track_points > 0:
+        calls["track head"] = _track_call(model_cfg, parallel_cfg, units, batch, track_points)
     # Each counted call as often as the step makes it, and what joins the repeated calls.
     parts = {name: (c.count.forward + c.count.backward) * c.times for name, c in calls.items()}
     parts.update(joins(model_cfg, units, calls, batch))
@@ -151,11 +259,39 @@ def step_work(model_cfg, parallel_cfg, batch: Batch, *, world_size: int = 1, gpu
     key = (planner.structure_key(model_cfg, parallel_cfg, tuple(freeze)), shard)
     if key not in _STATE_BYTES:
         _STATE_BYTES[key] = state_bytes(units, shard)
+    attention_backward = sum(c.count.backward.by_kind()["attention"] * c.times for c in calls.values())
+    forward_ops = sum(len(c.count.forward_ops) * c.times for c in calls.values())
+    recompute_ops = sum(len(c.count.forward_ops) * c.times for name, c in calls.items() if name in recompute_parts)
     return StepWork(batch, total(parts.values()), total(recompute_parts.values()), _STATE_BYTES[key], parts,
-                    recompute_parts)
+                    recompute_parts, attention_backward_flops=attention_backward,
+                    kernel_ops=forward_ops * (1 + BACKWARD_OPS_PER_FORWARD_OP) + recompute_ops)
 
 
 _STATE_BYTES: dict[tuple, int] = {}
+_TRACK_CALLS: dict[str, "_Call"] = {}
+
+
+def _track_call(model_cfg, parallel_cfg, units: list[UnitInfo], b: Batch, points: int) -> "_Call":
+    """The track head's forward and backward at `b` with `points` query points per scene, counted on the
+    meta device like the other heads (its feature extractor reads the aggregator's kept layers). Its
+    recompute follows the unit's checkpoint label as the DPT heads' does ("chunks": its forward again)."""
+    by_path = {u.path: u for u in units}
+    agg = model_cfg.aggregator
+    e_tokens = by_path[f"aggregator.global_blocks.{agg.depth - 1}"].param_bytes
+    param_bytes = by_path["track_head"].param_bytes
+    key = repr((model_cfg, parallel_cfg.precision, e_tokens, param_bytes, b, points))
+    if key not in _TRACK_CALLS:
+        model = planner._meta_model(model_cfg)
+        head = copy.deepcopy(model.track_head).to(DTYPES[param_bytes])
+        tokens = b.patches + 1 + agg.num_register_tokens
+        layers = [torch.empty(b.scenes, b.frames, tokens, model_cfg.token_dim, device="meta", dtype=DTYPES[e_tokens],
+                              requires_grad=True) for _ in range(agg.depth)]
+        images = torch.empty(b.scenes, b.frames, 3, b.height, b.width, device="meta")
+        queries = torch.empty(b.scenes, points, 2, device="meta")
+        count = count_call(head, layers, images, 1 + agg.num_register_tokens, queries,
+                           autocast=_autocast(parallel_cfg, param_bytes))
+        _TRACK_CALLS[key] = _Call(count, ("track_head",))
+    return _TRACK_CALLS[key]
 
 
 def part_group(part: str) -> str | None:

@@ -10,6 +10,8 @@ memory/formulas.py: `block_saved` for the bytes kept, `block_recompute_flops` fo
 - selective: wrap whole blocks, keeping the block input and the tensors named in `save`:
              sdpa: the fused SDPA op's outputs (attention output and logsumexp; whichever backend ran:
                    flash, efficient, cuDNN, the CPU flash kernel), so backward never re-runs attention;
+                   under SDPA's math kernel (fused kernels off, as in deterministic CUDA runs), the
+                   attention output only: backward re-runs the scores and softmax;
              qkv:  the outputs of the block's matmuls that run before its SDPA op (for `layers.Block`:
                    the qkv projection), so backward skips the qkv matmul; qk-norm and RoPE, elementwise,
                    are recomputed from it.
@@ -86,8 +88,7 @@ def _aten_ops(names: tuple[str, ...]) -> frozenset:
     return frozenset(getattr(aten, name).default for name in names if hasattr(aten, name))
 
 
-# The fused SDPA kernels F.scaled_dot_product_attention dispatches to. Its math fallback is composite
-# (matmuls and a softmax, no op of its own) and cannot be named: SelectivePolicy.check refuses it.
+# The fused SDPA kernels F.scaled_dot_product_attention dispatches to.
 SDPA_OPS = _aten_ops((
     "_scaled_dot_product_flash_attention",
     "_scaled_dot_product_efficient_attention",
@@ -97,41 +98,105 @@ SDPA_OPS = _aten_ops((
 ))
 # What an nn.Linear runs as (addmm with a bias, mm without; bmm for inputs it cannot flatten).
 MATMUL_OPS = _aten_ops(("mm", "addmm", "bmm", "baddbmm"))
+# SDPA's math kernel (what runs when the fused kernels are switched off, as deterministic runs on CUDA
+# do) is composite: no op of its own, it dispatches as bmm (scores) -> softmax -> bmm (output). The
+# policy recognises that sequence: the projections are 2-D matmuls, attention's are batched.
+PROJECTION_OPS = _aten_ops(("mm", "addmm"))
+BATCHED_MATMUL_OPS = _aten_ops(("bmm", "baddbmm"))
+SOFTMAX_OPS = _aten_ops(("_safe_softmax", "_softmax"))
+
+# What the policy needs to know of an op, decided once per op type (the policy runs on every op of every
+# checkpointed block, forward and recompute: a dict lookup, not a walk through four sets, per call).
+_OTHER, _SDPA, _PROJECTION, _BATCHED, _SOFTMAX = range(5)
+_KINDS: dict = {}
+
+
+def _op_kind(op) -> int:
+    kind = _KINDS.get(op)
+    if kind is None:
+        kind = (_SDPA if op in SDPA_OPS else _PROJECTION if op in PROJECTION_OPS
+                else _BATCHED if op in BATCHED_MATMUL_OPS else _SOFTMAX if op in SOFTMAX_OPS else _OTHER)
+        _KINDS[op] = kind
+    return kind
+
+
+class _Pass:
+    """Where one pass (the forward, or its recompute) has got to in the block."""
+
+    __slots__ = ("calls", "attention", "math_stage")
+
+    def __init__(self):
+        self.calls = 0
+        self.attention = 0  # attention calls completed (fused ops, or math kernels' output matmuls)
+        self.math_stage = 0  # 0: outside a math attention; 1: after its scores; 2: after its softmax
 
 
 class SelectivePolicy:
     """The SAC policy of one checkpointed block call: MUST_SAVE for the ops whose outputs `save` names,
     PREFER_RECOMPUTE for every other op.
 
-    `qkv` is positional: the matmuls before the block's first SDPA op. The forward and each recompute
-    count separately (`ctx.is_recompute`), so both passes make the same decisions in the same order.
+    `sdpa` saves the fused SDPA op's outputs; where SDPA ran its math kernel (fused kernels off, e.g. for
+    deterministic CUDA runs) it saves the attention output (the matmul after the softmax) and backward
+    re-runs the scores and softmax. `qkv` is positional: the 2-D matmuls before the block's first
+    attention. The forward and each recompute count separately (`ctx.is_recompute`), so both passes make
+    the same decisions in the same order.
     """
 
     def __init__(self, save: tuple[str, ...]):
         self.save = frozenset(save)
-        self.calls = {False: 0, True: 0}
-        self.sdpa_calls = {False: 0, True: 0}
+        self._save_sdpa = CheckpointPolicy.MUST_SAVE if "sdpa" in self.save else CheckpointPolicy.PREFER_RECOMPUTE
+        self._save_qkv = "qkv" in self.save
+        self.passes = {False: _Pass(), True: _Pass()}
+        self.math_attention = False
+
+    @property
+    def calls(self) -> dict[bool, int]:
+        return {k: p.calls for k, p in self.passes.items()}
+
+    @property
+    def sdpa_calls(self) -> dict[bool, int]:
+        """Attention calls per pass (fused SDPA ops and math-kernel attentions)."""
+        return {k: p.attention for k, p in self.passes.items()}
 
     def __call__(self, ctx, op, *args, **kwargs) -> CheckpointPolicy:
-        recompute = bool(ctx.is_recompute)
-        self.calls[recompute] += 1
-        if op in SDPA_OPS:
-            self.sdpa_calls[recompute] += 1
-            return CheckpointPolicy.MUST_SAVE if "sdpa" in self.save else CheckpointPolicy.PREFER_RECOMPUTE
-        if op in MATMUL_OPS and "qkv" in self.save and self.sdpa_calls[recompute] == 0:
-            return CheckpointPolicy.MUST_SAVE
+        state = self.passes[bool(ctx.is_recompute)]
+        state.calls += 1
+        kind = _KINDS.get(op)
+        if kind is None:
+            kind = _op_kind(op)
+        if kind == _OTHER:
+            return CheckpointPolicy.PREFER_RECOMPUTE
+        if kind == _SDPA:
+            state.attention += 1
+            return self._save_sdpa
+        if kind == _PROJECTION:
+            if self._save_qkv and state.attention == 0 and state.math_stage == 0:
+                return CheckpointPolicy.MUST_SAVE
+            return CheckpointPolicy.PREFER_RECOMPUTE
+        if kind == _SOFTMAX:
+            if state.math_stage == 1:
+                state.math_stage = 2
+            return CheckpointPolicy.PREFER_RECOMPUTE
+        # A batched matmul: the math kernel's scores, or (after its softmax) its output.
+        if state.math_stage == 2:
+            state.math_stage = 0
+            state.attention += 1
+            self.math_attention = True
+            return self._save_sdpa
+        state.math_stage = 1
         return CheckpointPolicy.PREFER_RECOMPUTE
 
     def check(self, module: nn.Module) -> None:
-        """After a forward: a selective block must have run a fused SDPA op (nothing ran under the policy
-        when gradients are off, and nothing needs saving then)."""
-        if self.calls[False] and not self.sdpa_calls[False]:
+        """After a forward: a selective block must have run an attention, a fused SDPA op or the math
+        kernel's scores -> softmax -> output (nothing ran under the policy when gradients are off, and
+        nothing needs saving then)."""
+        forward = self.passes[False]
+        if forward.calls and not forward.attention:
             raise RuntimeError(
-                f"selective checkpointing (save {sorted(self.save)}) of a {type(module).__name__} ran no fused "
-                f"SDPA op ({', '.join(sorted(str(op) for op in SDPA_OPS))}): the block has no "
-                "F.scaled_dot_product_attention, or SDPA fell back to its math kernel, whose composite ops "
-                "cannot be named. Choose policy block (or attention) for this group, or let SDPA use a "
-                "fused kernel (dtype, head dim, torch.nn.attention.sdpa_kernel)")
+                f"selective checkpointing (save {sorted(self.save)}) of a {type(module).__name__} ran no "
+                f"attention: no fused SDPA op ({', '.join(sorted(str(op) for op in SDPA_OPS))}) and no math-"
+                "kernel attention (batched matmul -> softmax -> batched matmul). The block has no "
+                "F.scaled_dot_product_attention: choose policy block (or attention) for this group")
 
 
 def recomputed_ops(ops: Sequence, save: tuple[str, ...]) -> list[bool]:
@@ -193,7 +258,7 @@ def selective_checkpoint(module: nn.Module, *args, save: tuple[str, ...], traced
     contexts = create_selective_checkpoint_contexts(policy)
     out = checkpoint(module, *args, use_reentrant=False, context_fn=lambda: contexts, **kwargs)
     policy.check(module)
-    if _observers and policy.calls[False]:
+    if _observers and policy.passes[False].calls:
         cached = _cached_tensors(contexts[0])
         for observer in _observers:
             observer(cached)
