@@ -1,7 +1,7 @@
 """`--model MODULE:CALLABLE` of `vggt-fsdp recipe show` and `vggt-fsdp plan`: your own model in place of
 the VGGT the recipe's `model:` section describes (the `parallel:` section must describe your model).
 
-The protocol (examples/own_model.py follows it):
+The protocol (the starter task, vggt_fsdp/tasks/own_model.py, follows it):
 - MODULE is a dotted module name, importable from the current directory or the installed packages, or
   the path of a .py file; CALLABLE, a name in it, returns your `nn.Module` when called with no
   arguments. It is called under `with torch.device("meta")`: shapes only, no memory, so a model of any
@@ -84,7 +84,7 @@ def run_plan(args: argparse.Namespace, recipe, memory: int, memory_source: str) 
         problems.append("--size N (>= 1) is required with --model: the per-GPU batch, in the unit of example_inputs")
     if user.example_inputs is None:
         problems.append(f"{args.model.rpartition(':')[0]} defines no example_inputs(size): plan needs one training "
-                        "forward's inputs to measure activations (see examples/own_model.py)")
+                        "forward's inputs to measure activations (see vggt_fsdp/tasks/own_model.py)")
     if getattr(args, "frames", None) is not None or getattr(args, "image", None) is not None:
         problems.append("--frames and --image describe VGGT batches; with --model the batch is --size")
     if getattr(args, "optimize", False):

@@ -85,7 +85,7 @@ def import_callable(spec: str, what: str = "task") -> tuple[Callable, Any]:
     module_name, sep, attr = spec.rpartition(":")
     if not sep or not module_name or not attr:
         raise ValueError(f"{what} {spec!r}: expected MODULE:CALLABLE, e.g. my_project.model:build or "
-                         "examples/own_model.py:build")
+                         "my_task.py:build")
     module = _import(module_name, spec, what)
     found = getattr(module, attr, None)
     if not callable(found):

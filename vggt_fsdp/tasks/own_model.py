@@ -98,7 +98,7 @@ class SinusoidalPositions(nn.Module):
 
 
 class Head(nn.Module):
-    """Per-token regression head (its own FSDP unit in the example recipe)."""
+    """Per-token regression head (its own FSDP unit in own_model.yaml)."""
 
     def __init__(self, dim: int, out_dim: int):
         super().__init__()
