@@ -98,6 +98,18 @@ def test_train_refuses_before_launch(overrides, expected, tmp_path, capsys):
     assert expected in err and "launching" not in err and not out.exists()
 
 
+def test_recipe_show_warns_that_a_vggt_layout_does_not_fit_another_model(capsys):
+    """A copied VGGT recipe shown with your model: the table is still printed, but each VGGT pattern
+    that matches nothing is a warning, not a silent claim that heads compute in fp32."""
+    model = f"{STARTER.parent / 'own_model.py'}:build"
+    assert cli(["recipe", "show", "cpu_tiny", "parallel.layout.block_types=[TransformerLayer]",
+                "parallel.layout.attention_types=[SelfAttention]", "--model", model, "--plan-only"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert "warning: parallel.precision.fp32_modules[0]: 'camera_head' matches no module; top-level modules: " \
+           "['embed', 'positions', 'layers', 'head'] (`vggt-fsdp train` refuses this)" in err
+    assert len(err) == 11  # units: the 4 VGGT heads; groups: 4 of VGGT blocks; fp32_modules: 3 heads
+
+
 # ---------------------------------------------------------------------------------------- data order
 def test_each_rank_gets_its_own_batches_in_an_order_the_seed_and_epoch_fix():
     from vggt_fsdp.tasks.base import ShardedSampler

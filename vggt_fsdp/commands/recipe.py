@@ -77,6 +77,8 @@ def print_plan(recipe, model_spec: str | None) -> int:
         model_spec = f"task {recipe.task}"
         print(f"# model: {describe_model(model)}, from {model_spec}")
     try:
+        if model is not None:
+            warn_layout(model, recipe.parallel)
         print(describe_plan(recipe, model))
     except ValueError as err:
         whose = (f"the model {model_spec} builds" if model_spec else "the VGGT the recipe's model: section "
@@ -84,6 +86,16 @@ def print_plan(recipe, model_spec: str | None) -> int:
         print(f"error: {err} (in {whose})", file=sys.stderr)
         return 2
     return 0
+
+
+def warn_layout(model, parallel) -> None:
+    """A layout class or pattern that matches nothing in `model` (a VGGT recipe's, shown with another
+    model): one `warning:` line each, as `vggt-fsdp train` would refuse it, so that the table below is not
+    read as what training would do (an fp32 head that does not exist computes nothing in fp32)."""
+    from vggt_fsdp.train.preflight import layout_problems
+
+    for problem in layout_problems(model, parallel):
+        print(f"warning: {problem} (`vggt-fsdp train` refuses this)", file=sys.stderr)
 
 
 def print_values(recipe, keys: list[str]) -> int:
