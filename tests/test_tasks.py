@@ -87,6 +87,8 @@ def test_a_task_that_breaks_the_protocol_is_one_line(case, tmp_path):
     (["parallel.precision.fp32_modules=[camera_head]"], "error: parallel.precision.fp32_modules[0]: 'camera_head' "
                                                         "matches no module"),
     (["train.batch_size=null"], "error: train.batch_size: task "),
+    (["task_config.val_items=10", "train.val_every=5"], "error: train.val_every: the task's val_dataset has 10 items, "
+                                                        "fewer than one batch of 8 per process x 2"),
     (["model.preset=vggt-tiny"], "which does not read the recipe's model, data, loss sections"),
 ])
 def test_train_refuses_before_launch(overrides, expected, tmp_path, capsys):

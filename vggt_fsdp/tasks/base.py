@@ -158,6 +158,9 @@ class UserTask:
         if self.recipe.train.val_every and val is None:
             problems.append(Problem("train.val_every", f"{self.recipe.train.val_every}, but task {self.spec} has "
                                     "no val_dataset: give it one or set train.val_every=0"))
+        elif self.recipe.train.val_every and len(val) < batch * processes:
+            problems.append(Problem("train.val_every", f"the task's val_dataset has {len(val)} items, fewer than one "
+                                    f"batch of {batch} per process x {processes}: enlarge it or set train.val_every=0"))
         return problems
 
     def before_sharding(self) -> None:
