@@ -243,6 +243,21 @@ def test_tensorboard_gets_each_logged_steps_scalars(tmp_path):
     assert tensorboard_scalars(tmp_path / "tensorboard", "val/auc") == pytest.approx({10: 0.7, 20: 0.7})
 
 
+def test_wandb_runs_offline_under_the_output_dir(tmp_path, monkeypatch):
+    """W&B with WANDB_MODE=offline: no account, no network; the run is kept under output_dir/wandb (wandb
+    is in the `tracking` extra, not in `dev`: CI skips this)."""
+    pytest.importorskip("wandb")
+    from vggt_fsdp.train.metrics import MetricsWriter
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    writer = MetricsWriter(tmp_path, tensorboard=False, static={"world_size": 1}, log_with=["wandb"])
+    writer.write({"step": 1, "loss": 0.5})
+    writer.close()
+    (run,) = (tmp_path / "wandb").glob("offline-run-*")
+    assert list(run.glob("run-*.wandb"))
+
+
 @pytest.mark.parametrize("name, phrase", [
     ("tensorbord", "'tensorbord' is not a tracker Accelerate knows (did you mean 'tensorboard'?)"),
     ("clearml", "clearml needs the `clearml` package, which is not installed: pip install clearml --constraint"),

@@ -192,8 +192,10 @@ def start_trackers(names: list[str], output_dir: Path, config: dict[str, Any]) -
     problems = tracker_problems(names)
     if problems:
         raise RuntimeError("train.log_with: " + "; ".join(problems))
+    from accelerate import PartialState
     from accelerate.tracking import LOGGER_TYPE_TO_CLASS
 
+    PartialState()  # the trackers log through Accelerate's logger, which needs it (the trainer made it already)
     project = output_dir.resolve().name
     trackers = []
     for name in names:
