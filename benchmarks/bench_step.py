@@ -238,7 +238,7 @@ def count_flops(spec: BenchSpec, recipe, device: torch.device) -> dict:
 def _count_flops(spec: BenchSpec, recipe, device: torch.device) -> dict:
     from vggt_fsdp.model import build_model
     from vggt_fsdp.recipe import model_config
-    from vggt_fsdp.train.build import freeze
+    from vggt_fsdp.tasks.vggt import freeze
 
     model = build_model(model_config(recipe.model), device)
     freeze(model, recipe.model.freeze)
@@ -314,7 +314,7 @@ def build_workload(spec: BenchSpec, recipe, device: torch.device,
     from vggt_fsdp.model import build_model, materialize
     from vggt_fsdp.parallel import apply_parallelism, build_mesh
     from vggt_fsdp.recipe import model_config
-    from vggt_fsdp.train.build import VGGTTask, freeze
+    from vggt_fsdp.tasks.vggt import VGGTTask, freeze
     from vggt_fsdp.train.optim import build_optimizer, clip_grad_norms, clip_groups
 
     cfg = model_config(recipe.model)
@@ -348,7 +348,7 @@ def volumes_only(spec: BenchSpec) -> dict:
     from vggt_fsdp.model import build_model
     from vggt_fsdp.parallel import apply_parallelism, build_mesh
     from vggt_fsdp.recipe import model_config
-    from vggt_fsdp.train.build import freeze
+    from vggt_fsdp.tasks.vggt import freeze
 
     result: dict = {"name": spec.name, "spec": asdict(spec), "status": "ok", "kind": "volumes"}
     try:

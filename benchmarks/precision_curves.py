@@ -63,7 +63,7 @@ def train_curve(recipe, mode: str, batches: list[dict[str, torch.Tensor]], seed:
     from vggt_fsdp.model import build_model, materialize
     from vggt_fsdp.parallel import apply_parallelism
     from vggt_fsdp.recipe import model_config
-    from vggt_fsdp.train.build import VGGTTask, freeze
+    from vggt_fsdp.tasks.vggt import VGGTTask, freeze
     from vggt_fsdp.train.optim import build_optimizer, build_scheduler, clip_grad_norms, clip_groups
 
     param_dtype, autocast, cuda_rules = MODES[mode]

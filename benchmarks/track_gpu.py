@@ -98,7 +98,7 @@ def record_flops(spec, cache: Path) -> dict:
     from vggt_fsdp.memory.planner import recipe_shape
     from vggt_fsdp.model import build_model
     from vggt_fsdp.recipe import load_recipe, model_config
-    from vggt_fsdp.train.build import freeze
+    from vggt_fsdp.tasks.vggt import freeze
 
     recipe = load_recipe(spec.recipe, spec.overrides)
     device = resolve_device(spec.device)

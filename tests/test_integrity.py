@@ -234,7 +234,7 @@ def test_export_refuses_nonfinite_weights(nan_checkpoint, tmp_path):
 def test_initial_weights_with_nan_are_refused_by_name(tmp_path):
     from safetensors.torch import save_file
 
-    from vggt_fsdp.train.build import InitWeightsError, load_initial_weights
+    from vggt_fsdp.tasks.vggt import InitWeightsError, load_initial_weights
 
     source = Toy()
     _poison(source)

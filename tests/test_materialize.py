@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 import warnings
 from pathlib import Path
 
@@ -17,8 +16,7 @@ from torch import nn
 from vggt_fsdp.parallel.materialize import MaterializeError, materialize_module
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "examples"))
-import own_model  # noqa: E402  (examples/own_model.py: a user's model with its own classes)
+from vggt_fsdp.tasks import own_model  # noqa: E402  (the starter task's model: a user's own classes)
 
 SEED = 100  # rank r of the 2-process test seeds SEED + r
 

@@ -1,17 +1,18 @@
-"""A user's own model through the toolkit (issue 11 items 3 and 4), with examples/own_model.py (own
-attention, block and head classes) and, where said, torch's own TransformerEncoderLayer:
+"""A user's own model through the toolkit (issue 11 items 3 and 4, issue 22 item 1), with the starter task
+(vggt_fsdp/tasks/own_model.py: own attention, block and head classes) and, where said, torch's own
+TransformerEncoderLayer:
 
 - `vggt-fsdp recipe show --model`: its units, dtypes and checkpointing; clear errors, no traceback;
 - `vggt-fsdp plan --model` (memory/generic.py): model states exact and activations scaled from CPU
   measurements, checked against FSDPMemTracker and saved-tensor bytes over a fake process group of 8;
-- examples/train_own_model.py on 2 CPU processes: killed while writing a checkpoint, resumed, the same
-  losses as the run before the kill, the previous checkpoint intact, an export that loads strictly.
+- `vggt-fsdp recipe copy own_model DIR`, then `vggt-fsdp train DIR/own_model.yaml task=DIR/own_model.py:...`
+  on 2 CPU processes, no edits: killed while writing a checkpoint, resumed, the same losses as the run
+  before the kill, the previous checkpoint intact, the loss falling, an export that loads strictly.
 """
 from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import warnings
@@ -19,16 +20,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from processes import finish, start
 
 from vggt_fsdp.cli import main as cli
 from vggt_fsdp.recipe import load_recipe
+from vggt_fsdp.tasks import own_model
 
 REPO = Path(__file__).resolve().parents[1]
-EXAMPLE = REPO / "examples"
-RECIPE = str(EXAMPLE / "own_model.yaml")
-MODEL = f"{EXAMPLE / 'own_model.py'}:build"
-sys.path.insert(0, str(EXAMPLE))
-import own_model  # noqa: E402
+STARTER = REPO / "vggt_fsdp" / "tasks"
+RECIPE = str(STARTER / "own_model.yaml")
+MODEL = f"{STARTER / 'own_model.py'}:build"
 
 TORCH_LAYERS = '''
 import torch
@@ -89,15 +90,12 @@ def test_recipe_show_plans_torch_layers_in_bf16_with_an_fp32_head(tmp_path, caps
 
 
 @pytest.mark.parametrize("args, message", [
-    ([], "no module of the model matches parallel.layout.block_types=['TransformerLayer']"
-         " or block_paths=[]; name the model's transformer block class (in the VGGT the recipe's model: section"
-         " describes; for your own model pass --model MODULE:CALLABLE)"),
     (["--model", "own_model"], "--model 'own_model': expected MODULE:CALLABLE"),
     (["--model", "no_such_module:build"], "cannot import no_such_module"),
-    (["--model", f"{EXAMPLE / 'own_model.py'}:nope"], "has no callable 'nope'"),
-    (["--model", f"{EXAMPLE / 'own_model.py'}:example_inputs"],  # a callable that raises
+    (["--model", f"{STARTER / 'own_model.py'}:nope"], "has no callable 'nope'"),
+    (["--model", f"{STARTER / 'own_model.py'}:example_inputs"],  # a callable that raises
      "calling it on the meta device raised TypeError: example_inputs() missing 1 required positional"),
-    (["--model", f"{EXAMPLE / 'own_model.py'}:OwnConfig"], "the callable returned OwnConfig, not a torch.nn.Module"),
+    (["--model", f"{STARTER / 'own_model.py'}:OwnConfig"], "the callable returned OwnConfig, not a torch.nn.Module"),
 ])
 def test_recipe_show_says_what_is_wrong_in_one_line(args, message, capsys):
     try:
@@ -210,76 +208,92 @@ def test_plan_command_with_a_users_model(capsys):
 @pytest.mark.parametrize("args, message", [
     ([], "--size N (>= 1) is required with --model"),
     (["--size", "4", "--frames", "8"], "--frames and --image describe VGGT batches"),
+    (["--size", "4", "--optimize"], "--optimize ranks VGGT checkpoint layouts by the step-time model"),
 ])
 def test_plan_command_says_what_a_users_model_needs(args, message, capsys):
     assert cli(["plan", RECIPE, "--model", MODEL, "--gpu-memory", "40", *args]) == 2
     assert message in capsys.readouterr().err
 
 
-# ---------------------------------------------------------------------------------------- your own loop
-def _torchrun(out: Path, *overrides: str, timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
-    """examples/train_own_model.py on 2 CPU processes: 6 steps, a checkpoint every 3."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               str(EXAMPLE / "train_own_model.py"), RECIPE, "train.max_steps=6", "train.checkpoint_every=3",
-               "train.log_every=3", f"train.output_dir={out}", *overrides]
-    proc = subprocess.Popen(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
-                                                    **env},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its workers
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"timed out after {timeout} s: {' '.join(command)}\n{stderr[-4000:]}")
-    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+def test_plan_header_names_the_recipes_kernels_and_the_missing_step_time(capsys):
+    assert cli(["plan", RECIPE, "--model", MODEL, "--size", "8"]) == 0  # the starter is a CPU recipe
+    header = capsys.readouterr().out.splitlines()[1]
+    assert header.startswith("2 CPU processes (parameters sharded over 2), size 8 per process, cpu kernels; "
+                             "no step time"), header
 
 
-def _losses(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+def test_plan_of_a_task_recipe_asks_for_its_model(capsys):
+    assert cli(["plan", RECIPE]) == 2
+    assert "plan its model with --model MODULE:CALLABLE --size N" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------- the trainer
+def _train(dest: Path, out: Path, **env: str) -> subprocess.CompletedProcess:
+    """The copied starter through `vggt-fsdp train` on 2 CPU processes: 6 steps, a checkpoint every 3,
+    the task named on the command line (as a user points a recipe at their own file)."""
+    command = [sys.executable, "-m", "vggt_fsdp.cli", "train", str(dest / "own_model.yaml"),
+               f"task={dest / 'own_model.py'}:build_task", "train.max_steps=6", "train.checkpoint_every=3",
+               "train.log_every=1", "train.val_every=0", "train.progress_bar=false", f"train.output_dir={out}"]
+    return finish(start(command, {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **env}), 300)
+
+
+def _losses(path: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, path.read_text().splitlines())}
 
 
 @pytest.fixture(scope="module")
-def example_runs(tmp_path_factory):
-    """Run 1 is killed (SIGKILL) while writing its step-6 checkpoint, after logging step 6; run 2, the
-    same command, resumes from step 3. Run 1's log up to the kill is the straight run. Run 2's recipe
-    asks for 4 processes: the launcher's 2 are used, and build_accelerator says so."""
+def trainer_runs(tmp_path_factory):
+    """`recipe copy own_model DIR` (a directory outside the package), then run 1, killed (SIGKILL) while
+    writing its step-6 checkpoint after logging step 6, and run 2, the same command, which resumes from
+    step 3. Run 1's log up to the kill is the straight run."""
     from vggt_fsdp.train import checkpoint as ckpt
 
-    out = tmp_path_factory.mktemp("own") / "run"
-    killed = _torchrun(out, VGGT_FSDP_CRASH_IN_SAVE="6")
+    root = tmp_path_factory.mktemp("own")
+    dest, out = root / "my_project", root / "run"
+    assert cli(["recipe", "copy", "own_model", str(dest)]) == 0
+    killed = _train(dest, out, VGGT_FSDP_CRASH_IN_SAVE="6")
     after_kill = {"complete": [s for s, _ in ckpt.complete_checkpoints(out / "checkpoints")],
                   "entries": sorted(p.name for p in (out / "checkpoints").iterdir()),
-                  "losses": _losses(out / "losses.jsonl")}
-    resumed = _torchrun(out, "accelerate.num_processes=4")
-    return {"out": out, "killed": killed, "after_kill": after_kill, "resumed": resumed}
+                  "losses": _losses(out / "metrics.jsonl")}
+    resumed = _train(dest, out)
+    return {"dest": dest, "out": out, "killed": killed, "after_kill": after_kill, "resumed": resumed}
 
 
-def test_a_kill_while_saving_leaves_the_previous_checkpoint(example_runs):
-    assert example_runs["killed"].returncode != 0
-    after = example_runs["after_kill"]
+def test_the_starter_copy_is_a_recipe_and_its_task_module(trainer_runs):
+    dest = trainer_runs["dest"]
+    assert sorted(p.name for p in dest.iterdir()) == ["own_model.py", "own_model.yaml"]
+    text = (dest / "own_model.yaml").read_text()
+    assert "__script__" not in text  # `accelerate launch` of the copy must not train something else
+    assert load_recipe(dest / "own_model.yaml").task == f"{dest / 'own_model.py'}:build_task"
+    assert {"model", "data", "loss"}.isdisjoint(key.split(":")[0] for key in text.splitlines() if key[:1].isalpha())
+
+
+def test_a_kill_while_saving_leaves_the_previous_checkpoint(trainer_runs):
+    assert trainer_runs["killed"].returncode != 0
+    after = trainer_runs["after_kill"]
     assert after["complete"] == [3]
     assert after["entries"] == [".tmp-step-0000006", "step-0000003"]  # the half-written one, never read
-    assert [r["step"] for r in after["losses"]] == [1, 2, 3, 4, 5, 6]
+    assert sorted(after["losses"]) == [1, 2, 3, 4, 5, 6]
 
 
-def test_the_resumed_run_repeats_the_straight_runs_losses_exactly(example_runs):
-    resumed = example_runs["resumed"]
+def test_the_resumed_run_repeats_the_straight_runs_losses_exactly(trainer_runs):
+    resumed = trainer_runs["resumed"]
     assert resumed.returncode == 0, resumed.stderr[-4000:]
-    assert "resumed from" in resumed.stderr and "step-0000003 at step 3" in resumed.stderr
-    straight = {r["step"]: r["loss"] for r in example_runs["after_kill"]["losses"]}
-    again = _losses(example_runs["out"] / "losses.jsonl")[6:]
-    assert [r["step"] for r in again] == [4, 5, 6]
-    assert all(r["world_size"] == 2 for r in again)
-    assert [r["loss"] for r in again] == [straight[step] for step in (4, 5, 6)]  # bit for bit
-    assert straight[6] < straight[1]
+    assert "step-0000003 at step 3" in resumed.stderr
+    assert "task " in resumed.stderr and "(own_model.OwnModel): 203,139 trainable parameters" in resumed.stderr
+    straight = trainer_runs["after_kill"]["losses"]
+    again = _losses(trainer_runs["out"] / "metrics.jsonl")
+    assert sorted(again) == [1, 2, 3, 4, 5, 6]
+    assert [again[s] for s in (4, 5, 6)] == [straight[s] for s in (4, 5, 6)]  # bit for bit
+    assert straight[6] < 0.8 * straight[1]  # it learns
 
 
-def test_the_export_is_the_last_checkpoint_and_loads_strictly(example_runs):
+def test_the_export_is_the_last_checkpoint_and_loads_strictly(trainer_runs):
     from safetensors.torch import load_file
 
     from vggt_fsdp.train import checkpoint as ckpt
 
-    out = example_runs["out"]
+    out = trainer_runs["out"]
     assert [s for s, _ in ckpt.complete_checkpoints(out / "checkpoints")] == [3, 6]
     exported = load_file(str(out / "model.safetensors"))
     last = ckpt.consolidated_model_state(out / "checkpoints" / "step-0000006")
@@ -287,13 +301,7 @@ def test_the_export_is_the_last_checkpoint_and_loads_strictly(example_runs):
     assert all(torch.equal(exported[name], last[name]) for name in last)
     model = own_model.build()
     model.load_state_dict(exported, strict=True)  # the model's own names: no FSDP or wrapper prefixes
-
-
-def test_build_accelerator_says_when_the_launcher_overrides_the_recipes_process_count(example_runs):
-    notice = ("[vggt-fsdp] launched with 2 process(es) but the recipe's accelerate.num_processes is 4: "
-              "running with 2")
-    assert example_runs["resumed"].stderr.count(notice) == 1  # rank 0 only
-    assert "launched with" not in example_runs["killed"].stderr
+    assert not torch.equal(model.pos, own_model.build().pos)  # trained, not the initialisation
 
 
 @pytest.mark.parametrize("section, world, expected", [

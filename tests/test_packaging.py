@@ -42,6 +42,7 @@ def test_wheel_carries_every_recipe_and_the_slurm_script(wheel):
     assert wheel.name.startswith(f"vggt_fsdp-{vggt_fsdp.__version__}-")  # one version: the package's
     names = set(zipfile.ZipFile(wheel).namelist())
     expected = {f"vggt_fsdp/recipes/{p.name}" for p in RECIPES} | {f"vggt_fsdp/recipes/{bundled.SLURM_SCRIPT}"}
+    expected |= {"vggt_fsdp/tasks/own_model.yaml", "vggt_fsdp/tasks/own_model.py"}  # `recipe copy own_model`
     assert expected <= names, sorted(expected - names)
     assert not any(name.startswith("recipes/") for name in names)  # inside the package, not top-level
 

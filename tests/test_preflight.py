@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from vggt_fsdp.recipe import RecipeError, load_recipe
-from vggt_fsdp.train.preflight import PreflightError, Problem, preflight
+from vggt_fsdp.tasks import preflight
+from vggt_fsdp.train.preflight import PreflightError, Problem
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "cpu_tiny.yaml"
@@ -38,8 +39,13 @@ CASES = {
                                            "parallel.checkpoint.groups.frame.n=99"],
                                           "parallel.checkpoint.groups.frame.n", "99 exceeds the"),
     "image width zero": (["data.image_width=0"], "data.image_width", "positive multiple"),
-    "a block type the model lacks": (["parallel.layout.block_types=[NoSuchBlock]"], "parallel.layout",
-                                     "no module of the model matches"),
+    "a block type the model lacks": (["parallel.layout.block_types=[NoSuchBlock]"], "parallel.layout.block_types[0]",
+                                     "'NoSuchBlock' matches no module class of the model"),
+    "a misspelt attention type": (["parallel.layout.attention_types=[Atention]"],
+                                  "parallel.layout.attention_types[0]",
+                                  "(did you mean 'Attention'?); the model's repeated classes: LayerScale (x22)"),
+    "a misspelt unit": (["parallel.layout.units=[depth_heads]"], "parallel.layout.units[0]",
+                        "'depth_heads' matches no module (did you mean 'depth_head'?)"),
     "no attention type with attention checkpointing": (["parallel.layout.attention_types=[]"], "parallel.layout",
                                                        "attention_types=[]"),
     "a freeze pattern matching nothing": (["model.freeze=[aggregator.patch_embeds.*]"], "model.freeze[0]",

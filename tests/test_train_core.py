@@ -104,7 +104,7 @@ def _run_toy(rank: int, world: int, port: int, cfg_dict: dict, out: str, nan_ste
     fully_shard(model.depth_head)
     fully_shard(model)
     if init_from:
-        from vggt_fsdp.train.build import load_initial_weights
+        from vggt_fsdp.tasks.vggt import load_initial_weights
         load_initial_weights(model, init_from)
     cfg = TrainConfig(**cfg_dict)
     optim_cfg = OptimConfig(lr=1e-2, fused=fused)
@@ -335,7 +335,7 @@ def test_auto_frames_per_gpu_is_the_largest_that_fits():
     from vggt_fsdp.data.sampler import image_hw_for
     from vggt_fsdp.memory.planner import plan
     from vggt_fsdp.recipe import load_recipe, model_config
-    from vggt_fsdp.train.build import fit_frames_per_gpu
+    from vggt_fsdp.tasks.vggt import fit_frames_per_gpu
 
     recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "a100_80g.yaml")
     budget = 80 * 2**30
@@ -381,7 +381,7 @@ def test_tensorboard_tags_include_nested_metrics():
 
 def test_freeze_by_name_patterns():
     from vggt_fsdp.model import build_model, get_preset
-    from vggt_fsdp.train.build import freeze
+    from vggt_fsdp.tasks.vggt import freeze
 
     model = build_model(get_preset("vggt-tiny"), device="meta")
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}

@@ -63,7 +63,7 @@ def runs(tmp_path_factory):
     common = [*TINY, "train.max_steps=4", "train.checkpoint_every=2", "train.keep_last=3",
               "train.val_every=2", "train.val_batches=1"]
     a = _launch([sys.executable, "-m", "vggt_fsdp.cli", "train", RECIPE, *common,
-                 f"train.output_dir={root / 'a'}"])
+                 f"train.output_dir={root / 'a'}", "train.log_with=[tensorboard]"])
     _check(a)
     acc_cfg = root / "accelerate.yaml"
     acc_cfg.write_text(accelerate_config_yaml(load_recipe(RECIPE, TINY)))
@@ -110,6 +110,20 @@ def test_resume_is_exact(runs):
     assert set(wa) == set(wb)
     for name in wa:
         torch.testing.assert_close(wb[name], wa[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_tensorboard_holds_the_loss_of_every_logged_step(runs):
+    """Run A logged to TensorBoard through Accelerate's tracker (train.log_with): the events hold the
+    loss of each logged step as metrics.jsonl has it, and the throughput and validation scalars."""
+    pytest.importorskip("tensorboard")
+    from test_tasks import tensorboard_scalars
+
+    folder = runs["root"] / "a" / "tensorboard"
+    logged = {r["step"]: r["loss"] for r in read_metrics(runs["root"] / "a" / "metrics.jsonl") if "val" not in r}
+    assert tensorboard_scalars(folder, "loss") == pytest.approx(logged, rel=1e-6)
+    assert sorted(tensorboard_scalars(folder, "frames_per_s")) == [1, 2, 3, 4]
+    assert sorted(tensorboard_scalars(folder, "loss_terms/loss_camera")) == [1, 2, 3, 4]
+    assert sorted(tensorboard_scalars(folder, "val/camera_auc30")) == [2, 4]
 
 
 def test_export_loads_strictly_and_equals_checkpoint(runs, tmp_path):

@@ -13,6 +13,14 @@ hints. An unknown key, a wrong type or a value outside a Literal fails with the 
 what was expected and the closest valid name; then each section's `validate()` runs, then the
 cross-section checks of `Recipe.validate()`.
 
+`task:` says what is trained: left out (or `vggt`), the built-in VGGT task; otherwise MODULE:CALLABLE
+(a dotted module, or a `.py` path, relative to the recipe file's directory when written in the file),
+whose CALLABLE(recipe) returns the task (vggt_fsdp/tasks/base.py). The `model:`, `data:` and `loss:`
+sections belong to the VGGT task (and to tasks that extend it): a recipe of another task that holds none
+of them is loaded, checked and written out without them; one that holds any is checked as a VGGT recipe,
+and a task that does not extend VGGT refuses it (those settings would be silently ignored).
+`task_config:` is free-form, read by the task only.
+
 One top-level key is not a section: `__script__`, which with the file's last line makes a recipe a
 Python script as well, so `accelerate launch RECIPE.yaml` runs it (`vggt_fsdp/recipe_script.py`). The
 loader checks that layout and drops the key.
@@ -106,8 +114,19 @@ def _dotted_items(overrides: dict[str, Any], prefix: str = "") -> list[tuple[str
 
 
 # --------------------------------------------------------------------------------------- the recipe
+VGGT_TASK = "vggt"
+VGGT_SECTIONS = ("model", "data", "loss")  # read by the built-in VGGT task only
+
+
+def is_vggt_task(task: str | None) -> bool:
+    return task is None or task == VGGT_TASK
+
+
 @dataclass
 class Recipe:
+    # None / "vggt": the built-in VGGT task; else MODULE:CALLABLE returning a task (tasks/base.py).
+    task: Union[str, None] = None
+    task_config: dict[str, Any] = field(default_factory=dict)  # the task's own settings, free-form
     model: ModelSpec = field(default_factory=ModelSpec)
     # Written out verbatim as the Accelerate config file `accelerate launch` reads.
     accelerate: dict[str, Any] = field(default_factory=dict)
@@ -119,6 +138,13 @@ class Recipe:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    # Whether the VGGT sections are in use: the VGGT task, or a recipe that holds one (set by the loader).
+    vggt_sections = True
+
+    @property
+    def vggt_task(self) -> bool:
+        return is_vggt_task(self.task)
+
     def validate(self) -> None:
         check_accelerate_section(self.accelerate, self.parallel)
         for key, seed in (("train.seed", self.train.seed), ("data.seed", self.data.seed)):
@@ -127,10 +153,15 @@ class Recipe:
         if self.schedule.min_lr > self.optim.lr:
             raise ValueError(f"schedule.min_lr={self.schedule.min_lr:g} is above optim.lr={self.optim.lr:g}: the "
                              "cosine decay would raise the lr after warmup; set schedule.min_lr <= optim.lr")
+        if self.task is not None and not self.vggt_task and ":" not in self.task:
+            raise ValueError(f"task: {self.task!r} is not MODULE:CALLABLE (e.g. my_task.py:build or "
+                             f"my_project.tasks:build), nor {VGGT_TASK!r} (the built-in VGGT task)")
         if self.hardware.device is not None and (self.hardware.device == CPU) != bool(self.accelerate.get("use_cpu")):
             raise ValueError(f"hardware.device is {self.hardware.device!r} but accelerate.use_cpu is "
                              f"{self.accelerate.get('use_cpu')!r}: a cpu recipe launches CPU processes "
                              "(use_cpu: true), a GPU recipe GPU ones")
+        if not self.vggt_sections:
+            return  # the checks below are of the VGGT task's model:, data: and loss: sections
         if self.loss.track.enabled == "auto":  # the track loss trains the track head whenever it is on
             self.loss.track.enabled = self.model.heads.track
         for head in ("camera", "depth", "point", "track"):
@@ -165,6 +196,8 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
             recipe_script.check_script_layout(text)
         except ValueError as err:
             raise RecipeError(f"{path}: {err}") from None
+    if isinstance(raw, dict) and isinstance(raw.get("task"), str):
+        raw["task"] = _task_beside(raw["task"], path.parent)
     return recipe_from_dict(raw, overrides, source=str(path))
 
 
@@ -182,6 +215,15 @@ def _recipe_text(path: Path) -> str:
     except (UnicodeDecodeError, ValueError) as err:
         why = f"byte {err.start} is not UTF-8" if isinstance(err, UnicodeDecodeError) else err.args[0]
         raise RecipeError(f"{path}: not a text YAML recipe ({why}); name a recipe .yaml file") from None
+
+
+def _task_beside(task: str, directory: Path) -> str:
+    """A relative `.py` path in a recipe file's `task:` is relative to the file's directory (so a copied
+    recipe and its task module train from any working directory)."""
+    module, sep, attr = task.rpartition(":")
+    if sep and module.endswith(".py") and not Path(module).is_absolute():
+        return f"{(directory / module).resolve()}{sep}{attr}"
+    return task
 
 
 def load_recipe_or_exit(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
@@ -203,6 +245,7 @@ def recipe_from_dict(raw: Any, overrides: Sequence[str] = (), source: str = "<re
             _set_dotted(raw, keys, value, create=True)
         _check_finite(raw, "")
         recipe = from_data(Recipe, raw, "")
+        recipe.vggt_sections = is_vggt_task(raw.get("task")) or any(name in raw for name in VGGT_SECTIONS)
         for section in dataclasses.fields(recipe):
             validate = getattr(getattr(recipe, section.name), "validate", None)
             if validate is not None:
@@ -229,7 +272,12 @@ def parse_overrides(items: Sequence[str]) -> list[tuple[list[str], Any]]:
 
 
 def recipe_to_dict(recipe: Recipe) -> dict:
-    return dataclasses.asdict(recipe)
+    """The recipe as plain data; the VGGT task's sections only where they are in use."""
+    data = dataclasses.asdict(recipe)
+    if not recipe.vggt_sections:
+        for name in VGGT_SECTIONS:
+            data.pop(name)
+    return data
 
 
 def dump_recipe(recipe: Recipe) -> str:

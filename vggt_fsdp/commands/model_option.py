@@ -1,7 +1,7 @@
 """`--model MODULE:CALLABLE` of `vggt-fsdp recipe show` and `vggt-fsdp plan`: your own model in place of
 the VGGT the recipe's `model:` section describes (the `parallel:` section must describe your model).
 
-The protocol (examples/own_model.py follows it):
+The protocol (the starter task, vggt_fsdp/tasks/own_model.py, follows it):
 - MODULE is a dotted module name, importable from the current directory or the installed packages, or
   the path of a .py file; CALLABLE, a name in it, returns your `nn.Module` when called with no
   arguments. It is called under `with torch.device("meta")`: shapes only, no memory, so a model of any
@@ -15,12 +15,9 @@ The protocol (examples/own_model.py follows it):
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import json
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 from torch import nn
@@ -45,36 +42,11 @@ class UserModel:
 
 def load_user_model(spec: str) -> UserModel:
     """Import MODULE and find CALLABLE (and example_inputs); a ValueError says what is wrong."""
-    module_name, sep, attr = spec.rpartition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"--model {spec!r}: expected MODULE:CALLABLE, e.g. my_project.model:build or "
-                         "examples/own_model.py:build")
-    module = _import(module_name, spec)
-    factory = getattr(module, attr, None)
-    if not callable(factory):
-        names = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
-        raise ValueError(f"--model {spec!r}: {module_name} has no callable {attr!r}; callables there: {names}")
+    from vggt_fsdp.tasks.base import import_callable
+
+    factory, module = import_callable(spec, what="--model")
     inputs = getattr(module, "example_inputs", None)
     return UserModel(spec, factory, inputs if callable(inputs) else None)
-
-
-def _import(module_name: str, spec: str):
-    if module_name.endswith(".py") or "/" in module_name:
-        path = Path(module_name)
-        if not path.is_file():
-            raise ValueError(f"--model {spec!r}: no file {path}")
-        loaded = importlib.util.spec_from_file_location(path.stem, path)
-        module = importlib.util.module_from_spec(loaded)
-        sys.modules[path.stem] = module  # classes defined there get a findable __module__
-        loaded.loader.exec_module(module)
-        return module
-    if "" not in sys.path and str(Path.cwd()) not in sys.path:
-        sys.path.insert(0, str(Path.cwd()))  # as `python -m` does: the user's project is importable
-    try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        raise ValueError(f"--model {spec!r}: cannot import {module_name} ({err}); run from the directory that "
-                         "holds it or pass the path of its .py file") from None
 
 
 def meta_model(user: UserModel) -> nn.Module:
@@ -112,17 +84,21 @@ def run_plan(args: argparse.Namespace, recipe, memory: int, memory_source: str) 
         problems.append("--size N (>= 1) is required with --model: the per-GPU batch, in the unit of example_inputs")
     if user.example_inputs is None:
         problems.append(f"{args.model.rpartition(':')[0]} defines no example_inputs(size): plan needs one training "
-                        "forward's inputs to measure activations (see examples/own_model.py)")
+                        "forward's inputs to measure activations (see vggt_fsdp/tasks/own_model.py)")
     if getattr(args, "frames", None) is not None or getattr(args, "image", None) is not None:
         problems.append("--frames and --image describe VGGT batches; with --model the batch is --size")
+    if getattr(args, "optimize", False):
+        problems.append("--optimize ranks VGGT checkpoint layouts by the step-time model, which counts VGGT's work "
+                        "only; with --model, compare layouts by planning each (parallel.checkpoint.policy=...)")
     if problems:
         print("vggt-fsdp plan: " + "; ".join(problems), file=sys.stderr)
         return 2
     world = args.gpus if args.gpus is not None else int(recipe.accelerate.get("num_processes", 1))
+    device_kind = args.device_kind or recipe.hardware.kind
     sizes = ", ".join(str(s) for s in (*FIT_SIZES, CHECK_SIZE))
     print(f"[vggt-fsdp] measuring {type(model).__name__}'s activations on the CPU at sizes {sizes} ...",
           file=sys.stderr, flush=True)
-    result = plan_model(user.factory, user.example_inputs, recipe.parallel, world, args.size, args.device_kind)
+    result = plan_model(user.factory, user.example_inputs, recipe.parallel, world, args.size, device_kind)
     summary = {
         "recipe": args.recipe, "model": args.model, "gpu_memory_bytes": memory,
         "gpu_memory_GiB": round(memory / GiB, 2), "gpu_memory_source": memory_source,
@@ -133,8 +109,9 @@ def run_plan(args: argparse.Namespace, recipe, memory: int, memory_source: str) 
         print(json.dumps(summary, indent=2))
         return 0
     print(f"recipe {args.recipe}, model {args.model}: {result.model}")
-    print(f"{world} GPUs (parameters sharded over {result.shard_size}), size {args.size} per GPU, "
-          f"{result.device_kind} device")
+    what = "CPU processes" if result.device_kind == "cpu" else "GPUs"
+    print(f"{world} {what} (parameters sharded over {result.shard_size}), size {args.size} per process, "
+          f"{result.device_kind} kernels; no step time (the step-time model counts VGGT's work only)")
     print()
     print(result.table())
     print()

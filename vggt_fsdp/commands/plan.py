@@ -214,6 +214,9 @@ def run(args: argparse.Namespace) -> int:
             from vggt_fsdp.commands.model_option import run_plan
 
             return run_plan(args, recipe, *device_memory(args.gpu_memory, recipe))
+        if not recipe.vggt_task:
+            raise ValueError(f"the recipe trains task {recipe.task}, not VGGT: plan its model with --model "
+                             "MODULE:CALLABLE --size N (the module defines example_inputs(size))")
         where = target(recipe, args)
         data, result, work = report(recipe, args, where)
         if args.optimize:

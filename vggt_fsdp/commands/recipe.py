@@ -65,14 +65,27 @@ def run(args: argparse.Namespace) -> int:
 def print_plan(recipe, model_spec: str | None) -> int:
     """The plan of the recipe's VGGT, or of the model `--model` builds; a `parallel.layout` that does not
     fit that model is one `error:` line and exit status 2."""
+    from vggt_fsdp.memory.generic import describe_model
+
     model = None
     if model_spec:
         from vggt_fsdp.commands.model_option import user_model_or_exit
-        from vggt_fsdp.memory.generic import describe_model
 
         _, model = user_model_or_exit(model_spec)
         print(f"# model: {describe_model(model)}, from --model {model_spec}")
+    elif not recipe.vggt_task:
+        from vggt_fsdp.tasks import TaskError, build_task
+
+        try:
+            model = build_task(recipe).model
+        except TaskError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        model_spec = f"task {recipe.task}"
+        print(f"# model: {describe_model(model)}, from {model_spec}")
     try:
+        if model is not None:
+            warn_layout(model, recipe.parallel)
         print(describe_plan(recipe, model))
     except ValueError as err:
         whose = (f"the model {model_spec} builds" if model_spec else "the VGGT the recipe's model: section "
@@ -80,6 +93,16 @@ def print_plan(recipe, model_spec: str | None) -> int:
         print(f"error: {err} (in {whose})", file=sys.stderr)
         return 2
     return 0
+
+
+def warn_layout(model, parallel) -> None:
+    """A layout class or pattern that matches nothing in `model` (a VGGT recipe's, shown with another
+    model): one `warning:` line each, as `vggt-fsdp train` would refuse it, so that the table below is not
+    read as what training would do (an fp32 head that does not exist computes nothing in fp32)."""
+    from vggt_fsdp.train.preflight import layout_problems
+
+    for problem in layout_problems(model, parallel):
+        print(f"warning: {problem} (`vggt-fsdp train` refuses this)", file=sys.stderr)
 
 
 def print_values(recipe, keys: list[str]) -> int:
@@ -157,7 +180,10 @@ def list_recipes(width: int | None = None) -> int:
 
 def copy_recipe(name: str, dest: Path, slurm: bool, force: bool) -> int:
     from vggt_fsdp.bundled import resolve_recipe, slurm_script
+    from vggt_fsdp.tasks.starters import STARTERS
 
+    if name in STARTERS and not Path(name).is_file():
+        return copy_starter(name, dest, force)
     try:
         source = resolve_recipe(name)
     except FileNotFoundError as err:
@@ -189,6 +215,27 @@ def copy_recipe(name: str, dest: Path, slurm: bool, force: bool) -> int:
     print(f"# try it: vggt-fsdp recipe show {target}")
     if slurm:
         print(f"# on SLURM: sbatch --nodes N {target.parent / slurm_script().name} {target} [key=value ...]")
+    return 0
+
+
+def copy_starter(name: str, dest: Path, force: bool) -> int:
+    """A starter task (vggt_fsdp/tasks/starters.py): its recipe and task module into the directory DEST."""
+    from vggt_fsdp.tasks.starters import STARTERS
+
+    if dest.suffix in (".yaml", ".yml", ".py") or dest.is_file():
+        print(f"error: {dest}: `recipe copy {name}` writes a recipe and its task module: give a directory",
+              file=sys.stderr)
+        return 2
+    files = STARTERS[name]
+    existing = [str(dest / f.name) for f in files if (dest / f.name).exists()]
+    if existing and not force:
+        print(f"error: {', '.join(existing)} exist(s); pass --force to overwrite", file=sys.stderr)
+        return 2
+    dest.mkdir(parents=True, exist_ok=True)
+    for source in files:
+        shutil.copyfile(source, dest / source.name)
+        print(f"wrote {dest / source.name} (from {source})")
+    print(f"# train it: vggt-fsdp train {dest / files[0].name}")
     return 0
 
 

@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from vggt_fsdp.parallel.accelerate import accelerate_config_yaml
     from vggt_fsdp.recipe import RecipeError, load_recipe
     from vggt_fsdp.train.build import STATUS_ENV
-    from vggt_fsdp.train.preflight import preflight
+    from vggt_fsdp.tasks import preflight
 
     try:
         recipe = load_recipe(args.recipe, args.overrides)  # fail here, before starting any process

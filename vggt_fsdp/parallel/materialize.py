@@ -154,10 +154,12 @@ def _checked_by_value(tensor: torch.Tensor) -> bool:
     return tensor.is_floating_point() or tensor.is_complex()
 
 
-def materialize_module(model: nn.Module, device: str | torch.device) -> nn.Module:
+def materialize_module(model: nn.Module, device: str | torch.device,
+                       model_init: Callable[[], None] | None = None) -> nn.Module:
     """Allocate a meta-built (possibly already sharded) model on `device` and initialise it by the
-    protocol above, the same on every rank (collective when a process group is up). Raises
-    MaterializeError, on every rank, naming each tensor no method wrote. Returns `model`."""
+    protocol above, the same on every rank (collective when a process group is up). `model_init`: a
+    whole-model init run after the modules' own methods (transformers' `init_weights()`, a task's hook).
+    Raises MaterializeError, on every rank, naming each tensor nothing wrote. Returns `model`."""
     device = torch.device(device)
     model.to_empty(device=device)
     with torch.no_grad():
@@ -172,6 +174,9 @@ def materialize_module(model: nn.Module, device: str | torch.device) -> nn.Modul
                 hook()
             if hooks:
                 initialised.append(path)
+        if model_init is not None:
+            model_init()
+            initialised.append("")
     missing = _unwritten(model, initialised, device)
     if missing:
         raise MaterializeError(_describe_missing(missing))
@@ -209,4 +214,8 @@ def _describe_missing(missing: list[tuple[str, str, nn.Module, str]]) -> str:
         lines.append(f"  {where}: {kind} of {cls.__module__}.{cls.__qualname__}; give that class a {method}")
     more = f"\n  ... and {len(missing) - 20} more" if len(missing) > 20 else ""
     return (f"materialize_module: {len(missing)} tensor(s) were not initialised by any module method "
-            "(reset_parameters / reset_buffers, called children first):\n" + "\n".join(lines) + more)
+            "(reset_parameters / reset_buffers, called children first) nor by a whole-model init:\n"
+            + "\n".join(lines) + more + "\nTwo routes: initialise them on the meta-built model (the methods "
+            "above, the model's own init_weights() or _init_weights(module) as transformers' models have, or "
+            "a task's init_weights(model) hook), or build the model on the CPU instead of the meta device "
+            "(its constructor initialises it; each rank holds it whole until it is sharded)")

@@ -102,6 +102,13 @@ class TrainConfig:
     val_every: int = 0  # 0 = no periodic validation
     val_batches: int = 4
     tensorboard: bool = False
+    # Experiment trackers, as Accelerate names them (tensorboard, wandb, mlflow, comet_ml, aim, clearml,
+    # dvclive, swanlab, trackio): every logged step's scalars go to each (train/metrics.py). Each needs
+    # its package (`pip install vggt-fsdp[tracking]`); W&B runs offline with WANDB_MODE=offline.
+    log_with: list[str] = field(default_factory=list)
+    # Items per process and step of a task's dataset (`task:` recipes); the VGGT task batches by
+    # data.frames_per_gpu instead.
+    batch_size: Union[int, None] = None
     progress_bar: bool = True
     export_final: bool = True  # write output_dir/model.safetensors at the end of the run
 
@@ -122,5 +129,9 @@ class TrainConfig:
                                  "a typo? give a step count a run can reach")
         if not self.output_dir:
             raise ValueError("train.output_dir must be a non-empty path")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"train.batch_size must be >= 1, got {self.batch_size}")
+        if len(set(self.log_with)) != len(self.log_with):
+            raise ValueError(f"train.log_with names a tracker twice: {self.log_with}")
         if not self.resume:
             raise ValueError('train.resume must be "auto", "none" or a checkpoint path, got an empty string')

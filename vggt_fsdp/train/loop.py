@@ -25,10 +25,10 @@ from torch import nn
 from vggt_fsdp.train import checkpoint as ckpt
 from vggt_fsdp.train.config import TrainConfig
 from vggt_fsdp.train.faults import (PREEMPTED_EXIT_CODE, NonFiniteGuard, NonFiniteLossError, StepShape, StopSignal,
-                                    is_oom, oom_report)
+                                    is_oom)
 from vggt_fsdp.train.integrity import NonFiniteWeightsError
-from vggt_fsdp.train.metrics import (MetricsAccumulator, MetricsWriter, ProgressLine, memory_stats, sum_counts,
-                                     truncate_metrics)
+from vggt_fsdp.train.metrics import (MetricsAccumulator, MetricsWriter, ProgressLine, memory_stats, peak_flops,
+                                     sum_counts, truncate_metrics)
 from vggt_fsdp.train.optim import ClipGroup, clip_grad_norms, total_norm
 
 
@@ -55,7 +55,8 @@ class Task(Protocol):
     def to_device(self, batch: Any, device: torch.device) -> Any: ...
 
     # Optional: data_counts() -> {counter: {source: n}} since the run began on this rank (summed over
-    # ranks into metrics.jsonl's "data"), e.g. frames served and bad frames skipped per source.
+    # ranks into metrics.jsonl's "data"), e.g. frames served and bad frames skipped per source;
+    # oom_report(step, shape) -> text: what to change after an out-of-memory error.
 
 
 @dataclass
@@ -104,6 +105,10 @@ class Trainer:
         # device between micro-batches, the memory offloading frees (memory/offload.py).
         self.sync_each_micro_batch = bool(recipe is not None and recipe.parallel.sharding.cpu_offload)
         self.acc = MetricsAccumulator(device)
+        # MFU, an estimate: 6 FLOPs per trainable parameter and token (forward 2, backward 4; attention's
+        # quadratic term and recompute left out) against the card's published bf16 peak, where known.
+        self.flops_per_token = 6 * sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self.peak_flops = peak_flops(device)
         self.static_metrics = {"world_size": self.world, **(static_metrics or {})}
         self.writer: MetricsWriter | None = None
         self.progress = ProgressLine(cfg.max_steps, cfg.progress_bar and self.rank == 0)
@@ -148,7 +153,7 @@ class Trainer:
             outcome.last_checkpoint = self.resumed_from
             return outcome
         if self.rank == 0:
-            self.writer = MetricsWriter(self.output_dir, cfg.tensorboard, self.static_metrics)
+            self.writer = MetricsWriter(self.output_dir, cfg.tensorboard, self.static_metrics, cfg.log_with)
         batches = self.task.batches()
         self.model.train()
         self.acc.reset()
@@ -224,9 +229,9 @@ class Trainer:
         try:
             self._train_step(batches)
         except RuntimeError as err:
-            if is_oom(err) and self.recipe is not None:
-                print(f"[vggt-fsdp rank {self.rank}] " + oom_report(self.state.step + 1, self.last_shape,
-                                                                    self.recipe),
+            report = getattr(self.task, "oom_report", None)  # the task's advice (VGGT: the recipe's)
+            if is_oom(err) and report is not None:
+                print(f"[vggt-fsdp rank {self.rank}] " + report(self.state.step + 1, self.last_shape),
                       file=sys.stderr, flush=True)
             raise
 
@@ -301,6 +306,8 @@ class Trainer:
             "data_wait_s": self.acc.data_wait / n,
             "frames_per_s": self.acc.frames / elapsed,
             "tokens_per_s": self.acc.tokens / elapsed,
+            "mfu": (self.flops_per_token * self.acc.tokens / elapsed / self.world / self.peak_flops
+                    if self.peak_flops else None),
             **memory_stats(self.device),
         }
         counts = getattr(self.task, "data_counts", None)

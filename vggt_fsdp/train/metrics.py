@@ -1,4 +1,12 @@
-"""Training metrics: device-side accumulation, metrics.jsonl, a progress line and TensorBoard.
+"""Training metrics: device-side accumulation, metrics.jsonl, a progress line and experiment trackers.
+
+Trackers are Accelerate's (`train.log_with`: tensorboard, wandb, mlflow, comet_ml, aim, clearml,
+dvclive, swanlab, trackio; `train.tensorboard: true` is `log_with: [tensorboard]`): rank 0 gives each
+the same numbers metrics.jsonl holds, as scalars at their step (nested ones as `loss_terms/camera`,
+`val/loss`): loss and its terms, lr, gradient norms, throughput, MFU, memory. TensorBoard writes to
+output_dir/tensorboard, W&B keeps its run under output_dir (offline with WANDB_MODE=offline), the others
+where their own settings say (e.g. MLFLOW_TRACKING_URI). Each needs its own package: the `tracking`
+extra of setup.cfg, or `pip install NAME`.
 
 Per-step values (loss, its terms, gradient norm) are added to device tensors; the host reads them only
 at log steps, so the training step never waits for the GPU in between. Times are host wall-clock
@@ -118,27 +126,28 @@ class ProgressLine:
 
 
 class MetricsWriter:
-    """Rank 0's sinks: metrics.jsonl (one JSON object per logged step) and optionally TensorBoard."""
+    """Rank 0's sinks: metrics.jsonl (one JSON object per logged step) and the experiment trackers."""
 
-    def __init__(self, output_dir: Path, tensorboard: bool, static: dict[str, Any]):
+    def __init__(self, output_dir: Path, tensorboard: bool, static: dict[str, Any], log_with: list[str] = ()):
+        names = list(log_with) + (["tensorboard"] if tensorboard and "tensorboard" not in log_with else [])
         output_dir.mkdir(parents=True, exist_ok=True)
+        self.trackers = start_trackers(names, output_dir, static)
         self.path = output_dir / "metrics.jsonl"
         self.file = open(self.path, "a", buffering=1)
         self.static = static  # world size, sharding and checkpoint policy: the same on every line
-        self.tb = _tensorboard_writer(output_dir / "tensorboard") if tensorboard else None
 
     def write(self, record: dict[str, Any]) -> None:
         record = {**record, **self.static}
         self.file.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            for key, value in _scalars(record):
-                if key != "step":
-                    self.tb.add_scalar(key, value, record["step"])
+        if self.trackers:
+            scalars = {key: value for key, value in _scalars(record) if key not in self.static and key != "step"}
+            for tracker in self.trackers:
+                tracker.log(scalars, step=record["step"])
 
     def close(self) -> None:
         self.file.close()
-        if self.tb is not None:
-            self.tb.close()
+        for tracker in self.trackers:
+            tracker.finish()
 
 
 def _scalars(record: dict[str, Any], prefix: str = ""):
@@ -150,14 +159,81 @@ def _scalars(record: dict[str, Any], prefix: str = ""):
             yield f"{prefix}{key}", value
 
 
-def _tensorboard_writer(path: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as err:
-        raise RuntimeError(
-            "train.tensorboard=true needs the `tensorboard` package (pip install tensorboard), "
-            f"which is not installed ({err}); or set train.tensorboard=false") from None
-    return SummaryWriter(str(path))
+# tracker -> the package it needs (what `pip install` takes), where it differs from the name
+TRACKER_PACKAGES = {"comet_ml": "comet-ml"}
+
+
+def tracker_problems(names: list[str]) -> list[str]:
+    """What is wrong with `train.log_with` here: an unknown tracker (with the closest name) or one whose
+    package is not installed (with the command that installs it without touching torch)."""
+    import difflib
+    import importlib.util
+
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    problems = []
+    for name in names:
+        if name not in LOGGER_TYPE_TO_CLASS:
+            close = difflib.get_close_matches(name, list(LOGGER_TYPE_TO_CLASS), n=1)
+            problems.append(f"{name!r} is not a tracker Accelerate knows" + (f" (did you mean {close[0]!r}?)" if close
+                            else "") + f"; valid: {', '.join(sorted(LOGGER_TYPE_TO_CLASS))}")
+        elif importlib.util.find_spec(name) is None:
+            package = TRACKER_PACKAGES.get(name, name)
+            problems.append(f"{name} needs the `{package}` package, which is not installed: pip install {package} "
+                            "--constraint <(pip list --format=freeze | grep '^torch==') (keeps your torch), or "
+                            "pip install 'vggt-fsdp[tracking]'")
+    return problems
+
+
+def start_trackers(names: list[str], output_dir: Path, config: dict[str, Any]) -> list:
+    """Accelerate's tracker objects for `names`, started, with the run's static settings as their config."""
+    if not names:
+        return []
+    problems = tracker_problems(names)
+    if problems:
+        raise RuntimeError("train.log_with: " + "; ".join(problems))
+    from accelerate import PartialState
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    PartialState()  # the trackers log through Accelerate's logger, which needs it (the trainer made it already)
+    project = output_dir.resolve().name
+    trackers = []
+    for name in names:
+        cls = LOGGER_TYPE_TO_CLASS[name]
+        if name == "tensorboard":  # output_dir/tensorboard, where train.tensorboard always wrote
+            tracker = cls("tensorboard", str(output_dir))
+        elif name == "wandb":
+            tracker = cls(project, dir=str(output_dir))
+        elif cls.requires_logging_directory:
+            tracker = cls(project, str(output_dir / "trackers"))
+        else:
+            tracker = cls(project)
+        tracker.start()
+        trackers.append(tracker)
+    flat = {key: (value if isinstance(value, (int, float, str, bool)) else str(value))
+            for key, value in _flatten(config)}
+    for tracker in trackers:
+        tracker.store_init_configuration(flat)
+    return trackers
+
+
+def _flatten(record: dict[str, Any], prefix: str = ""):
+    for key, value in record.items():
+        if isinstance(value, dict):
+            yield from _flatten(value, f"{prefix}{key}/")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The bf16 matmul peak (FLOP/s) of the card this process runs on, as hardware.yaml publishes it;
+    None on a CPU or an unknown card (MFU is then not reported: no made-up peak)."""
+    if device.type != "cuda":
+        return None
+    from vggt_fsdp.hardware import card_for_device_name
+
+    found = card_for_device_name(torch.cuda.get_device_name(device))
+    return found.peak("matmul") if found is not None else None
 
 
 def sum_counts(counts: dict[str, dict[str, int]], device: torch.device) -> dict[str, dict[str, int]]:

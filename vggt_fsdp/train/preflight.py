@@ -2,7 +2,9 @@
 
 `vggt-fsdp train` runs it before launching, and the trainer's rank 0 again before building anything
 heavy (a launcher other than `vggt-fsdp train` skips the first). Recipe loading has already checked
-types, ranges and combinations; preflight checks the recipe against the world and the model:
+types, ranges and combinations; preflight checks the recipe against the world and the task's model
+(`vggt_fsdp.tasks.preflight` adds the task's own checks: the VGGT task's are the data, initial-weights,
+freeze and frames-per-GPU ones below):
 
 - train.output_dir: a writable directory (or creatable: tried, not guessed from permission bits, which
   root passes everywhere, /proc included), not held by a live trainer (lock.py);
@@ -21,7 +23,9 @@ problem is one line: the recipe key, what is wrong and the fix.
 """
 from __future__ import annotations
 
+import difflib
 import os
+from collections import Counter
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -50,33 +54,30 @@ class PreflightError(ValueError):
         return PreflightError, (self.problems,)
 
 
-def preflight(recipe, model: nn.Module | None = None, *, cuda: bool | None = None,
-              check_lock: bool = True) -> list[Problem]:
-    """Every problem found (empty: go). `model`: the recipe's model, untouched (not frozen or sharded),
-    on any device; built on the meta device when None. `cuda`: whether the run gets CUDA devices
-    (default: the recipe's accelerate.use_cpu and this machine). `check_lock`: report a live trainer
-    holding output_dir (the trainer itself takes the lock instead)."""
+def preflight(recipe, model: nn.Module, *, cuda: bool | None = None, check_lock: bool = True) -> list[Problem]:
+    """The problems of the world and the layout (empty: go); the task's own (data, frozen parameters,
+    initial weights: tasks/vggt.py) come from `vggt_fsdp.tasks.preflight`, which calls this. `model`:
+    the task's model, untouched (not frozen or sharded), on any device. `cuda`: whether the run gets
+    CUDA devices (default: the recipe's accelerate.use_cpu and this machine). `check_lock`: report a live
+    trainer holding output_dir (the trainer itself takes the lock instead)."""
     problems = output_dir_problems(recipe.train.output_dir, check_lock)
-    problems += data_problems(recipe.data)
     problems += device_problems(recipe, cuda)
     problems += resume_problems(recipe.train.resume)
     problems += resume_recipe_problems(recipe)
-    if model is None:
-        from vggt_fsdp.model import build_model
-        from vggt_fsdp.recipe import model_config
-
-        model = build_model(model_config(recipe.model), device="meta")
-    problems += freeze_problems(model, recipe.model.freeze)
     layout = layout_problems(model, recipe.parallel)
     problems += layout or model_state_problems(recipe, model)  # sizing needs a valid layout
-    if recipe.model.init_weights:
-        problems += init_weights_problems(model, recipe.model.init_weights)
+    problems += tracker_problems(recipe.train.log_with)
     return problems
 
 
-def check(recipe, model: nn.Module | None = None, **kwargs) -> None:
-    """`preflight`, raising PreflightError with every problem."""
-    problems = preflight(recipe, model, **kwargs)
+def tracker_problems(log_with: list[str]) -> list[Problem]:
+    from vggt_fsdp.train import metrics
+
+    return [Problem("train.log_with", text) for text in metrics.tracker_problems(log_with)]
+
+
+def check(problems: list[Problem]) -> None:
+    """Raise PreflightError with every problem, if any."""
     if problems:
         raise PreflightError(problems)
 
@@ -163,9 +164,6 @@ def device_problems(recipe, cuda: bool | None) -> list[Problem]:
     if not use_cpu and not cuda:
         problems.append(Problem("accelerate.use_cpu", "false, but this machine has no CUDA device; run on a GPU "
                                 "machine, or set accelerate.use_cpu=true with a CPU recipe"))
-    if recipe.data.frames_per_gpu == "auto" and not cuda:
-        problems.append(Problem("data.frames_per_gpu", "'auto' plans GPU memory, but this run has no GPU; "
-                                "set a number (e.g. data.frames_per_gpu=4)"))
     return problems
 
 
@@ -256,9 +254,14 @@ def freeze_problems(model: nn.Module, patterns: list[str]) -> list[Problem]:
 
 
 def layout_problems(model: nn.Module, cfg: ParallelConfig) -> list[Problem]:
-    """The layout's patterns against the model, and what the plan would refuse at sharding time."""
+    """The layout's patterns against the model, and what the plan would refuse at sharding time. A class
+    or pattern that matches nothing is named with the closest name the model has ("did you mean") and,
+    for classes, the model's repeated classes (the candidates for blocks and attention)."""
     from vggt_fsdp.parallel.sharding import find_blocks, plan_parallelism
 
+    problems = type_problems(model, cfg)
+    if problems:
+        return problems  # the plan would only repeat the first of them
     try:
         blocks = find_blocks(model, cfg)
         plan = plan_parallelism(model, cfg)
@@ -266,15 +269,15 @@ def layout_problems(model: nn.Module, cfg: ParallelConfig) -> list[Problem]:
         return [Problem("parallel.layout", str(err))]
     disabled = disabled_modules(model)
     modules = [path for path, _ in model.named_modules() if path]
-    problems = []
     for i, pattern in enumerate(cfg.layout.units):
         if not any(fnmatchcase(p, pattern) for p in modules) and not names_disabled(pattern, disabled):
-            problems.append(Problem(f"parallel.layout.units[{i}]", f"{pattern!r} matches no module; top-level "
-                                    f"modules: {[n for n, _ in model.named_children()]}"))
+            problems.append(Problem(f"parallel.layout.units[{i}]", f"{pattern!r} matches no module"
+                                    f"{did_you_mean(pattern, modules)}; top-level modules: "
+                                    f"{[n for n, _ in model.named_children()]}"))
     for name, pattern in cfg.layout.groups.items():
         if not any(fnmatchcase(b, pattern) for b in blocks) and not names_disabled(pattern, disabled):
-            problems.append(Problem(f"parallel.layout.groups.{name}", f"{pattern!r} matches no block; blocks "
-                                    f"are e.g. {blocks[0]}, {blocks[-1]}"))
+            problems.append(Problem(f"parallel.layout.groups.{name}", f"{pattern!r} matches no block"
+                                    f"{did_you_mean(pattern, blocks)}; blocks are e.g. {blocks[0]}, {blocks[-1]}"))
     problems += _fp32_problems(model, cfg, plan, modules, disabled)
     problems += _every_n_problems(cfg, plan)
     return problems
@@ -292,14 +295,17 @@ def model_state_problems(recipe, model: nn.Module) -> list[Problem]:
 
     acc, hardware = recipe.accelerate, recipe.hardware
     processes, machines = acc.get("num_processes", 1), acc.get("num_machines", 1)
-    per_rank, shard = model_state_bytes(model, recipe.parallel, processes, processes // machines,
-                                        tuple(recipe.model.freeze))
+    frozen = tuple(recipe.model.freeze) if recipe.vggt_sections else ()  # another task trains every parameter
+    per_rank, shard = model_state_bytes(model, recipe.parallel, processes, processes // machines, frozen)
     on_host = bool(acc.get("use_cpu")) or recipe.parallel.sharding.cpu_offload
     params = sum(p.numel() for p in model.parameters())
     need = (f"{params:,} parameters: their fp32 values, gradients and AdamW state take {per_rank / GiB:.1f} "
             f"GiB per process (sharded over {shard})")
-    fix = "choose a smaller model (model.preset, model.overrides) or more processes"
-    key = "model.overrides" if recipe.model.overrides else "model.preset"
+    if recipe.vggt_sections:
+        fix = "choose a smaller model (model.preset, model.overrides) or more processes"
+        key = "model.overrides" if recipe.model.overrides else "model.preset"
+    else:
+        fix, key = "build a smaller model in the task or use more processes", "task"
     if hardware.device is not None and not (on_host and hardware.device != CPU):
         budget = hardware.memory_gib if hardware.memory_gib is not None else card(hardware.device).memory_gib
         if per_rank > budget * GiB:
@@ -313,6 +319,36 @@ def model_state_problems(recipe, model: nn.Module) -> list[Problem]:
     return []
 
 
+def did_you_mean(name: str, candidates) -> str:
+    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def repeated_classes(model: nn.Module, limit: int = 8) -> str:
+    """The model's own classes (not torch's) that occur more than once, most frequent first: where its
+    transformer blocks and their attention are."""
+    counts = Counter(type(m).__name__ for m in model.modules() if not type(m).__module__.startswith("torch."))
+    repeated = [f"{name} (x{n})" for name, n in counts.most_common() if n > 1][:limit]
+    return ", ".join(repeated) or "none"
+
+
+def type_problems(model: nn.Module, cfg: ParallelConfig) -> list[Problem]:
+    """Each block or attention class name that no module of the model has."""
+    from vggt_fsdp.parallel.sharding import type_matches
+
+    modules = list(model.modules())
+    names = sorted({type(m).__name__ for m in modules} | {f"{type(m).__module__}.{type(m).__qualname__}"
+                                                          for m in modules})
+    problems = []
+    for key in ("block_types", "attention_types"):
+        for i, name in enumerate(getattr(cfg.layout, key)):
+            if not any(type_matches(m, [name]) for m in modules):
+                problems.append(Problem(f"parallel.layout.{key}[{i}]", f"{name!r} matches no module class of the "
+                                        f"model{did_you_mean(name, names)}; the model's repeated classes: "
+                                        f"{repeated_classes(model)}"))
+    return problems
+
+
 def _fp32_problems(model, cfg: ParallelConfig, plan, modules, disabled) -> list[Problem]:
     """An fp32 pattern must match a module, and that module's parameters must belong to fp32 units:
     a module that is not a unit computes in its enclosing unit's dtype (bf16), whatever it says."""
@@ -324,8 +360,8 @@ def _fp32_problems(model, cfg: ParallelConfig, plan, modules, disabled) -> list[
         matched = [p for p in modules if fnmatchcase(p, pattern)]
         if not matched:
             if not names_disabled(pattern, disabled):
-                problems.append(Problem(key, f"{pattern!r} matches no module; top-level modules: "
-                                        f"{[n for n, _ in model.named_children()]}"))
+                problems.append(Problem(key, f"{pattern!r} matches no module{did_you_mean(pattern, modules)}; "
+                                        f"top-level modules: {[n for n, _ in model.named_children()]}"))
             continue
         for path in matched:
             owners = {next(u for u in units_by_depth if not u or name.startswith(u + "."))
@@ -384,7 +420,8 @@ def _header_shapes(path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def init_weights_problems(model: nn.Module, path_text: str) -> list[Problem]:
+def init_weights_problems(model: nn.Module, path_text: str, new_modules: tuple[str, ...] = ()) -> list[Problem]:
+    """`new_modules`: module paths the file may lack (a head added to VGGT)."""
     from vggt_fsdp.model.weights import compare_state_dict
 
     key, path = "model.init_weights", Path(path_text)
@@ -397,6 +434,7 @@ def init_weights_problems(model: nn.Module, path_text: str) -> list[Problem]:
     except Exception as err:  # a damaged header, a pickle that is not a state dict
         return [Problem(key, f"{path} cannot be read: {type(err).__name__}: {err}")]
     report, _ = compare_state_dict(model, shapes, ignore_disabled_heads=True)
+    report.missing = [n for n in report.missing if not n.startswith(tuple(m + "." for m in new_modules))]
     if not report.ok:
         return [Problem(key, f"{path} does not match the model: {report.describe()}; check model.preset, "
                         "model.overrides and model.heads")]
