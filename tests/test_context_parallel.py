@@ -25,7 +25,7 @@ from vggt_fsdp.recipe import load_recipe, model_config
 
 REPO = Path(__file__).resolve().parents[1]
 CPU_TINY = REPO / "recipes" / "cpu_tiny.yaml"
-POLICIES = ("none", "block", "selective")
+POLICIES = ("none", "attention", "block", "selective")
 OUTPUTS = ("depth", "depth_conf", "world_points", "world_points_conf", "pose_enc")
 
 

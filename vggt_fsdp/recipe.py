@@ -38,6 +38,7 @@ from vggt_fsdp.hardware import CPU, HardwareConfig
 from vggt_fsdp.losses import LossConfig
 from vggt_fsdp.parallel.accelerate import check_accelerate_section
 from vggt_fsdp.parallel.config import ParallelConfig
+from vggt_fsdp.parallel.context import check_context_recipe
 from vggt_fsdp.train.config import OptimConfig, ScheduleConfig, TrainConfig
 
 
@@ -117,6 +118,7 @@ class Recipe:
 
     def validate(self) -> None:
         check_accelerate_section(self.accelerate, self.parallel)
+        self._check_context_parallel()
         if self.hardware.device is not None and (self.hardware.device == CPU) != bool(self.accelerate.get("use_cpu")):
             raise ValueError(f"hardware.device is {self.hardware.device!r} but accelerate.use_cpu is "
                              f"{self.accelerate.get('use_cpu')!r}: a cpu recipe launches CPU processes "
@@ -135,6 +137,14 @@ class Recipe:
                              "tracks: only the synthetic source renders them (data.synthetic.num_track_queries > 0; "
                              "tracks from real depth are not built yet); use data.source=synthetic or set "
                              "loss.track.enabled=false")
+
+
+    def _check_context_parallel(self) -> None:
+        size, agg = self.parallel.context_parallel, model_config(self.model).aggregator
+        check_context_recipe(size, int(self.accelerate.get("num_processes", 1)),
+                             {"the aggregator's global attention": agg.num_heads}, self.model.heads.track,
+                             self.parallel.compile)
+        self.data.check_frame_budget(size)
 
 
 # --------------------------------------------------------------------------------------- public API

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .config import AggregatorConfig, PatchEmbedConfig
-from .layers import Block, ContextHooks, RopeTables, RotaryPositionEmbedding2D, patch_positions
+from .layers import Attention, Block, ContextHooks, RopeTables, RotaryPositionEmbedding2D, patch_positions
 from .patch_embed import DinoVisionTransformer, PatchEmbed
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -97,8 +97,10 @@ class Aggregator(nn.Module):
     def set_context(self, context: ContextHooks | None) -> None:
         """Split scenes over ranks (`context`) or not (None): the global attentions exchange tokens."""
         self.__dict__["context"] = context
-        for block in self.global_blocks:
-            block.attn.__dict__["context"] = context
+        # Through modules(), not block.attn: a checkpoint or compile wrapper may stand in between.
+        for module in self.global_blocks.modules():
+            if isinstance(module, Attention):
+                module.__dict__["context"] = context
 
     # ------------------------------------------------------------------ init
     def init_special_parameters(self) -> None:

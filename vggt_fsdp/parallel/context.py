@@ -45,6 +45,22 @@ def check_context_parallel(size: int, world_size: int, num_heads: dict[str, int]
                              f"{heads}")
 
 
+def check_context_recipe(size: int, processes: int, num_heads: dict[str, int], track_head: bool,
+                         compile: bool) -> None:
+    """What a recipe with parallel.context_parallel=`size` must satisfy, checked before any launch."""
+    if size == 1:
+        return
+    check_context_parallel(size, processes, num_heads)
+    if track_head:
+        raise ValueError(f"parallel.context_parallel={size} with model.heads.track: the track head correlates "
+                         "the first frame's feature maps with every frame's, which context parallelism spreads "
+                         "over ranks; it is not supported: set model.heads.track=false or "
+                         "parallel.context_parallel=1")
+    if compile:
+        raise ValueError(f"parallel.context_parallel={size} with parallel.compile: the all-to-all exchange "
+                         "inside compiled global blocks is not verified yet; set parallel.compile=false")
+
+
 @dataclass(frozen=True)
 class ContextLayout:
     """Where a rank sits: its context group (ranks sharing a scene) and its data-parallel index."""
@@ -129,6 +145,7 @@ def new_context_group(size: int) -> ContextGroup | None:
     if size == 1:
         return None
     world, rank = dist.get_world_size(), dist.get_rank()
+    check_context_parallel(size, world, {})
     layout = ContextLayout.of(rank, world, size)
     mine = None
     for index in range(layout.num_groups):

@@ -106,7 +106,8 @@ def load_initial_weights(model: nn.Module, path: str) -> None:
 class VGGTTask:
     """Batches from helper D's loader, VGGT forward and `compute_loss`."""
 
-    def __init__(self, loader, loss_cfg, patch_size: int, special_tokens: int, tracks: bool):
+    def __init__(self, loader, loss_cfg, patch_size: int, special_tokens: int, tracks: bool, context=None):
+        self.context = context  # parallel.context.ContextGroup: the model sees this rank's frames only
         self.sampler = loader  # SceneLoader: state_dict() is the position after the last batch consumed
         self.loader, self.loss_cfg = loader, loss_cfg
         # No autocast here: the sharded model's forward carries the recipe's precision (input casts, and
@@ -119,7 +120,10 @@ class VGGTTask:
 
     def predict(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict:
         query = batch.get("query_points") if self.tracks else None
-        return model(batch["images"], query_points=query)
+        images = batch["images"]
+        if self.context is not None:  # the predictions come back whole (gathered over the group)
+            images = images[:, self.context.layout.frames(images.shape[1])]
+        return model(images, query_points=query)
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]):
         from vggt_fsdp.losses import compute_loss
@@ -178,6 +182,7 @@ def build_trainer(recipe, lock=None) -> Built:
     from vggt_fsdp.model import build_model, materialize
     from vggt_fsdp.parallel import build_accelerator, prepare_model
     from vggt_fsdp.parallel.accelerate import topology_notice
+    from vggt_fsdp.parallel.context import new_context_group
     from vggt_fsdp.parallel.materialize import one_process_init
     from vggt_fsdp.recipe import model_config
     from vggt_fsdp.train import preflight
@@ -201,6 +206,8 @@ def build_trainer(recipe, lock=None) -> Built:
                   (preflight.PreflightError,))
     frozen = freeze(model, recipe.model.freeze)
     plan = prepare_model(accelerator, model, recipe.parallel)
+    context = new_context_group(recipe.parallel.context_parallel)
+    model.set_context(context)
     # As one process would with rank 0's random state, each rank keeping its shards (on the CPU, DTensor
     # alone draws every shard of a weight from the same local generator state: repeated rows).
     with one_process_init(device):
@@ -216,10 +223,11 @@ def build_trainer(recipe, lock=None) -> Built:
 
     budget = frames_per_gpu(recipe, device, world)
     loader = build_dataloader(recipe.data, rank=rank, world_size=world, split="train",
-                              frames_per_gpu=budget, pin_memory=device.type == "cuda")
+                              frames_per_gpu=budget, pin_memory=device.type == "cuda",
+                              context_parallel=recipe.parallel.context_parallel)
     agg = model_cfg.aggregator
     task = VGGTTask(loader, recipe.loss, agg.patch_size, 1 + agg.num_register_tokens,
-                    tracks=bool(recipe.model.heads.track))
+                    tracks=bool(recipe.model.heads.track), context=context)
 
     validate = None
     if cfg.val_every:
@@ -237,6 +245,7 @@ def build_trainer(recipe, lock=None) -> Built:
         "checkpoint_heads": recipe.parallel.checkpoint.heads,
         "fsdp_units": len(plan.units),
         "frames_per_gpu": budget,
+        "context_parallel": recipe.parallel.context_parallel,
         "grad_accum_steps": cfg.grad_accum_steps,
     }
     log(f"{model_cfg_name(recipe)}: {trainable:,} trainable parameters ({frozen:,} frozen), "
