@@ -27,7 +27,7 @@ from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
 LAUNCHING = {
-    "test_cli", "test_data_mixture", "test_gpu_session", "test_gpu_stages_smoke", "test_integrity",
+    "test_cli", "test_context_train", "test_data_mixture", "test_gpu_session", "test_gpu_stages_smoke", "test_integrity",
     "test_launch", "test_lock", "test_offload", "test_own_model", "test_packaging", "test_slurm",
     "test_train_e2e",
 }
