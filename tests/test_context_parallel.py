@@ -7,6 +7,7 @@ one process with the same checkpoint wrappers.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import socket
@@ -55,8 +56,9 @@ def parallel_config(policy: str) -> ParallelConfig:
     return cfg
 
 
-def run(model: VGGT, images: torch.Tensor) -> tuple[dict, float, dict]:
-    out = model(images)
+def run(model: VGGT, images: torch.Tensor, counter=None) -> tuple[dict, float, dict]:
+    with counter if counter is not None else contextlib.nullcontext():
+        out = model(images)
     loss = loss_fn(out)
     loss.backward()
     grads = {}
@@ -77,6 +79,8 @@ def _free_port() -> int:
 def _worker(rank: int, world: int, size: int, port: int, out_dir: str) -> None:
     import torch.distributed as dist
 
+    from vggt_fsdp.memory.accounting import SavedTensorCounter
+    from vggt_fsdp.memory.measure import block_groups
     from vggt_fsdp.parallel import apply_parallelism, build_mesh
     from vggt_fsdp.parallel.context import new_context_group
 
@@ -94,7 +98,9 @@ def _worker(rank: int, world: int, size: int, port: int, out_dir: str) -> None:
         model = tiny_model()
         apply_parallelism(model, cfg, build_mesh(cfg.sharding, "cpu"))
         model.set_context(context)
-        result[policy] = run(model, images)
+        counter = SavedTensorCounter(block_groups(model))
+        result[policy] = run(model, images, counter)
+        result[f"saved {policy}"] = counter.report
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
@@ -116,10 +122,24 @@ def references():
     return {policy: reference(policy) for policy in POLICIES}
 
 
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory):
+    """size -> what each of `size` spawned ranks recorded (spawned once per size for the module)."""
+    cache: dict[int, list[dict]] = {}
+
+    def get(size: int) -> list[dict]:
+        if size not in cache:
+            out_dir = tmp_path_factory.mktemp(f"ranks{size}")
+            mp.spawn(_worker, args=(size, size, _free_port(), str(out_dir)), nprocs=size, join=True)
+            cache[size] = [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(size)]
+        return cache[size]
+
+    return get
+
+
 @pytest.mark.parametrize("size", [2, 4])
-def test_frames_split_over_ranks_equal_one_process(size, references, tmp_path):
-    mp.spawn(_worker, args=(size, size, _free_port(), str(tmp_path)), nprocs=size, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(size)]
+def test_frames_split_over_ranks_equal_one_process(size, references, spawned):
+    ranks = spawned(size)
     for policy in POLICIES:
         want_out, want_loss, want_grads = references[policy]
         for rank in ranks:
@@ -134,6 +154,25 @@ def test_frames_split_over_ranks_equal_one_process(size, references, tmp_path):
             assert not bad, (policy, bad)
     # Frame 0's own camera token got a gradient: the rank holding frame 0 used it.
     assert want_grads["aggregator.camera_token"][:, 0].abs().sum() > 0
+
+
+def test_saved_activations_per_rank_shrink_with_the_group_and_match_the_planner(spawned):
+    """Per-rank saved tensors (saved-tensor hooks, measured on 2 ranks with frames split) against one
+    process holding the scene (the same counter under FSDP2 on a fake 2-rank group, measure_step): about
+    half, and the planner's activation terms for parallel.context_parallel=2 within 5% of it."""
+    from vggt_fsdp.memory import planner
+    from vggt_fsdp.memory.measure import measure_step
+
+    cfg = model_config(load_recipe(CPU_TINY).model)
+    image = tuple(scenes().shape[-2:])
+    whole = measure_step(cfg, parallel_config("none"), 2, 2, 4, image, "cpu").saved.total_bytes
+    split = parallel_config("none")
+    split.context_parallel = 2
+    predicted = planner.plan(cfg, split, 2, 4, image, "cpu", frames_range=(4, 4)).total("activation")
+    for rank in spawned(2):
+        measured = rank["saved none"].total_bytes
+        assert 0.45 <= measured / whole <= 0.6, (measured, whole)
+        assert abs(predicted - measured) <= 0.05 * measured, (predicted, measured)
 
 
 def test_layout_splits_frames_contiguously_and_groups_consecutive_ranks():

@@ -134,7 +134,7 @@ def report(recipe, args, where: Target) -> tuple[dict, planner.MemoryPlan, stept
     else:
         max_frames = planner.max_frames_that_fit(shape.model_cfg, recipe.parallel, shape.world_size, shape.image_hw,
                                                  where.memory_bytes, where.device_kind, **common)
-    frames_range = planner.clip_range(shape.frames_range, frames)
+    frames_range = planner.clip_range(shape.frames_range, frames, recipe.parallel.context_parallel)
     result = planner.plan(shape.model_cfg, recipe.parallel, shape.world_size, frames, shape.image_hw,
                           where.device_kind, frames_range=frames_range, freeze=shape.freeze,
                           gpus_per_node=where.gpus_per_node, track_points=shape.track_points)
