@@ -192,3 +192,28 @@ def test_layout_splits_frames_contiguously_and_groups_consecutive_ranks():
 def test_context_parallel_checks_name_the_bad_value(size, world, heads, message):
     with pytest.raises(ValueError, match=message):
         check_context_parallel(size, world, heads)
+
+
+@pytest.mark.parametrize("name, scene, memory", [("a100_40g_long", 96, 39.59), ("a100_80g_long", 192, 79.15)])
+def test_long_recipes_plan_to_fit_their_cards_with_long_scenes(name, scene, memory, capsys):
+    """`vggt-fsdp plan recipes/<long>.yaml`: the largest scene (frames_range[1]) fits per GPU with margin,
+    and its frames are split 4 ways (the plan is of one GPU's share)."""
+    import json
+
+    from vggt_fsdp.cli import main
+
+    assert main(["plan", str(REPO / "recipes" / f"{name}.yaml"), "--gpu-memory", str(memory), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    recipe = load_recipe(REPO / "recipes" / f"{name}.yaml")
+    assert recipe.data.frames_range[1] >= scene and recipe.parallel.context_parallel == 4
+    assert data["fits"] and data["margin_GiB"] >= 0.1 * memory
+    # The worst split of the group's 4 x frames_per_gpu frames (here two shorter scenes) is what fits...
+    assert data["plan"]["scenes"] * data["plan"]["frames_per_scene"] == 4 * data["plan"]["frames_per_gpu"] == scene
+    assert data["context_exchange_s"] > 0
+    # ...and one scene of the longest length fits on its own too.
+    from vggt_fsdp.memory import planner
+
+    shape = planner.recipe_shape(recipe)
+    longest = planner.plan(shape.model_cfg, recipe.parallel, shape.world_size, scene // 4, shape.image_hw,
+                           frames_range=(scene, scene))
+    assert longest.frames_per_scene == scene and longest.scenes == 1 and longest.fits(memory * 0.9 * 1024**3)
