@@ -27,6 +27,7 @@ from vggt_fsdp.recipe import load_recipe, model_config
 REPO = Path(__file__).resolve().parents[1]
 CPU_TINY = REPO / "recipes" / "cpu_tiny.yaml"
 POLICIES = ("none", "attention", "block", "selective")
+COMPILED = ("none", "selective")
 OUTPUTS = ("depth", "depth_conf", "world_points", "world_points_conf", "pose_enc")
 
 
@@ -76,7 +77,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _worker(rank: int, world: int, size: int, port: int, out_dir: str) -> None:
+def _worker(rank: int, world: int, size: int, port: int, out_dir: str, compiled: bool = False) -> None:
     import torch.distributed as dist
 
     from vggt_fsdp.memory.accounting import SavedTensorCounter
@@ -93,8 +94,9 @@ def _worker(rank: int, world: int, size: int, port: int, out_dir: str) -> None:
     layout = context.layout
     images = scenes()[:, layout.frames(scenes().shape[1])]
     result = {}
-    for policy in POLICIES:
+    for policy in COMPILED if compiled else POLICIES:
         cfg = parallel_config(policy)
+        cfg.compile = compiled
         model = tiny_model()
         apply_parallelism(model, cfg, build_mesh(cfg.sharding, "cpu"))
         model.set_context(context)
@@ -154,6 +156,20 @@ def test_frames_split_over_ranks_equal_one_process(size, references, spawned):
             assert not bad, (policy, bad)
     # Frame 0's own camera token got a gradient: the rank holding frame 0 used it.
     assert want_grads["aggregator.camera_token"][:, 0].abs().sum() > 0
+
+
+@pytest.mark.slow  # inductor compiles every block graph: about 10 minutes on 2 loaded cores (the eager
+# tests above cover the exchange itself; this covers it inside compiled blocks)
+def test_frames_split_over_ranks_equal_one_process_compiled(references, tmp_path):
+    mp.spawn(_worker, args=(2, 2, _free_port(), str(tmp_path), True), nprocs=2, join=True)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        for policy in COMPILED:
+            out, loss, grads = got[policy]
+            want_out, want_loss, want_grads = references[policy]
+            assert loss == pytest.approx(want_loss, rel=1e-5)
+            assert all(rel_err(out[k], want_out[k]) <= 1e-5 for k in OUTPUTS), policy
+            assert max(rel_err(grads[k], want_grads[k]) for k in want_grads) <= 1e-5, policy
 
 
 def test_saved_activations_per_rank_shrink_with_the_group_and_match_the_planner(spawned):

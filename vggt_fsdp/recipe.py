@@ -142,8 +142,7 @@ class Recipe:
     def _check_context_parallel(self) -> None:
         size, agg = self.parallel.context_parallel, model_config(self.model).aggregator
         check_context_recipe(size, int(self.accelerate.get("num_processes", 1)),
-                             {"the aggregator's global attention": agg.num_heads}, self.model.heads.track,
-                             self.parallel.compile)
+                             {"the aggregator's global attention": agg.num_heads}, self.model.heads.track)
         self.data.check_frame_budget(size)
 
 
