@@ -29,9 +29,9 @@ from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
 LAUNCHING = {
-    "test_cli", "test_data_mixture", "test_gpu_session", "test_gpu_stages_smoke", "test_integrity",
-    "test_launch", "test_lock", "test_multinode", "test_offload", "test_own_model", "test_packaging",
-    "test_slurm", "test_tasks", "test_train_e2e",
+    "test_cli", "test_context_train", "test_data_mixture", "test_gpu_session", "test_gpu_stages_smoke",
+    "test_integrity", "test_launch", "test_lock", "test_multinode", "test_offload", "test_own_model",
+    "test_packaging", "test_slurm", "test_tasks", "test_train_e2e",
 }
 CLUSTER = {"test_slurm_cluster"}
 NO_TESTS_COLLECTED = 5  # pytest's exit status when a selection leaves a group empty

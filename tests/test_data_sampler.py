@@ -50,10 +50,35 @@ def test_sampler_is_deterministic_given_seed_rank_step():
     assert next(iter(_sampler(rank=1, seed=6))) != a[0]
 
 
+@pytest.mark.parametrize("group", [1, 2, 3])
+def test_a_context_group_draws_the_same_scenes_on_each_rank_with_frames_a_multiple_of_its_size(group):
+    """Ranks r of a group of N get the sampler of group r // N: same scenes, same seeds; scene lengths are
+    multiples of N, and N = 1 draws exactly what the sampler drew before groups existed."""
+    cfg = DataConfig(frames_range=[2, 12], frames_per_gpu=12)
+    samplers = [DynamicBatchSampler(40, cfg, 12, rank // group, 6 // group, context_parallel=group)
+                for rank in range(6)]
+    plain = DynamicBatchSampler(40, cfg, 12, 0, 6)
+    for step in range(20):
+        specs = [s.specs_at(step, 0) for s in samplers]
+        for rank in range(6):
+            assert specs[rank] == specs[rank - rank % group]
+        frames = specs[0][0].num_frames
+        assert frames % group == 0 and 2 <= frames <= 12
+        assert len(specs[0]) == 12 * group // frames
+        if group == 1:
+            assert specs[0] == plain.specs_at(step, 0)
+
+
 def test_bad_budgets_are_rejected_with_the_field_name():
-    cfg = DataConfig(frames_per_gpu=10)
-    with pytest.raises(ValueError, match="data.frames_per_gpu=10"):
-        cfg.validate()
+    cfg = DataConfig(frames_per_gpu=10)  # frames_range [2, 24]
+    with pytest.raises(ValueError, match="data.frames_per_gpu=10 is smaller"):
+        cfg.check_frame_budget()
+    # A context group of 3 GPUs holds 30 frames of a scene, but only multiples of 3 fit a group.
+    cfg.check_frame_budget(3)
+    with pytest.raises(ValueError, match="data.frames_per_gpu=10 x parallel.context_parallel=2 is smaller"):
+        cfg.check_frame_budget(2)
+    with pytest.raises(ValueError, match="holds no multiple of parallel.context_parallel=4"):
+        DataConfig(frames_range=[5, 7], frames_per_gpu=8).check_frame_budget(4)
     with pytest.raises(ValueError, match="auto"):
         build_dataloader(DataConfig(frames_per_gpu="auto"))
     with pytest.raises(ValueError, match="data.root"):

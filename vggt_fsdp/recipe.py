@@ -47,6 +47,7 @@ from vggt_fsdp.hardware import CPU, HardwareConfig
 from vggt_fsdp.losses import LossConfig
 from vggt_fsdp.parallel.accelerate import check_accelerate_section
 from vggt_fsdp.parallel.config import ParallelConfig
+from vggt_fsdp.parallel.context import check_context_recipe
 from vggt_fsdp.train.config import OptimConfig, ScheduleConfig, TrainConfig
 
 
@@ -156,6 +157,7 @@ class Recipe:
         if self.task is not None and not self.vggt_task and ":" not in self.task:
             raise ValueError(f"task: {self.task!r} is not MODULE:CALLABLE (e.g. my_task.py:build or "
                              f"my_project.tasks:build), nor {VGGT_TASK!r} (the built-in VGGT task)")
+        self._check_context_parallel()
         if self.hardware.device is not None and (self.hardware.device == CPU) != bool(self.accelerate.get("use_cpu")):
             raise ValueError(f"hardware.device is {self.hardware.device!r} but accelerate.use_cpu is "
                              f"{self.accelerate.get('use_cpu')!r}: a cpu recipe launches CPU processes "
@@ -176,6 +178,19 @@ class Recipe:
                              "tracks: only the synthetic source renders them (data.synthetic.num_track_queries > 0; "
                              "tracks from real depth are not built yet); use data.source=synthetic or set "
                              "loss.track.enabled=false")
+
+
+    def _check_context_parallel(self) -> None:
+        size = self.parallel.context_parallel
+        if not self.vggt_sections:
+            if size > 1:
+                raise ValueError(f"parallel.context_parallel={size}: context parallelism splits VGGT's scenes over "
+                                 f"ranks, and task {self.task!r} has no such split; set parallel.context_parallel=1")
+            return
+        agg = model_config(self.model).aggregator
+        check_context_recipe(size, int(self.accelerate.get("num_processes", 1)),
+                             {"the aggregator's global attention": agg.num_heads}, self.model.heads.track)
+        self.data.check_frame_budget(size)
 
 
 # --------------------------------------------------------------------------------------- public API

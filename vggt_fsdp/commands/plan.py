@@ -139,7 +139,7 @@ def report(recipe, args, where: Target) -> tuple[dict, planner.MemoryPlan, stept
     else:
         max_frames = planner.max_frames_that_fit(shape.model_cfg, recipe.parallel, shape.world_size, shape.image_hw,
                                                  where.memory_bytes, where.device_kind, **common)
-    frames_range = planner.clip_range(shape.frames_range, frames)
+    frames_range = planner.clip_range(shape.frames_range, frames, recipe.parallel.context_parallel)
     result = planner.plan(shape.model_cfg, recipe.parallel, shape.world_size, frames, shape.image_hw,
                           where.device_kind, frames_range=frames_range, freeze=shape.freeze,
                           gpus_per_node=where.gpus_per_node, track_points=shape.track_points)
@@ -170,6 +170,8 @@ def report(recipe, args, where: Target) -> tuple[dict, planner.MemoryPlan, stept
         "work": work.to_dict(),
         "plan": result.to_dict(),
     }
+    if recipe.parallel.context_parallel > 1 and where.card is not None:
+        summary["context_exchange_s"] = _exchange_seconds(recipe, shape, result, work, where.card.name)
     if step is None:
         summary["step_time_unavailable"] = ("no card with rates: set hardware.device to a GPU card "
                                             f"({', '.join(hardware.cards())})")
@@ -273,6 +275,22 @@ def print_report(args, data: dict, result: planner.MemoryPlan, work: steptime.St
         print(f"  {kind:<12} {_si(seconds, 's'):>9}  ({unit})")
     print(f"  predicted step {_si(step['predicted_step_s'], 's')}, {b.images / step['predicted_step_s']:.3g} frames/s "
           f"per GPU, MFU {step['predicted_mfu']:.1%} (an estimate, compute only: communication assumed overlapped)")
+    if "context_exchange_s" in data:
+        print(f"  context parallelism: {_si(data['context_exchange_s'], 's')} a step of all-to-all exchanges over the "
+              "node's GPU links (datasheet bandwidth, not overlapped: an estimate; memory/context_terms.py), and "
+              "the global attention above is counted at this GPU's frames (each GPU attends over the whole scene "
+              "with heads/N: N times that)")
+
+
+def _exchange_seconds(recipe, shape, result, work, card_name: str) -> float:
+    """The context group's all-to-all seconds a step (memory/context_terms.py: an estimate)."""
+    from vggt_fsdp.memory import context_terms
+
+    b, agg = work.batch, shape.model_cfg.aggregator
+    policies = [result.policy["blocks"].get("global", "none")] * agg.depth
+    elem = 4 if recipe.parallel.precision.param_dtype == "fp32" else 2
+    return context_terms.exchange_seconds(shape.model_cfg, policies, b.scenes, b.frames, b.patches,
+                                          recipe.parallel.context_parallel, elem, card_name)
 
 
 def _si(value: float, unit: str) -> str:

@@ -230,6 +230,22 @@ class DataConfig(SourceConfig):
         """The sources this section describes: `sources`, or itself as the single source."""
         return list(self.sources) if self.sources else [self]
 
+    def check_frame_budget(self, context_parallel: int = 1) -> None:
+        """The largest scene must fit the frames of the GPUs holding it (a context group of
+        `context_parallel`), and a context group needs scene lengths it can split evenly. Checked by the
+        recipe, which knows parallel.context_parallel, and again by the sampler."""
+        group = context_parallel
+        if isinstance(self.frames_per_gpu, int) and self.frames_per_gpu * group < self.frames_range[1]:
+            held = f"data.frames_per_gpu={self.frames_per_gpu}" + (f" x parallel.context_parallel={group}"
+                                                                     if group > 1 else "")
+            raise ValueError(f"{held} is smaller than data.frames_range[1]={self.frames_range[1]}: a batch of "
+                             "the largest scenes would hold zero scenes")
+        low, high = self.frames_range
+        if group > 1 and high // group * group < low:
+            raise ValueError(f"data.frames_range={self.frames_range} holds no multiple of "
+                             f"parallel.context_parallel={group}: scenes split over {group} ranks have a "
+                             f"multiple of {group} frames; widen the range")
+
     def validate(self) -> None:
         if self.sources:
             defaults = SourceConfig()
@@ -259,10 +275,6 @@ class DataConfig(SourceConfig):
         _check_range("data.aspect_range", self.aspect_range, 0.05, 4.0)
         if not isinstance(self.frames_per_gpu, int) and self.frames_per_gpu != "auto":
             raise ValueError(f"data.frames_per_gpu={self.frames_per_gpu!r}: expected an int or 'auto'")
-        if isinstance(self.frames_per_gpu, int) and self.frames_per_gpu < self.frames_range[1]:
-            raise ValueError(
-                f"data.frames_per_gpu={self.frames_per_gpu} is smaller than data.frames_range[1]="
-                f"{self.frames_range[1]}: a batch of the largest scenes would hold zero scenes")
         if self.patch_size < 1:
             raise ValueError(f"data.patch_size={self.patch_size} must be >= 1")
         if self.image_width < self.patch_size or self.image_width % self.patch_size:

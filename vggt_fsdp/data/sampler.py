@@ -7,6 +7,11 @@ A `Mixture` turns a position into (source, scene): an epoch holds `epoch_length`
 in a seeded shuffle (upstream's ComposedDataset draws from the concatenation of its datasets'
 len_train), and each source visits its own scenes epoch by epoch in a seeded permutation. Rank r takes
 the r-th contiguous slice of each step's scenes.
+
+Context parallelism (`context_parallel` N > 1): a group of N ranks shares each scene, so the sampler's
+`rank` and `world_size` count groups (every rank of a group draws the same scenes and seeds), the frame
+budget is the group's (N x frames_per_gpu) and S is drawn among the multiples of N in frames_range (N = 1
+draws exactly as before).
 """
 from __future__ import annotations
 
@@ -107,19 +112,24 @@ class DynamicBatchSampler:
     """
 
     def __init__(self, scenes: Mixture | int, cfg: DataConfig, frames_per_gpu: int, rank: int, world_size: int,
-                 split: str = "train"):
+                 split: str = "train", context_parallel: int = 1):
         if split not in _SPLIT_TAG:
             raise ValueError(f"split={split!r}; valid: {sorted(_SPLIT_TAG)}")
         if isinstance(scenes, int):
             if scenes < 1:
                 raise DataError(f"the {split} split has no scenes")
             scenes = Mixture([scenes], [scenes], cfg.seed, split)
-        if not isinstance(frames_per_gpu, int) or frames_per_gpu < cfg.frames_range[1]:
-            raise ValueError(f"frames_per_gpu={frames_per_gpu!r} must be an int >= data.frames_range[1]="
-                             f"{cfg.frames_range[1]} (resolve 'auto' with the memory planner first)")
+        if not isinstance(frames_per_gpu, int):
+            raise ValueError(f"frames_per_gpu={frames_per_gpu!r} must be an int (resolve 'auto' with the memory "
+                             "planner first)")
+        cfg.check_frame_budget(context_parallel)
+        if frames_per_gpu * context_parallel < cfg.frames_range[1]:
+            raise ValueError(f"frames_per_gpu={frames_per_gpu} x context_parallel={context_parallel} must be >= "
+                             f"data.frames_range[1]={cfg.frames_range[1]}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
-        self.mixture, self.cfg, self.frames_per_gpu = scenes, cfg, frames_per_gpu
+        self.mixture, self.cfg, self.context_parallel = scenes, cfg, context_parallel
+        self.frames_per_gpu = frames_per_gpu * context_parallel  # the frames of the GPUs holding a scene
         self.rank, self.world_size, self.split = rank, world_size, split
         self.step, self.position = 0, 0
 
@@ -128,7 +138,8 @@ class DynamicBatchSampler:
         """The same on every rank: drawn from (seed, split, step) only."""
         rng = np.random.default_rng([self.cfg.seed, _SPLIT_TAG[self.split], step, 0x5A])
         lo, hi = self.cfg.frames_range
-        num_frames = int(rng.integers(lo, hi + 1))
+        group = self.context_parallel
+        num_frames = group * int(rng.integers(-(-lo // group), hi // group + 1))
         aspect = float(rng.uniform(*self.cfg.aspect_range))
         return StepShape(num_frames, aspect, image_hw_for(aspect, self.cfg.image_width, self.cfg.patch_size),
                          self.frames_per_gpu // num_frames)

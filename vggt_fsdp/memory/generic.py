@@ -36,18 +36,8 @@ import torch.distributed as dist
 from torch import nn
 
 from vggt_fsdp.memory.accounting import SavedTensorCounter
-from vggt_fsdp.memory.planner import (
-    _DTYPE_BYTES,
-    FRAGMENTATION,
-    GiB,
-    NON_PYTORCH_BYTES,
-    ParamInfo,
-    Term,
-    UnitInfo,
-    _state_terms,
-    _unsharded_terms,
-    shard_size,
-)
+from vggt_fsdp.memory.planner import FRAGMENTATION, NON_PYTORCH_BYTES, GiB, Term, _state_terms, _unsharded_terms
+from vggt_fsdp.memory.units import _DTYPE_BYTES, ParamInfo, UnitInfo, shard_size
 
 FIT_SIZES = (1, 2)  # the linear fit's two points
 CHECK_SIZE = 4  # where the fit is checked against a third measurement

@@ -110,7 +110,7 @@ def search(model_cfg, parallel_cfg, *, world_size: int, frames_per_gpu: int, ima
            track_points: int = 0) -> SearchResult:
     """Every candidate's step time; the frontier of memory against step time; the fastest that fits.
     `track_points`: the track head's query points per scene (planner.plan)."""
-    frames_range = planner.clip_range(frames_range, frames_per_gpu)
+    frames_range = planner.clip_range(frames_range, frames_per_gpu, parallel_cfg.context_parallel)
     time_batch = steptime.slowest_step(model_cfg, parallel_cfg, frames_per_gpu, frames_range, image_hw, card,
                                        world_size=world_size, gpus_per_node=gpus_per_node, freeze=freeze).batch
     usable = memory_bytes * (1 - margin)

@@ -20,12 +20,13 @@ fragmentation and the memory outside PyTorch's allocator (CUDA context, NCCL) to
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
-from fnmatch import fnmatchcase
 
+from vggt_fsdp.memory import context_terms as CT
 from vggt_fsdp.memory import formulas as F
 from vggt_fsdp.memory import track_formulas as TF
+from vggt_fsdp.memory.units import (  # noqa: F401 (planner._meta_model, planner._unit_layout: read by tests)
+    UnitInfo, _meta_model, _unit_layout, shard_size, structure_key, unit_layout)
 from vggt_fsdp.model.config import VGGTConfig
 
 GiB = 1024**3
@@ -141,169 +142,18 @@ class Batch:
         return self.scenes * self.frames
 
 
-def scene_splits(frames_per_gpu: int, frames_range: tuple[int, int]) -> list[tuple[int, int]]:
+def scene_splits(frames_per_gpu: int, frames_range: tuple[int, int], multiple: int = 1) -> list[tuple[int, int]]:
     """Every (scenes, frames per scene) batch the sampler can draw: S in frames_range, floor(budget / S)
     scenes. Memory depends on the split, not only on the frame count: the DPT heads chunk the frames of
-    each scene but take all scenes of the batch at once, so short scenes make large chunks."""
+    each scene but take all scenes of the batch at once, so short scenes make large chunks. `multiple`:
+    a context group's size, whose budget is its GPUs' together and whose scenes are multiples of it."""
     lo, hi = frames_range
     if frames_per_gpu < lo:
         raise ValueError(f"frames_per_gpu={frames_per_gpu} is below the smallest scene ({lo} frames)")
-    return sorted({(frames_per_gpu // s, s) for s in range(lo, min(hi, frames_per_gpu) + 1)})
-
-
-@dataclass(frozen=True)
-class ParamInfo:
-    name: str
-    shape: tuple[int, ...]
-    trainable: bool
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    def shard_numel(self, shard: int) -> int:
-        """Rank 0's (padded) shard: FSDP2 splits dim 0 in chunks of ceil(d0 / shard)."""
-        d0 = self.shape[0] if self.shape else 1
-        return math.ceil(d0 / shard) * (self.numel // d0 if d0 else 0)
-
-
-@dataclass(frozen=True)
-class UnitInfo:
-    path: str
-    kind: str
-    group: str | None
-    param_bytes: int  # 2 (bf16) or 4 (fp32): compute dtype of the all-gathered parameters
-    reduce_bytes: int
-    reshard: bool
-    checkpoint: str
-    params: tuple[ParamInfo, ...]
-    casts_inputs: bool = True  # FSDP2 casts the unit's floating inputs to param dtype (parallel/precision.py)
-
-    def unsharded(self) -> int:
-        return sum(p.numel for p in self.params) * self.param_bytes
-
-    def all_gather(self, shard: int) -> int:
-        """The all-gather output buffer; a 1-rank mesh needs none (FSDP2 skips the collective)."""
-        if shard == 1:
-            return 0
-        return sum(p.shard_numel(shard) for p in self.params) * shard * self.param_bytes
-
-    def grad_unsharded(self) -> int:
-        return sum(p.numel for p in self.params if p.trainable) * self.param_bytes
-
-    def reduce_scatter(self, shard: int) -> int:
-        """FSDP2's reduce buffers: the input (the unsharded gradients copied in, reduce dtype) and, on a
-        1-rank mesh, an output of the same size it is copied to (no collective); otherwise the input."""
-        if shard == 1:
-            return 2 * sum(p.numel for p in self.params if p.trainable) * self.reduce_bytes
-        return sum(p.shard_numel(shard) for p in self.params if p.trainable) * shard * self.reduce_bytes
-
-
-_DTYPE_BYTES = {"bf16": 2, "fp32": 4}
-
-
-_META_MODELS: dict[str, object] = {}
-
-
-def _meta_model(cfg: VGGTConfig):
-    """A meta-device VGGT (shapes only, no memory), cached per config: the fitters plan many times."""
-    from vggt_fsdp.model.vggt import build_model
-
-    key = repr(cfg)
-    if key not in _META_MODELS:
-        _META_MODELS[key] = build_model(cfg, device="meta")
-    return _META_MODELS[key]
-
-
-_LAYOUTS: dict[str, list] = {}
-
-
-_STRUCTURES: dict[str, list] = {}
-
-
-def unit_layout(model_cfg: VGGTConfig, parallel_cfg, freeze: tuple[str, ...] = ()) -> list[UnitInfo]:
-    """The FSDP units of the sharding plan (`plan_parallelism` on a meta-device model) with the shapes of
-    the parameters each owns (the innermost unit whose path contains the parameter's name).
-
-    Layouts that differ only in checkpointing share their units (computed once per structure, with the
-    first checkpoint setting seen) and differ in their labels (`_relabel`): policy searches plan
-    hundreds of checkpoint settings."""
-    key = repr((model_cfg, parallel_cfg, freeze))
-    if key not in _LAYOUTS:
-        structure = structure_key(model_cfg, parallel_cfg, freeze)
-        if structure not in _STRUCTURES:
-            _STRUCTURES[structure] = _LAYOUTS[key] = _unit_layout(model_cfg, parallel_cfg, freeze)
-        else:
-            _LAYOUTS[key] = _relabel(_STRUCTURES[structure], _chunkable(model_cfg), parallel_cfg)
-    return _LAYOUTS[key]
-
-
-def structure_key(model_cfg: VGGTConfig, parallel_cfg, freeze: tuple[str, ...]) -> str:
-    """What a layout depends on but its checkpoint labels: everything but `parallel.checkpoint`."""
-    return repr((model_cfg, dataclasses.replace(parallel_cfg, checkpoint=None), tuple(freeze)))
-
-
-_CHUNKABLE: dict[str, tuple[str, ...]] = {}
-
-
-def _chunkable(model_cfg: VGGTConfig) -> tuple[str, ...]:
-    """Paths of the modules that can recompute per chunk (`checkpoint_chunks`), per model config."""
-    key = repr(model_cfg)
-    if key not in _CHUNKABLE:
-        _CHUNKABLE[key] = tuple(path for path, module in _meta_model(model_cfg).named_modules()
-                                if hasattr(module, "checkpoint_chunks"))
-    return _CHUNKABLE[key]
-
-
-def _relabel(structure: list[UnitInfo], chunkable: tuple[str, ...], parallel_cfg) -> list[UnitInfo]:
-    """`structure`'s units labelled with `parallel_cfg`'s checkpointing as `plan_parallelism` labels them
-    (tests/test_plan_cli.py checks that they agree): blocks by `block_policies` in model order; a head
-    unit "chunks" when checkpoint.heads is chunks and it holds a module with `checkpoint_chunks`."""
-    from vggt_fsdp.parallel.checkpointing import block_policies
-
-    checkpoint = parallel_cfg.checkpoint
-    blocks = [u for u in structure if u.kind == "block"]
-    labels = iter(p.label for p in block_policies([u.group for u in blocks], checkpoint))
-
-    def label(u: UnitInfo) -> str:
-        if u.kind == "block":
-            return next(labels)
-        chunked = u.kind == "module" and checkpoint.heads == "chunks"
-        return "chunks" if chunked and any(c == u.path or c.startswith(u.path + ".") for c in chunkable) else "none"
-
-    return [dataclasses.replace(u, checkpoint=label(u)) for u in structure]
-
-
-def _unit_layout(model_cfg: VGGTConfig, parallel_cfg, freeze: tuple[str, ...]) -> list[UnitInfo]:
-    from vggt_fsdp.parallel.precision import casts_inputs
-    from vggt_fsdp.parallel.sharding import plan_parallelism
-
-    model = _meta_model(model_cfg)
-    plan = plan_parallelism(model, parallel_cfg)
-    paths = sorted((u.path for u in plan.units if u.path), key=lambda p: -p.count("."))
-    owned: dict[str, list[ParamInfo]] = {u.path: [] for u in plan.units}
-    for name, param in model.named_parameters():
-        trainable = param.requires_grad and not any(fnmatchcase(name, pat) for pat in freeze)
-        owner = next((p for p in paths if name.startswith(p + ".")), "")
-        owned[owner].append(ParamInfo(name, tuple(param.shape), trainable))
-    return [
-        UnitInfo(u.path, u.kind, u.group, _DTYPE_BYTES[u.param_dtype], _DTYPE_BYTES[u.reduce_dtype],
-                 u.reshard_after_forward, u.checkpoint, tuple(owned[u.path]),
-                 casts_inputs(model.get_submodule(u.path), u.param_dtype, parallel_cfg.precision))
-        for u in plan.units
-    ]
-
-
-def shard_size(parallel_cfg, world_size: int, gpus_per_node: int) -> int:
-    """Ranks a parameter is sharded over: all of them (full), or one node's (hybrid, shard_degree auto)."""
-    sharding = parallel_cfg.sharding
-    if sharding.mode == "full":
-        return world_size
-    if sharding.shard_degree != "auto":
-        return int(sharding.shard_degree)
-    if sharding.replicate_degree != "auto":
-        return world_size // int(sharding.replicate_degree)
-    return min(world_size, gpus_per_node)
+    splits = sorted({(frames_per_gpu // s, s) for s in range(lo, min(hi, frames_per_gpu) + 1) if s % multiple == 0})
+    if not splits:
+        raise ValueError(f"no scene of {lo}-{hi} frames is a multiple of the context group's {multiple} ranks")
+    return splits
 
 
 # ======================================================================================== the plan
@@ -337,10 +187,13 @@ def plan(
     patch = model_cfg.aggregator.patch_size
     if height % patch or width % patch:
         raise ValueError(f"image {height}x{width} is not a multiple of the patch size {patch}")
-    splits = scene_splits(frames_per_gpu, frames_range or (frames_per_gpu, frames_per_gpu))
+    # Context parallelism: a group of `size` GPUs shares each scene; a GPU plans its share of the frames.
+    size = parallel_cfg.context_parallel
+    group = frames_per_gpu * size
+    splits = scene_splits(group, frames_range or (group, group), size)
     points = track_points if model_cfg.enable_track else 0
     plans = [_plan_batch(model_cfg, parallel_cfg, world_size, frames_per_gpu,
-                         Batch(b, s, height, width, patch, points), device_kind, tuple(freeze), gpus_per_node)
+                         Batch(b, s // size, height, width, patch, points), device_kind, tuple(freeze), gpus_per_node)
              for b, s in splits]
     return max(plans, key=lambda p: p.peak_bytes)
 
@@ -356,6 +209,10 @@ def _plan_batch(model_cfg, parallel_cfg, world_size, frames_per_gpu, batch: Batc
     states, params_live = _model_state_terms(model_cfg, parallel_cfg, freeze, units, shard, device_kind)
     acts, work = _activation_terms(model_cfg, units, batch, kernels)
     terms = states + _io_terms(model_cfg, batch) + acts + params_live + work
+    size = parallel_cfg.context_parallel
+    if size > 1:
+        camera = sum(t.bytes for t in acts if t.group == "camera")
+        terms += _context_terms(model_cfg, batch, size, [u for u in units if u.group == "global"], camera)
     phases = _phases(terms, units, shard, parallel_cfg.sharding.cpu_offload)
     peak_phase = max(phases, key=phases.get)
     peak = phases[peak_phase]
@@ -366,7 +223,7 @@ def _plan_batch(model_cfg, parallel_cfg, world_size, frames_per_gpu, batch: Batc
     }
     return MemoryPlan(
         model=model_name(model_cfg), world_size=world_size, shard_size=shard, frames_per_gpu=frames_per_gpu,
-        scenes=batch.scenes, frames_per_scene=batch.frames, image_hw=(batch.height, batch.width),
+        scenes=batch.scenes, frames_per_scene=batch.frames * size, image_hw=(batch.height, batch.width),
         device_kind=device_kind, policy=policy, terms=terms, peak_phase=peak_phase, peak_bytes=peak,
         device_bytes=device, phases=phases,
     )
@@ -446,6 +303,33 @@ def _io_terms(model_cfg: VGGTConfig, b: Batch) -> list[Term]:
         Term("input images (fp32)", "io", b.images * 3 * hw * 4, "images x 3 x H x W x 4 B"),
         Term("dense outputs (fp32)", "outputs", b.images * dense * hw * 4,
              "images x H x W x 4 B x (depth + conf: 2, points + conf: 4)"),
+    ]
+
+
+def _context_terms(model_cfg: VGGTConfig, b: Batch, size: int, global_units: list[UnitInfo],
+                   camera: int) -> list[Term]:
+    """What a rank of a context group holds beyond its share of frames (memory/context_terms.py)."""
+    hw = b.height * b.width
+    agg = model_cfg.aggregator
+    tokens = b.patches + 1 + agg.num_register_tokens
+    elem = global_units[0].param_bytes
+    kept = sum(1 for u in global_units if u.checkpoint == "none")
+    return [
+        Term("global attention inputs after the exchange", "activation",
+             kept * CT.exchanged_qkv_delta(agg.qk_norm) * b.images * tokens * agg.embed_dim * elem,
+             f"{kept} global blocks without checkpointing x {CT.exchanged_qkv_delta(agg.qk_norm)} units "
+             "(SDPA saves fresh exchanged q, k, v instead of views of the qkv output)", group="global"),
+        Term("camera head over the other ranks' frames", "activation", camera * (size - 1),
+             f"camera head terms x {size - 1}: its trunk runs on every rank over the whole scene's pose tokens "
+             "(linear in frames: its attention over one token a frame is negligible)", group="camera"),
+        Term("whole-scene images (context group)", "io", b.images * (size - 1) * 3 * hw * 4,
+             f"scenes x frames on the {size - 1} other ranks x 3 x H x W x 4 B (each rank loads the scene)"),
+        Term("gathered dense outputs (context group)", "outputs",
+             CT.gathered_output_bytes(model_cfg, b.scenes, b.frames * size, size, hw),
+             "the other ranks' frames of the dense outputs, gathered for the loss"),
+        Term("context exchange buffers (one global attention)", "transient",
+             CT.exchange_buffer_bytes(b.scenes, b.frames, tokens, model_cfg.aggregator.embed_dim, elem),
+             "2 x 4 x (this rank's tokens) x C x e: send and receive copies of q, k, v, attention output"),
     ]
 
 
@@ -744,19 +628,20 @@ def _phases(terms: list[Term], units: list[UnitInfo], shard: int, offload: bool 
     agg_kept_grads = by.get("gradients of the kept layers (aggregator dtype)", 0)
     block_work = max((t.bytes for t in terms if t.name.endswith("recompute + grads of one block")), default=0)
     kept = by.get("kept layer outputs (as the heads hold them)", 0)
+    exchange = by.get("context exchange buffers (one global attention)", 0)
     # The heads' sharded gradients, made before the aggregator's backward (on the host with CPU offload).
     head_grads = 0 if offload else sum(p.shard_numel(shard) * 4 for u in units if u.kind == "module"
                                        for p in u.params if p.trainable)
     # The track head runs last in forward, so its backward comes first, then the DPT heads'.
     dpt_acts = sum(t.bytes for t in terms if t.category == "activation" and t.group in ("depth", "point", "track"))
     return {
-        "end of forward": state + acts + unit,
+        "end of forward": state + acts + unit + exchange,
         "first head backward": state + acts + unit + head_work + head_kept_grads,
         # The DPT (and track) heads are done: their activations are freed, the kept layers' gradients wait.
         "largest unit backward": state + head_grads + acts - dpt_acts + agg_kept_grads + unit + unit_grads,
         # The heads' activations and kept copies are freed; the kept layers' gradients remain.
         "first block backward": state + head_grads + acts - head_acts - kept + agg_kept_grads + unit + unit_grads
-        + block_work,
+        + block_work + exchange,
         "optimizer step": state + grads + by["optimizer step temporaries"],
     }
 
@@ -768,7 +653,7 @@ def max_frames_that_fit(model_cfg, parallel_cfg, world_size, image_hw, device_me
     """The largest frames per GPU whose plan fits `device_memory_bytes` (0 if not even one frame).
     Memory grows with frames, so doubling then bisection is exact; the search stops at `limit`."""
     def fits(frames: int) -> bool:
-        rng = clip_range(frames_range, frames) if frames_range else None
+        rng = clip_range(frames_range, frames, parallel_cfg.context_parallel) if frames_range else None
         return plan(model_cfg, parallel_cfg, world_size, frames, image_hw, device_kind, frames_range=rng,
                     freeze=freeze, gpus_per_node=gpus_per_node, track_points=track_points).fits(device_memory_bytes)
 
@@ -863,10 +748,11 @@ def recipe_shape(recipe, gpus: int | None = None, image_hw: tuple[int, int] | No
                        tuple(recipe.model.freeze), points)
 
 
-def clip_range(frames_range: tuple[int, int], frames: int) -> tuple[int, int]:
-    """The scene sizes a budget of `frames` can draw: no scene is larger than the budget."""
+def clip_range(frames_range: tuple[int, int], frames: int, group: int = 1) -> tuple[int, int]:
+    """The scene sizes a budget of `frames` per GPU can draw: no scene is larger than the budget of the
+    `group` GPUs holding it (parallel.context_parallel)."""
     lo, hi = frames_range
-    return (min(lo, frames), min(hi, frames))
+    return (min(lo, frames * group), min(hi, frames * group))
 
 
 def resolve_frames_per_gpu(recipe, device_memory_bytes: int, device_kind: str = "cuda", *,
@@ -879,7 +765,7 @@ def resolve_frames_per_gpu(recipe, device_memory_bytes: int, device_kind: str = 
     best = max_frames_that_fit(shape.model_cfg, recipe.parallel, shape.world_size, shape.image_hw,
                                device_memory_bytes, device_kind, frames_range=shape.frames_range,
                                freeze=shape.freeze, gpus_per_node=gpus_per_node, track_points=shape.track_points)
-    need = shape.frames_range[1]
+    need = -(-shape.frames_range[1] // recipe.parallel.context_parallel)  # a GPU's share of the largest scene
     if best < need:
         raise ValueError(
             f"data.frames_per_gpu: auto found {best} frames per GPU fit {device_memory_bytes / GiB:.1f} GiB: "

@@ -217,13 +217,17 @@ def calibrate(points: list[tuple[StepWork, float]], card: hardware.Card, free: t
 
 # ======================================================================================== the step
 def candidate_batches(frames_per_gpu: int, frames_range: tuple[int, int], image_hw: tuple[int, int],
-                      patch: int) -> list[Batch]:
+                      patch: int, context_parallel: int = 1) -> list[Batch]:
     """The splits of the frame budget that can be the slowest: the most images (the largest scenes among
-    those: per-frame work), and the largest scenes (global attention grows with their square)."""
-    splits = planner.scene_splits(frames_per_gpu, frames_range)
+    those: per-frame work), and the largest scenes (global attention grows with their square).
+    With context parallelism N a GPU's batch is its share, S/N frames of each scene (the global
+    attention's FLOPs are then those of S/N frames: an underestimate, each rank attending over all S
+    frames with H/N heads does N times that)."""
+    size = context_parallel
+    splits = planner.scene_splits(frames_per_gpu * size, frames_range, size)
     most_images = max(splits, key=lambda bs: (bs[0] * bs[1], bs[1]))
     largest = max(splits, key=lambda bs: (bs[1], bs[0]))
-    return [Batch(b, s, image_hw[0], image_hw[1], patch) for b, s in dict.fromkeys([most_images, largest])]
+    return [Batch(b, s // size, image_hw[0], image_hw[1], patch) for b, s in dict.fromkeys([most_images, largest])]
 
 
 def slowest_step(model_cfg, parallel_cfg, frames_per_gpu: int, frames_range: tuple[int, int],
@@ -233,7 +237,8 @@ def slowest_step(model_cfg, parallel_cfg, frames_per_gpu: int, frames_range: tup
     `card`, by model FLOPs without one."""
     works = [step_work(model_cfg, parallel_cfg, b, world_size=world_size, gpus_per_node=gpus_per_node,
                        freeze=freeze, track_points=track_points)
-             for b in candidate_batches(frames_per_gpu, frames_range, image_hw, model_cfg.aggregator.patch_size)]
+             for b in candidate_batches(frames_per_gpu, frames_range, image_hw, model_cfg.aggregator.patch_size,
+                                        getattr(parallel_cfg, "context_parallel", 1))]
     return max(works, key=lambda w: predict(w, card).total_s if card is not None else w.model.model_flops)
 
 

@@ -4,6 +4,10 @@ Per frame the tokens are [camera, registers..., patches...]. Each layer runs a f
 (attention within each frame, batch B*S) and a global block (attention across all frames of a
 scene, batch B); layer i's output is concat(frame output, global output) -> (B, S, P+5, 2C).
 Only the layers some head reads are materialised (see `kept_layers`); the others are None.
+
+Context parallelism (`set_context`): the images hold this rank's share of each scene's frames; global
+attention exchanges tokens with the other ranks of the group (layers.Attention), and only the rank that
+holds the scene's first frame gives it the first-frame camera and register tokens.
 """
 from __future__ import annotations
 
@@ -13,15 +17,19 @@ import torch
 from torch import nn
 
 from .config import AggregatorConfig, PatchEmbedConfig
-from .layers import Block, RopeTables, RotaryPositionEmbedding2D, patch_positions
+from .layers import Attention, Block, ContextHooks, RopeTables, RotaryPositionEmbedding2D, patch_positions
 from .patch_embed import DinoVisionTransformer, PatchEmbed
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _first_and_rest(token: torch.Tensor, B: int, S: int) -> torch.Tensor:
-    """(1, 2, n, C) -> (B*S, n, C): index 0 for frame 0 of each scene, index 1 for frames 1..S-1."""
+def _first_and_rest(token: torch.Tensor, B: int, S: int, starts_scene: bool = True) -> torch.Tensor:
+    """(1, 2, n, C) -> (B*S, n, C): index 0 for frame 0 of each scene, index 1 for frames 1..S-1.
+
+    `starts_scene` False (a later share of a scene split over ranks): index 1 for every frame."""
+    if not starts_scene:
+        return token[:, 1:].expand(B, S, *token.shape[2:]).reshape(B * S, *token.shape[2:])
     first = token[:, :1].expand(B, 1, *token.shape[2:])
     rest = token[:, 1:].expand(B, S - 1, *token.shape[2:])
     return torch.cat((first, rest), dim=1).reshape(B * S, *token.shape[2:])
@@ -68,6 +76,7 @@ class Aggregator(nn.Module):
         # Index 0 serves the first frame of a scene, index 1 all other frames.
         self.camera_token = nn.Parameter(torch.zeros(1, 2, 1, C))
         self.register_token = nn.Parameter(torch.zeros(1, 2, cfg.num_register_tokens, C))
+        self.__dict__["context"] = None  # ContextHooks while a scene's frames are split over ranks
         self.register_buffer("_resnet_mean", torch.tensor(IMAGENET_MEAN).view(1, 1, 3, 1, 1), persistent=False)
         self.register_buffer("_resnet_std", torch.tensor(IMAGENET_STD).view(1, 1, 3, 1, 1), persistent=False)
 
@@ -85,6 +94,14 @@ class Aggregator(nn.Module):
             raise ValueError(f"kept layer(s) {bad} outside the aggregator's {self.depth} layers (0..{self.depth - 1})")
         self._kept_layers = frozenset(i % self.depth for i in layers)
 
+    def set_context(self, context: ContextHooks | None) -> None:
+        """Split scenes over ranks (`context`) or not (None): the global attentions exchange tokens."""
+        self.__dict__["context"] = context
+        # Through modules(), not block.attn: a checkpoint or compile wrapper may stand in between.
+        for module in self.global_blocks.modules():
+            if isinstance(module, Attention):
+                module.__dict__["context"] = context
+
     # ------------------------------------------------------------------ init
     def init_special_parameters(self) -> None:
         nn.init.normal_(self.camera_token, std=1e-6)
@@ -101,8 +118,9 @@ class Aggregator(nn.Module):
         # In the parameters' compute dtype: without autocast nothing else would cast the fp32 buffers' result.
         images = ((images - self._resnet_mean) / self._resnet_std).to(self.camera_token.dtype)
         patches = self.patch_embed(images.reshape(B * S, 3, H, W))
-        camera = _first_and_rest(self.camera_token, B, S).to(patches.dtype)
-        registers = _first_and_rest(self.register_token, B, S).to(patches.dtype)
+        starts = self.context is None or self.context.holds_first_frame
+        camera = _first_and_rest(self.camera_token, B, S, starts).to(patches.dtype)
+        registers = _first_and_rest(self.register_token, B, S, starts).to(patches.dtype)
         return torch.cat((camera, registers, patches), dim=1)
 
     def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor | None], int]:

@@ -6,6 +6,7 @@ transformer block of the model is a `Block` and every self-attention an `Attenti
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -92,8 +93,32 @@ def patch_positions(grid_h: int, grid_w: int, num_special: int, device: torch.de
     return torch.cat((special, grid), dim=0)[None]
 
 
+class ContextHooks(Protocol):
+    """What a context-parallel runtime supplies when a scene's frames are split over a group of ranks
+    (vggt_fsdp/parallel/context.py implements it; the model only calls it)."""
+
+    size: int  # ranks sharing the scene
+
+    @property
+    def holds_first_frame(self) -> bool: ...
+
+    def heads_to_sequence(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, n, d) this rank's tokens -> (B, H/size, size*n, d) the whole scene's tokens."""
+
+    def sequence_to_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """The inverse of heads_to_sequence."""
+
+    def gather_frames(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """Every rank's frames of x along dim, in rank order (exact gradients to this rank's frames)."""
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention: qkv -> optional per-head LayerNorm of q, k -> optional RoPE -> SDPA."""
+    """Multi-head self-attention: qkv -> optional per-head LayerNorm of q, k -> optional RoPE -> SDPA.
+
+    With `context` set (a scene's tokens split over ranks, `ContextHooks`), q, k and v trade the token
+    split for a head split around SDPA, so each rank attends over every token with its share of heads.
+    RoPE is applied before the exchange: positions belong to the tokens this rank holds.
+    """
 
     def __init__(
         self,
@@ -115,6 +140,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
         # Shared, parameter-free; kept out of the module tree so it never appears in any state dict.
         self.__dict__["rope"] = rope
+        self.__dict__["context"] = None  # ContextHooks, set by the owner of a sequence-spanning attention
 
     def forward(self, x: torch.Tensor, pos: RopeTables | torch.Tensor | None = None) -> torch.Tensor:
         B, N, C = x.shape
@@ -126,7 +152,15 @@ class Attention(nn.Module):
                 raise ValueError("this attention uses RoPE and needs token positions (pos)")
             tables = self.rope.prepare(pos, q)  # q and k share one cast of the tables
             q, k = self.rope(q, tables), self.rope(k, tables)
+        context = self.context
+        if context is not None:
+            if self.num_heads % context.size:
+                raise ValueError(f"context parallelism over {context.size} ranks needs heads ({self.num_heads}) "
+                                 "divisible by it")
+            q, k, v = (context.heads_to_sequence(t) for t in (q, k, v))
         x = F.scaled_dot_product_attention(q, k, v)
+        if context is not None:
+            x = context.sequence_to_heads(x)
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 

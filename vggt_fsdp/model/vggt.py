@@ -9,6 +9,7 @@ from .config import VGGTConfig
 from .heads.camera import CameraHead
 from .heads.dpt import DPTHead
 from .heads.track import TrackHead
+from .layers import ContextHooks
 from .init import init_special_parameters
 
 
@@ -73,6 +74,25 @@ class VGGT(nn.Module):
         if not self.aggregator.camera_token.is_meta:
             init_special_parameters(self)  # on meta, materialize() does all init later
 
+    def set_context(self, context: ContextHooks | None) -> None:
+        """Split each scene's frames over a group of ranks (context parallelism) or not (None).
+
+        `images` then hold this rank's frames; the aggregator exchanges tokens around global attention,
+        the camera head's trunk runs over every rank's pose tokens, and every prediction is gathered to
+        the whole scene, so outputs (and the loss on them) are those of one process holding the scene.
+        The track head reads frame 0's features for every frame and is refused.
+        """
+        if context is not None and self.track_head is not None:
+            raise ValueError("context parallelism does not support the track head (its correlation reads "
+                             "the first frame's feature maps in every frame, held by one rank): disable "
+                             "model.heads.track or set parallel.context_parallel=1")
+        self.__dict__["context"] = context
+        self.aggregator.set_context(context)
+
+    @property
+    def context(self) -> ContextHooks | None:
+        return self.__dict__.get("context")
+
     def set_keep_all_layers(self, keep_all: bool) -> None:
         """Keep every aggregator layer (upstream's memory behaviour) or only those the heads read."""
         self.aggregator.kept_layers = self.config.replace(keep_all_layers=keep_all).kept_layers()
@@ -85,6 +105,8 @@ class VGGT(nn.Module):
 
         tokens_list, patch_start_idx = self.aggregator(images)
         predictions: dict = {}
+        context = self.context
+        gather = context.gather_frames if context is not None else None
 
         # Camera, depth and point heads run in fp32 whatever the surrounding autocast says. They cast
         # the tokens they read themselves (the DPT heads chunk by chunk), so no fp32 copy of the kept
@@ -92,7 +114,7 @@ class VGGT(nn.Module):
         with torch.autocast(device_type=images.device.type, enabled=False):
             fp32_images = _at_least_fp32(images)
             if self.camera_head is not None:
-                pose_enc_list = self.camera_head(tokens_list)
+                pose_enc_list = self.camera_head(tokens_list, gather_frames=gather)
                 predictions["pose_enc"] = pose_enc_list[-1]
                 predictions["pose_enc_list"] = pose_enc_list
             if self.depth_head is not None:
@@ -117,8 +139,12 @@ class VGGT(nn.Module):
             predictions["vis_logits"] = vis_logits
             predictions["conf_logits"] = conf_logits
 
+        if gather is not None:
+            for key in ("depth", "depth_conf", "world_points", "world_points_conf"):
+                if key in predictions:
+                    predictions[key] = gather(predictions[key])
         if not self.training:
-            predictions["images"] = images  # as upstream: kept for visualisation at inference
+            predictions["images"] = images if gather is None else gather(images)  # as upstream: kept for visualisation at inference
         return predictions
 
 

@@ -173,8 +173,15 @@ class ParallelConfig:
     # benchmarks/results/2026-11-27-nvidia-h200-followup.md); the layout that fixes it (reproduced and
     # fixed on the CPU, tests/test_compile.py) has not yet been run on a GPU.
     compile: bool = False
+    # Context parallelism: groups of N consecutive ranks share each scene, each rank holding S/N of its
+    # frames; global attention exchanges tokens over the group (parallel/context.py). N must divide the
+    # process count and the aggregator's heads; scenes then have a multiple of N frames.
+    context_parallel: int = 1
 
     def validate(self) -> None:
+        if not isinstance(self.context_parallel, int) or self.context_parallel < 1:
+            raise ValueError(f"parallel.context_parallel={self.context_parallel!r} must be an int >= 1 "
+                             "(1: every rank holds whole scenes)")
         self.sharding.validate()
         self.checkpoint.validate()
         unknown = sorted(set(self.checkpoint.groups) - set(self.layout.groups))

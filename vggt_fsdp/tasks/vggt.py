@@ -93,7 +93,9 @@ def load_initial_weights(model: nn.Module, path: str, new_modules: tuple[str, ..
 class VGGTTask:
     """Batches from helper D's loader, VGGT forward and `compute_loss`."""
 
-    def __init__(self, loader, loss_cfg, patch_size: int, special_tokens: int, tracks: bool, recipe=None):
+    def __init__(self, loader, loss_cfg, patch_size: int, special_tokens: int, tracks: bool, recipe=None,
+                 context=None):
+        self.context = context  # parallel.context.ContextGroup: the model sees this rank's frames only
         self.sampler = loader  # SceneLoader: state_dict() is the position after the last batch consumed
         self.loader, self.loss_cfg = loader, loss_cfg
         # No autocast here: the sharded model's forward carries the recipe's precision (input casts, and
@@ -107,7 +109,10 @@ class VGGTTask:
 
     def predict(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict:
         query = batch.get("query_points") if self.tracks else None
-        return model(batch["images"], query_points=query)
+        images = batch["images"]
+        if self.context is not None:  # the predictions come back whole (gathered over the group)
+            images = images[:, self.context.layout.frames(images.shape[1])]
+        return model(images, query_points=query)
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]):
         from vggt_fsdp.losses import compute_loss
@@ -170,6 +175,7 @@ class VGGTBuiltin:
         self.model_cfg = model_config(recipe.model)
         self.model = model if model is not None else build_model(self.model_cfg, device="meta")
         self.new_modules = tuple(new_modules)
+        self.context = None  # the context-parallel group, made with the sharded model (materialize)
         self.name = recipe.model.preset + (" (+overrides)" if recipe.model.overrides else "")
 
     def problems(self, cuda: bool) -> list:
@@ -192,7 +198,11 @@ class VGGTBuiltin:
 
     def materialize(self, model: nn.Module, device: torch.device) -> None:
         from vggt_fsdp.model import materialize
+        from vggt_fsdp.parallel.context import new_context_group
         from vggt_fsdp.parallel.materialize import one_process_init
+
+        self.context = new_context_group(self.recipe.parallel.context_parallel)  # None for N = 1
+        model.set_context(self.context)
 
         # As one process would with rank 0's random state, each rank keeping its shards (on the CPU, DTensor
         # alone draws every shard of a weight from the same local generator state: repeated rows).
@@ -204,7 +214,7 @@ class VGGTBuiltin:
     def make_task(self, loader) -> "VGGTTask":
         agg = self.model_cfg.aggregator
         return VGGTTask(loader, self.recipe.loss, agg.patch_size, 1 + agg.num_register_tokens,
-                        tracks=bool(self.recipe.model.heads.track), recipe=self.recipe)
+                        tracks=bool(self.recipe.model.heads.track), recipe=self.recipe, context=self.context)
 
     def start(self, model: nn.Module, device: torch.device, rank: int, world: int) -> Started:
         from vggt_fsdp.data import build_dataloader
@@ -212,7 +222,8 @@ class VGGTBuiltin:
         recipe = self.recipe
         budget = frames_per_gpu(recipe, device, world)
         loader = build_dataloader(recipe.data, rank=rank, world_size=world, split="train",
-                                  frames_per_gpu=budget, pin_memory=device.type == "cuda")
+                                  frames_per_gpu=budget, pin_memory=device.type == "cuda",
+                                  context_parallel=recipe.parallel.context_parallel)
         task = self.make_task(loader)
         validate = None
         if recipe.train.val_every:
@@ -220,4 +231,5 @@ class VGGTBuiltin:
 
             validate = Validator(recipe, model, task, device, rank, world, budget)
         return Started(task, validate, {"checkpoint_heads": recipe.parallel.checkpoint.heads,
-                                        "frames_per_gpu": budget})
+                                        "frames_per_gpu": budget,
+                                        "context_parallel": recipe.parallel.context_parallel})

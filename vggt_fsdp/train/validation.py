@@ -61,7 +61,11 @@ def abs_rel_sums(pred: torch.Tensor, gt: torch.Tensor, mask: torch.Tensor) -> tu
 
 
 class Validator:
-    """Callable(step) -> {"loss", "camera_auc30", "depth_absrel"} averaged over all ranks' batches."""
+    """Callable(step) -> {"loss", "camera_auc30", "depth_absrel"} averaged over all ranks' batches.
+
+    Under context parallelism the N ranks of a group validate the same scenes and each computes the
+    metrics on the whole scene (the model's predictions come back gathered): the sums over ranks count
+    each scene N times, in the numerators and the denominators alike, so the averages are exact."""
 
     def __init__(self, recipe, model: nn.Module, task, device: torch.device, rank: int, world: int,
                  frames_per_gpu: int):
@@ -71,7 +75,8 @@ class Validator:
         self.batches = recipe.train.val_batches
         # A fresh loader per validation: the same held-out batches every time, comparable over steps.
         self.make_loader = lambda: build_dataloader(recipe.data, rank=rank, world_size=world, split="val",
-                                                    frames_per_gpu=frames_per_gpu, num_workers=0)
+                                                    frames_per_gpu=frames_per_gpu, num_workers=0,
+                                                    context_parallel=recipe.parallel.context_parallel)
 
     @torch.no_grad()
     def __call__(self, step: int) -> dict[str, float]:

@@ -38,12 +38,18 @@ class CameraHead(nn.Module):
     def init_special_parameters(self) -> None:
         nn.init.zeros_(self.empty_pose_tokens)
 
-    def forward(self, aggregated_tokens_list: list[torch.Tensor | None], num_iterations: int | None = None) -> list[torch.Tensor]:
+    def forward(self, aggregated_tokens_list: list[torch.Tensor | None], num_iterations: int | None = None,
+                gather_frames=None) -> list[torch.Tensor]:
+        """`gather_frames` (context parallelism): collects every rank's pose tokens, so the trunk's
+        attention runs over the whole scene (on every rank of the group alike)."""
         tokens = aggregated_tokens_list[-1]
         if tokens is None:
             raise ValueError("the camera head reads the aggregator's last layer, which was not kept")
         # Cast only the camera tokens (B, S, 2C): a copy of the whole layer in fp32 would be wasted memory.
-        pose_tokens = self.token_norm(tokens[:, :, 0].to(self.token_norm.weight.dtype))
+        pose_tokens = tokens[:, :, 0]
+        if gather_frames is not None:
+            pose_tokens = gather_frames(pose_tokens)
+        pose_tokens = self.token_norm(pose_tokens.to(self.token_norm.weight.dtype))
         return self._refine(pose_tokens, num_iterations or self.num_iterations)
 
     def _refine(self, pose_tokens: torch.Tensor, num_iterations: int) -> list[torch.Tensor]:
