@@ -373,9 +373,9 @@ def test_sigterm_during_startup_exits_zero_and_leaves_nothing(tmp_path, when):
     """A SIGTERM while Python imports torch (held until the handler is in place) or while the model is
     built (after the lock was taken) ends the trainer with code 0, its lock released, nothing trained,
     and no traceback: the handler raises nothing into whatever code runs at that moment."""
-    out = tmp_path / "run"
+    out, status = tmp_path / "run", tmp_path / "status.json"
     proc = start([sys.executable, "-m", "vggt_fsdp.train", str(REPO / "recipes" / "cpu_tiny.yaml"), *SMALL,
-                  f"train.output_dir={out}"], _env())
+                  f"train.output_dir={out}"], {**_env(), faults.STATUS_ENV: str(status)})
     try:
         ready = (lambda: _sigterm_blocked(proc.pid)) if when == "importing" else (out / LOCK_NAME).is_file
         wait_for(ready, 180, f"trainer {when}", proc, interval=0.002)
@@ -386,6 +386,7 @@ def test_sigterm_during_startup_exits_zero_and_leaves_nothing(tmp_path, when):
     assert "stopped by signal 15 during start-up: nothing was trained" in result.stderr
     assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr
     assert not (out / LOCK_NAME).exists() and not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()
+    assert json.loads(status.read_text())["state"] == faults.STOPPED  # what `vggt-fsdp train` reads
     if when == "after the lock":  # the trainer held the directory: it says what happened there
         assert json.loads((out / "preempted.json").read_text()) == {"step": None, "checkpoint": None}
 

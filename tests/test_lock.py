@@ -15,6 +15,7 @@ import psutil
 import pytest
 from processes import finish, start, wait_for
 
+from vggt_fsdp.train.faults import PREEMPTED, STATUS_ENV
 from vggt_fsdp.train.lock import LOCK_NAME, Holder, LockError, RunLock, check_free
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,7 +121,8 @@ def test_a_second_trainer_on_the_same_directory_exits_at_once(tmp_path):
               "data.image_width=56", "data.frames_range=[2,3]", "data.frames_per_gpu=3", "data.num_workers=0",
               "train.log_every=1", "train.progress_bar=false", "train.checkpoint_every=0", f"train.output_dir={out}"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    a = start([*common, "train.max_steps=100000"], env)
+    status = tmp_path / "status.json"  # what rank 0 tells `vggt-fsdp train` (faults.write_status)
+    a = start([*common, "train.max_steps=100000"], {**env, STATUS_ENV: str(status)})
     try:
         wait_for((out / "metrics.jsonl").is_file, 180, "trainer A trains", a)
         started = time.perf_counter()
@@ -142,3 +144,5 @@ def test_a_second_trainer_on_the_same_directory_exits_at_once(tmp_path):
     assert steps == list(range(1, len(steps) + 1))  # A's records only, none interleaved
     assert "max_steps: 100000" in (out / "recipe.yaml").read_text()
     assert not (out / LOCK_NAME).exists()  # A released it
+    preempted = json.loads((out / "preempted.json").read_text())
+    assert json.loads(status.read_text()) == {"state": PREEMPTED, **preempted} and preempted["step"] >= 1

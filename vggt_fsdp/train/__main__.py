@@ -75,8 +75,12 @@ def run_recipe_script(path: str, argv: Sequence[str]) -> NoReturn:
         command = [sys.executable, "-m", "vggt_fsdp.cli", "train", path, *overrides,
                    f"accelerate.num_processes={asked}", "accelerate.use_cpu=true"]
         os.execv(sys.executable, command)  # same pid: the launcher waits for it and signals reach it
-    sys.exit(main(overrides, prog=f"python {argv[0]}", script=path))
+    from vggt_fsdp.train.faults import end_process
+
+    end_process(lambda: main(overrides, prog=f"python {argv[0]}", script=path))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from vggt_fsdp.train.faults import end_process
+
+    end_process(main)

@@ -34,7 +34,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, NoReturn, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -142,12 +142,39 @@ def _exit_now(code: int, why: str, message: str) -> None:
                 print(f"[vggt-fsdp rank {_rank()}] while stopping: {type(err).__name__}: {err}",
                       file=sys.stderr)
         print(message, file=sys.stderr)
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                pass
-        _exit(code)
+        _flush_and_exit(code)
+
+
+def _flush_and_exit(code: int) -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    _exit(code)
+
+
+def end_process(main: Callable[[], int]) -> NoReturn:
+    """Run a training process's `main` and end the process with its code, skipping the interpreter's
+    teardown. Torch keeps gloo process groups alive past destroy_process_group (DTensor's caches hold
+    the device mesh): their worker threads run while the interpreter and C++ statics are torn down in
+    no fixed order, which can abort a process that trained, saved and exported ("terminate called
+    without an active exception", SIGABRT: the launcher then reports a failure). By now every file is
+    written and closed, the data loader's workers are joined (the trainer was freed when `main`
+    returned) and the process group destroyed, so nothing is lost. An unexpected error is printed with
+    its traceback and ends the process with code 1, as Python would."""
+    try:
+        code = main()
+    except SystemExit as exit_:  # argparse: --help, a usage error
+        code = exit_.code if isinstance(exit_.code, int) else EXIT_FAILED
+    except KeyboardInterrupt:
+        code = SIGNAL_EXIT_BASE + signal.SIGINT
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        code = EXIT_FAILED
+    _flush_and_exit(code)
 
 
 @dataclass
