@@ -48,7 +48,7 @@ def run_group(name: str, runs: int, keep: Path) -> int:
         started = time.monotonic()
         result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
                                  *GROUPS[name]], cwd=TESTS, capture_output=True, text=True,
-                                env=dict(os.environ, OMP_NUM_THREADS="1"))
+                                env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(TESTS.parent)))
         ok = result.returncode == 0
         passed += ok
         if not ok:
