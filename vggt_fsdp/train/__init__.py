@@ -5,7 +5,7 @@ build.py       recipe -> Accelerator, sharded model, initial weights, optimizer,
 loop.py        Trainer: steps, accumulation, clipping, non-finite skipping, logging, checkpoints
 optim.py       AdamW parameter groups, warmup + cosine schedule, per-group gradient clipping
 checkpoint.py  atomic sharded (DCP) checkpoints, resume, export to one .safetensors
-faults.py      SIGTERM, non-finite losses, out-of-memory reports
+faults.py      stop signals, a launcher gone, exit codes, non-finite losses, out-of-memory reports
 metrics.py     device-side accumulation, metrics.jsonl, progress line, TensorBoard
 validation.py  held-out loss, camera AUC@30, depth AbsRel
 """
