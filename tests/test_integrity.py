@@ -431,16 +431,21 @@ def test_sigterm_to_vggt_fsdp_train_exits_as_documented(tmp_path, case):
     assert not (out / LOCK_NAME).exists() and not (out / "checkpoints").exists()
 
 
-def test_kill_9_of_the_launchers_group_ends_every_trainer_within_10_s(tmp_path):
+@pytest.mark.parametrize("target", ["the process group", "vggt-fsdp train alone"])
+def test_kill_9_of_the_launcher_ends_every_trainer_within_10_s(tmp_path, target):
     """torch elastic starts each training process in a session of its own: a kill of the launcher's
-    process group does not reach them. They watch their launcher and end, the lock released."""
+    process group does not reach them. They watch their launcher and end, the lock released. Killed
+    alone, `vggt-fsdp train` takes the launcher with it (PR_SET_PDEATHSIG), and so its trainers."""
     out = tmp_path / "run"
     proc = start([sys.executable, "-m", "vggt_fsdp.cli", "train", str(REPO / "recipes" / "cpu_tiny.yaml"), *SMALL,
                   "train.max_steps=100000", "train.checkpoint_every=0", f"train.output_dir={out}"], _env())
     try:
         wait_for((out / LOCK_NAME).is_file, 180, "the trainers took the lock", proc)
         workers = wait_for(lambda: len(trainers(proc.pid)) == 2 and trainers(proc.pid), 60, "two trainers")
-        os.killpg(proc.pid, signal.SIGKILL)
+        if target == "the process group":
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            proc.kill()
         killed = time.monotonic()
         proc.communicate(timeout=60)  # the pipes close when the last trainer ends
         wait_for(lambda: not alive(workers), 10, "every trainer ended")
