@@ -28,7 +28,7 @@ TESTS = Path(__file__).resolve().parent
 # group -> pytest arguments
 GROUPS: dict[str, list[str]] = {
     # test_integrity.py's stop signals during start-up, direct and in this process (issue 23's cases)
-    "startup": ["test_integrity.py", "-k", "sigterm_during_startup or start_up_signal or hand_over or "
+    "startup": ["test_integrity.py", "-k", "sigterm_during_startup or start_up_signal or hand_over or adopted or "
                 "after_a_start_up or launcher_is_gone"],
     # `vggt-fsdp train` signalled, kill -9 of the launcher's group
     "launcher": ["test_integrity.py", "-k", "vggt_fsdp_train_exits or kill_9"],

@@ -551,6 +551,16 @@ def test_a_trainer_whose_launcher_is_gone_cleans_up_and_exits(early_exit, capfd)
     assert f"the launcher (PID {gone}) is gone" in capfd.readouterr().err
 
 
+def test_a_trainer_adopted_by_init_exits(early_exit, monkeypatch):
+    """Its launcher died before it could note the launcher's PID (the agent can exit before its workers
+    start, a SIGTERM during their start): its parent is init, which is no launcher."""
+    exits, cleanups = early_exit
+    monkeypatch.setattr(psutil.Process, "name", lambda self: "init")
+    faults.exit_with_launcher(1, poll_s=0.01).join(timeout=10)
+    assert exits == [faults.EXIT_FAILED] and cleanups == [faults.ORPHANED]
+    assert not faults._adopted_by_init(os.getppid())
+
+
 def _dead_pid() -> int:
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()

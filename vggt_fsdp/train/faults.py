@@ -246,6 +246,20 @@ def end_startup() -> None:
     write_status(TRAINING)
 
 
+def _adopted_by_init(parent: int) -> bool:
+    """The launcher died before this process noted its PID: init adopted it. (A launcher can be PID 1
+    itself, in a container: then PID 1 is a Python process.)"""
+    if parent != 1:
+        return False
+    import psutil
+
+    try:
+        name = psutil.Process(1).name()
+    except psutil.Error:
+        return False
+    return not name.startswith(("python", "torchrun", "accelerate"))
+
+
 def exit_with_launcher(parent: int, poll_s: float = 0.5) -> threading.Thread:
     """Watch `parent` (the launcher's agent, its PID taken before the slow imports); when it is gone,
     clean up (rank 0 releases the lock) and exit. torch elastic starts each training process in a session of its own, so a kill -9 of the
@@ -255,7 +269,7 @@ def exit_with_launcher(parent: int, poll_s: float = 0.5) -> threading.Thread:
     ends; the thread works on every POSIX system and can release the lock."""
 
     def watch() -> None:
-        while os.getppid() == parent:
+        while os.getppid() == parent and not _adopted_by_init(parent):
             time.sleep(poll_s)
         _exit_now(EXIT_FAILED, ORPHANED, f"[vggt-fsdp rank {_rank()}] error: the launcher (PID {parent}) is "
                   "gone: this training process stops now (steps after the last checkpoint are lost)")
