@@ -507,6 +507,7 @@ def early_exit(monkeypatch):
     yield exits, cleanups
     if faults._startup is not None:
         faults._startup.over = True  # the watchdog thread ends
+    signal.set_wakeup_fd(-1)
     signal.signal(signal.SIGTERM, previous)
 
 

@@ -181,6 +181,7 @@ def end_process(main: Callable[[], int]) -> NoReturn:
 class _StartUp:
     signum: int | None = None  # the stop signal received, recorded by the handler
     over: bool = False  # StopSignal took over
+    signals: tuple[int, ...] = ()
 
 
 _startup: _StartUp | None = None
@@ -203,12 +204,25 @@ def _stop_startup(state: _StartUp) -> None:
         _exit_now(EXIT_OK, STOPPED, f"[vggt-fsdp rank {_rank()}] {message}")
 
 
-def _startup_watchdog(state: _StartUp) -> None:
+def _startup_watchdog(state: _StartUp, wakeup: int) -> None:
+    """Also reads the signal numbers Python's C-level handler writes to `wakeup` at once: the Python
+    handler runs only when the main thread returns to the interpreter, which a thread blocked in C++
+    (a rendezvous, a collective waiting for a peer) may not do for minutes."""
+    import select
+
     while not state.over:
         if state.signum is not None:
             _stop_startup(state)
             return
-        time.sleep(WATCH_INTERVAL_S)
+        ready, _, _ = select.select([wakeup], [], [], WATCH_INTERVAL_S)
+        if ready:
+            try:
+                received = os.read(wakeup, 64)
+            except OSError:
+                return
+            stop = [sig for sig in received if sig in state.signals]
+            if stop and state.signum is None:
+                state.signum = stop[0]
 
 
 def stop_during_startup(signals: tuple[int, ...] = (signal.SIGTERM,)) -> None:
@@ -217,8 +231,11 @@ def stop_during_startup(signals: tuple[int, ...] = (signal.SIGTERM,)) -> None:
     pending one now. Calling it again during the same start-up changes nothing."""
     global _startup
     if _startup is None or _startup.over:
-        _startup = _StartUp()
-        threading.Thread(target=_startup_watchdog, args=(_startup,), name="vggt-fsdp-startup-stop",
+        _startup = _StartUp(signals=tuple(signals))
+        read, write = os.pipe()
+        os.set_blocking(write, False)
+        signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+        threading.Thread(target=_startup_watchdog, args=(_startup, read), name="vggt-fsdp-startup-stop",
                          daemon=True).start()
         write_status(STARTING)
     for sig in signals:
@@ -243,6 +260,7 @@ def end_startup() -> None:
         if state.signum is not None:
             _stop_startup(state)
         state.over = True
+    signal.set_wakeup_fd(-1)
     write_status(TRAINING)
 
 
