@@ -4,6 +4,12 @@ are never loaded, saved or exported, and a run ending in non-finite steps fails.
 Most cases run in this process (DCP and the checkpoint code work without a process group); two use
 the 2-rank toy trainer of test_train_core (a rank file missing on one rank, a final non-finite run).
 The damage cases are a table: one line per way a checkpoint breaks.
+
+Signals and exit codes: a stop signal during start-up ends a trainer with code 0 and no traceback;
+`vggt-fsdp train` exits as README's exit-code table says in each signal case (the table is
+faults.EXIT_CODES); a kill -9 of the launcher's process group leaves no trainer alive after 10 s. These
+tests wait on conditions, never for a time; `python tests/stress.py` runs them repeatedly beside CPU
+hogs, the check to run before changing them or the code they cover.
 """
 from __future__ import annotations
 
@@ -16,11 +22,15 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
+from processes import alive, finish, start, trainers, wait_for
 from torch import nn
 
 from vggt_fsdp.train import checkpoint as ckpt
+from vggt_fsdp.train import faults
+from vggt_fsdp.train.faults import EXIT_OK
 from vggt_fsdp.train.integrity import NonFiniteWeightsError, checksum_files, nonfinite_names, verify_files
 from vggt_fsdp.train.lock import LOCK_NAME
 from vggt_fsdp.train.metrics import read_metrics, truncate_metrics
@@ -338,66 +348,212 @@ def test_nan_initial_weights_exit_nonzero_and_export_nothing(tmp_path):
     assert not (out / "model.safetensors").exists() and not (out / "checkpoints").exists()
 
 
-# ------------------------------------------------------------------------------------- start-up SIGTERM
-def _sigterm_blocked(pid: int) -> bool:
-    status = Path(f"/proc/{pid}/status").read_text()
-    blocked = int(next(line for line in status.splitlines() if line.startswith("SigBlk:")).split()[1], 16)
-    return bool(blocked & (1 << (signal.SIGTERM - 1)))
+# ------------------------------------------------------------------------------------- signals, exit codes
+# The signal cases below are timing-sensitive: before changing faults.py, lock.py, commands/train.py or
+# these tests, run `python tests/stress.py` (each case 20 times in a row beside a CPU hog; see there).
+SMALL = ["data.image_width=56", "data.frames_range=[2,3]", "data.frames_per_gpu=3", "data.num_workers=0",
+         "train.progress_bar=false"]
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+
+
+def _sigterm_held(pid: int) -> bool:
+    """SIGTERM blocked (the trainer imports) or caught (its start-up handler is in place): from here a
+    SIGTERM lands in start-up. The blocked window alone can be shorter than a loaded test's polling."""
+    status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    masks = [int(line.split()[1], 16) for line in status if line.startswith(("SigBlk:", "SigCgt:"))]
+    return any(mask & (1 << (signal.SIGTERM - 1)) for mask in masks)
 
 
 @pytest.mark.parametrize("when", ["importing", "after the lock"])
 def test_sigterm_during_startup_exits_zero_and_leaves_nothing(tmp_path, when):
-    """A SIGTERM while Python imports torch (held until the handler is in place) or while the model is
-    built (after the lock was taken) ends the trainer with code 0, its lock released, nothing trained."""
-    out = tmp_path / "run"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vggt_fsdp.train", str(REPO / "recipes" / "cpu_tiny.yaml"), "data.image_width=56",
-         "data.frames_range=[2,3]", "data.frames_per_gpu=3", "train.progress_bar=false", f"train.output_dir={out}"],
-        cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)), stderr=subprocess.PIPE, text=True)
+    """A SIGTERM while Python imports torch (held until the handler is in place; or just after) or while
+    the model is built (after the lock was taken) ends the trainer with code 0, its lock released, nothing trained,
+    and no traceback: the handler raises nothing into whatever code runs at that moment."""
+    out, status = tmp_path / "run", tmp_path / "status.json"
+    proc = start([sys.executable, "-m", "vggt_fsdp.train", str(REPO / "recipes" / "cpu_tiny.yaml"), *SMALL,
+                  f"train.output_dir={out}"], {**_env(), faults.STATUS_ENV: str(status)})
     try:
-        deadline = time.time() + 180
-        ready = (lambda: _sigterm_blocked(proc.pid)) if when == "importing" else (out / LOCK_NAME).is_file
-        while proc.poll() is None and not ready() and time.time() < deadline:
-            time.sleep(0.005)
+        ready = (lambda: _sigterm_held(proc.pid)) if when == "importing" else (out / LOCK_NAME).is_file
+        wait_for(ready, 180, f"trainer {when}", proc, interval=0.002)
         proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=180)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, err[-3000:]
-    assert "during start-up" in err and "Traceback" not in err
+        result = finish(proc, 180)
+    assert result.returncode == EXIT_OK, result.stderr[-3000:]
+    assert "stopped by signal 15 during start-up: nothing was trained" in result.stderr
+    assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr
     assert not (out / LOCK_NAME).exists() and not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()
+    assert json.loads(status.read_text())["state"] == faults.STOPPED  # what `vggt-fsdp train` reads
     if when == "after the lock":  # the trainer held the directory: it says what happened there
         assert json.loads((out / "preempted.json").read_text()) == {"step": None, "checkpoint": None}
 
 
-def test_train_command_exits_zero_after_a_clean_stop(tmp_path, capsys):
+def _launcher_started(proc):
+    def started() -> bool:
+        try:
+            return any("accelerate.commands.launch" in p.cmdline() for p in psutil.Process(proc.pid).children())
+        except psutil.Error:  # gone meanwhile: wait_for says so
+            return False
+    return started
+
+
+# When `vggt-fsdp train` gets SIGTERM -> what it must wait for first, the exit code and what it says.
+TRAIN_SIGNAL_CASES = {
+    "while the launcher imports": (_launcher_started, EXIT_OK, "during start-up: nothing was trained"),
+    "while the trainers start": (lambda proc: lambda: trainers(proc.pid), EXIT_OK, "during start-up: nothing was trained"),
+}
+
+
+@pytest.mark.parametrize("case", list(TRAIN_SIGNAL_CASES))
+def test_sigterm_to_vggt_fsdp_train_exits_as_documented(tmp_path, case):
+    ready, code, phrase = TRAIN_SIGNAL_CASES[case]
+    out = tmp_path / "run"
+    proc = start([sys.executable, "-m", "vggt_fsdp.cli", "train", str(REPO / "recipes" / "cpu_tiny.yaml"), *SMALL,
+                  f"train.output_dir={out}"], _env())
+    try:
+        wait_for(ready(proc), 180, case, proc, interval=0.002)
+        proc.send_signal(signal.SIGTERM)  # to the command only: it passes the signal on
+    finally:
+        result = finish(proc, 180)
+    assert result.returncode == code, result.stderr[-3000:]
+    assert phrase in result.stderr and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert not (out / LOCK_NAME).exists() and not (out / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("target", ["the process group", "vggt-fsdp train alone"])
+def test_kill_9_of_the_launcher_ends_every_trainer_within_10_s(tmp_path, target):
+    """torch elastic starts each training process in a session of its own: a kill of the launcher's
+    process group does not reach them. They watch their launcher and end, the lock released. Killed
+    alone, `vggt-fsdp train` takes the launcher with it (PR_SET_PDEATHSIG), and so its trainers."""
+    out = tmp_path / "run"
+    proc = start([sys.executable, "-m", "vggt_fsdp.cli", "train", str(REPO / "recipes" / "cpu_tiny.yaml"), *SMALL,
+                  "train.max_steps=100000", "train.checkpoint_every=0", f"train.output_dir={out}"], _env())
+    try:
+        wait_for((out / LOCK_NAME).is_file, 180, "the trainers took the lock", proc)
+        workers = wait_for(lambda: len(trainers(proc.pid)) == 2 and trainers(proc.pid), 60, "two trainers")
+        if target == "the process group":
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            proc.kill()
+        killed = time.monotonic()
+        proc.communicate(timeout=60)  # the pipes close when the last trainer ends
+        wait_for(lambda: not alive(workers), 10, "every trainer ended")
+        print(f"trainers ended {time.monotonic() - killed:.1f} s after the kill")
+    finally:
+        for worker in alive(trainers(proc.pid) if proc.poll() is None else []):
+            worker.kill()
+    assert not (out / LOCK_NAME).exists()
+
+
+def _status(tmp_path, state: str | None) -> Path:
+    path = tmp_path / "status.json"
+    if state is not None:
+        path.write_text(json.dumps({"state": state, "step": 7, "checkpoint": "/x/step-0000007"}))
+    return path
+
+
+# (launcher's returncode, signal this command passed on, rank 0's last state) -> exit code, phrase
+EXIT_CASES = [
+    (0, None, faults.FINISHED, EXIT_OK, ""),
+    (1, None, faults.TRAINING, faults.EXIT_FAILED, ""),  # no signal: a failure stands
+    (-9, None, faults.TRAINING, 137, ""),  # the launcher killed: 128+N
+    (-15, signal.SIGTERM, None, EXIT_OK, "during start-up: nothing was trained"),  # before any trainer ran
+    (1, signal.SIGTERM, faults.STARTING, EXIT_OK, "during start-up: nothing was trained"),
+    (1, signal.SIGTERM, faults.STOPPED, EXIT_OK, "during start-up: nothing was trained"),
+    (1, signal.SIGTERM, faults.PREEMPTED, EXIT_OK, "preempted at step 7; checkpoint /x/step-0000007 saved"),
+    (143, signal.SIGTERM, faults.FINISHED, EXIT_OK, "finished (step 7"),  # signalled during the export
+    (1, signal.SIGTERM, faults.TRAINING, faults.EXIT_FAILED, ""),  # signalled, but no clean stop recorded
+    (-9, signal.SIGTERM, faults.TRAINING, 137, ""),
+]
+
+
+@pytest.mark.parametrize("returncode,signalled,state,expected,phrase", EXIT_CASES)
+def test_train_command_exit_code(tmp_path, capsys, returncode, signalled, state, expected, phrase):
     from vggt_fsdp.commands.train import _exit_code
 
-    status = tmp_path / "status.json"
-    assert _exit_code(1, True, status) == 1  # signalled, but no rank said it stopped cleanly
-    status.write_text(json.dumps({"step": None, "checkpoint": None}))
-    assert _exit_code(1, True, status) == 0 and "stopped during start-up" in capsys.readouterr().err
-    status.write_text(json.dumps({"step": 7, "checkpoint": "/x/step-0000007"}))
-    assert _exit_code(1, True, status) == 0 and "preempted at step 7" in capsys.readouterr().err
-    assert _exit_code(1, False, status) == 1  # no signal forwarded: the failure stands
+    assert _exit_code(returncode, signalled, _status(tmp_path, state)) == expected
+    err = capsys.readouterr().err
+    assert (phrase in err) if phrase else err == ""
 
 
-def test_a_start_up_signal_whose_exception_was_swallowed_stops_at_the_hand_over():
-    """The start-up handler's exception can land in code that ignores exceptions (a __del__, a weakref
-    callback); the signal is then honoured when the training loop's handler takes over."""
-    from vggt_fsdp.train import faults
+def test_readme_exit_code_table_is_the_codes():
+    """README.md's one table of exit codes is faults.EXIT_CODES, row for row."""
+    text = (REPO / "README.md").read_text()
+    assert text.count("| exit code | meaning |") == 1
+    table = text[text.index("| exit code | meaning |"):].split("\n\n")[0].strip()
+    assert table == faults.exit_code_table()
+    assert {faults.EXIT_OK, faults.EXIT_FAILED, faults.EXIT_REFUSED} == {int(c) for c in faults.EXIT_CODES if c.isdigit()}
 
+
+@pytest.fixture
+def early_exit(monkeypatch):
+    """faults' early exit, recorded instead of ending this process: [(code, message)], and the clean-ups
+    it ran, [why]."""
+    exits, cleanups = [], []
+    monkeypatch.setattr(faults, "_exit", lambda code: exits.append(code))
+    monkeypatch.setattr(faults, "_cleanups", [cleanups.append])
     previous = signal.getsignal(signal.SIGTERM)
-    try:
-        faults.stop_during_startup()
-        try:
-            signal.raise_signal(signal.SIGTERM)
-        except faults.StartupInterrupted:
-            pass  # what a __del__ or a callback would have done with it
-        with pytest.raises(faults.StartupInterrupted):
-            faults.StopSignal()
-        faults.stop_during_startup()  # a new start-up forgets it
-        assert faults.StopSignal().received is None
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    yield exits, cleanups
+    if faults._startup is not None:
+        faults._startup.over = True  # the watchdog thread ends
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_start_up_signal_is_only_recorded_and_the_watchdog_stops(early_exit, capfd):
+    """The handler raises nothing in the code it interrupts; a thread cleans up and exits with 0."""
+    exits, cleanups = early_exit
+    faults.stop_during_startup()
+    signal.raise_signal(signal.SIGTERM)  # no exception here, whatever this code is
+    wait_for(lambda: exits, 10, "the watchdog's exit")
+    assert exits == [EXIT_OK] and cleanups == [faults.STOPPED]
+    assert "stopped by signal 15 during start-up: nothing was trained, nothing saved" in capfd.readouterr().err
+
+
+def test_a_signal_recorded_before_the_hand_over_still_stops(early_exit, monkeypatch):
+    exits, cleanups = early_exit
+    monkeypatch.setattr(faults, "WATCH_INTERVAL_S", 3600)  # the watchdog sleeps: the hand-over must act
+    faults.stop_during_startup()
+    signal.raise_signal(signal.SIGTERM)
+    stop = faults.StopSignal()  # takes over; finds the recorded signal
+    assert exits == [EXIT_OK] and cleanups == [faults.STOPPED] and stop.received is None
+    faults.stop_during_startup()  # a new start-up forgets it
+    faults.end_startup()
+    assert exits == [EXIT_OK]
+
+
+def test_an_error_after_a_start_up_signal_is_the_stop(early_exit, monkeypatch):
+    exits, cleanups = early_exit
+    monkeypatch.setattr(faults, "WATCH_INTERVAL_S", 3600)
+    faults.stop_during_startup()
+    faults.stop_if_signalled()
+    assert exits == []  # no signal: the error is an error
+    signal.raise_signal(signal.SIGTERM)
+    faults.stop_if_signalled()  # a peer stopped first and left a collective: the stop, not the error
+    assert exits == [EXIT_OK] and cleanups == [faults.STOPPED]
+
+
+def test_a_trainer_whose_launcher_is_gone_cleans_up_and_exits(early_exit, capfd):
+    exits, cleanups = early_exit
+    gone = _dead_pid()  # stands for the launcher's PID taken at start
+    faults.exit_with_launcher(gone, poll_s=0.01).join(timeout=10)
+    assert exits == [faults.EXIT_FAILED] and cleanups == [faults.ORPHANED]
+    assert f"the launcher (PID {gone}) is gone" in capfd.readouterr().err
+
+
+def test_a_trainer_adopted_by_init_exits(early_exit, monkeypatch):
+    """Its launcher died before it could note the launcher's PID (the agent can exit before its workers
+    start, a SIGTERM during their start): its parent is init, which is no launcher."""
+    exits, cleanups = early_exit
+    monkeypatch.setattr(psutil.Process, "name", lambda self: "init")
+    faults.exit_with_launcher(1, poll_s=0.01).join(timeout=10)
+    assert exits == [faults.EXIT_FAILED] and cleanups == [faults.ORPHANED]
+    assert not faults._adopted_by_init(os.getppid())
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid

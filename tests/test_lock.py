@@ -13,7 +13,9 @@ from pathlib import Path
 
 import psutil
 import pytest
+from processes import finish, start, wait_for
 
+from vggt_fsdp.train.faults import PREEMPTED, STATUS_ENV
 from vggt_fsdp.train.lock import LOCK_NAME, Holder, LockError, RunLock, check_free
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,6 +88,17 @@ def test_acquire_and_release(tmp_path):
     assert not (out / LOCK_NAME).exists()
 
 
+def test_a_closed_lock_is_released_and_never_taken_again(tmp_path):
+    """What a trainer ending itself early does (faults.py), possibly from another thread while the main
+    thread is about to take the lock: after close() the directory stays free."""
+    lock = RunLock(tmp_path).acquire()
+    lock.close()
+    assert not (tmp_path / LOCK_NAME).exists()
+    with pytest.raises(LockError, match="is stopping"):
+        lock.acquire()
+    assert not (tmp_path / LOCK_NAME).exists()
+
+
 def test_release_never_removes_another_trainers_lock(tmp_path):
     lock = RunLock(tmp_path).acquire()
     other = _holder()
@@ -108,23 +121,18 @@ def test_a_second_trainer_on_the_same_directory_exits_at_once(tmp_path):
               "data.image_width=56", "data.frames_range=[2,3]", "data.frames_per_gpu=3", "data.num_workers=0",
               "train.log_every=1", "train.progress_bar=false", "train.checkpoint_every=0", f"train.output_dir={out}"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    a = subprocess.Popen([*common, "train.max_steps=100000"], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    status = tmp_path / "status.json"  # what rank 0 tells `vggt-fsdp train` (faults.write_status)
+    a = start([*common, "train.max_steps=100000"], {**env, STATUS_ENV: str(status)})
     try:
-        deadline = time.time() + 180
-        while not (out / "metrics.jsonl").is_file() and a.poll() is None and time.time() < deadline:
-            time.sleep(0.2)
-        assert (out / "metrics.jsonl").is_file(), "trainer A did not start"
+        wait_for((out / "metrics.jsonl").is_file, 180, "trainer A trains", a)
         started = time.perf_counter()
         b = subprocess.run([*common, "train.max_steps=5"], cwd=REPO, env=env, capture_output=True, text=True,
                            timeout=120)
         b_seconds = time.perf_counter() - started
         assert a.poll() is None, "trainer A stopped"
         a.send_signal(signal.SIGTERM)
-        _, a_err = a.communicate(timeout=120)
     finally:
-        if a.poll() is None:
-            os.killpg(a.pid, signal.SIGKILL)
+        a_err = finish(a, 180).stderr
     assert b.returncode == 1 and "Traceback" not in b.stderr
     assert f"train.output_dir {out} is in use by another trainer (PID {a.pid} on host" in b.stderr
     # B stops at the lock, right after its process group: before building the model (whose size line
@@ -136,3 +144,5 @@ def test_a_second_trainer_on_the_same_directory_exits_at_once(tmp_path):
     assert steps == list(range(1, len(steps) + 1))  # A's records only, none interleaved
     assert "max_steps: 100000" in (out / "recipe.yaml").read_text()
     assert not (out / LOCK_NAME).exists()  # A released it
+    preempted = json.loads((out / "preempted.json").read_text())
+    assert json.loads(status.read_text()) == {"state": PREEMPTED, **preempted} and preempted["step"] >= 1

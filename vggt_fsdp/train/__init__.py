@@ -8,7 +8,7 @@ checkpoint.py  atomic sharded (DCP) checkpoints, resume, export to one .safetens
 safe_load.py   checkpoint files read as data only (weights-only, restricted DCP metadata unpickler)
 checkpoint_errors.py  failed saves, loads and exports in the toolkit's words (disk full, DCP errors)
 resume_check.py  the rule for a resume with a changed recipe; recipe.yaml and recipe-history.jsonl
-faults.py      SIGTERM, non-finite losses, out-of-memory reports
+faults.py      stop signals, a launcher gone, exit codes, non-finite losses, out-of-memory reports
 metrics.py     device-side accumulation, metrics.jsonl, progress line, TensorBoard
 validation.py  held-out loss, camera AUC@30, depth AbsRel
 """

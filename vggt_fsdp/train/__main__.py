@@ -35,30 +35,29 @@ def main(argv: list[str] | None = None, prog: str = PROG, script: str | None = N
     # A SIGTERM during the slow imports below is held until stop_during_startup() installs the
     # handler that ends start-up cleanly (exit 0), instead of killing the process mid-import.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    launcher = os.getppid()  # before the imports: the launcher may be gone by their end
     args = parse_args(argv, prog, script)
     # As upstream trains: fewer fragmentation OOMs with varying batch shapes; the memory planner
     # assumes it. Must be set before CUDA's allocator starts; a user's own setting wins.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    from vggt_fsdp.train.faults import PREEMPTED_EXIT_CODE, StartupInterrupted, stop_during_startup
+    from vggt_fsdp.train.faults import EXIT_REFUSED, exit_with_launcher, stop_during_startup
+
+    stop_during_startup()
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a worker of torch elastic's agent (torchrun, accelerate launch)
+        exit_with_launcher(launcher)
+    from vggt_fsdp.recipe import RecipeError, load_recipe
 
     try:
-        stop_during_startup()
-        from vggt_fsdp.recipe import RecipeError, load_recipe
+        recipe = load_recipe(args.recipe, args.overrides)
+    except RecipeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        _launcher_hint()
+        return EXIT_REFUSED
+    if refused_by_this_machine(recipe):
+        return EXIT_REFUSED
+    from vggt_fsdp.train.build import run
 
-        try:
-            recipe = load_recipe(args.recipe, args.overrides)
-        except RecipeError as err:
-            print(f"error: {err}", file=sys.stderr)
-            _launcher_hint()
-            return 2
-        if refused_by_this_machine(recipe):
-            return 2
-        from vggt_fsdp.train.build import run
-
-        return run(recipe)
-    except StartupInterrupted as signum:
-        print(f"[vggt-fsdp] stopped by signal {signum} during start-up: nothing was trained", file=sys.stderr)
-        return PREEMPTED_EXIT_CODE
+    return run(recipe)
 
 
 def refused_by_this_machine(recipe) -> bool:
@@ -105,8 +104,12 @@ def run_recipe_script(path: str, argv: Sequence[str]) -> NoReturn:
         command = [sys.executable, "-m", "vggt_fsdp.cli", "train", path, *overrides,
                    f"accelerate.num_processes={asked}", "accelerate.use_cpu=true"]
         os.execv(sys.executable, command)  # same pid: the launcher waits for it and signals reach it
-    sys.exit(main(overrides, prog=f"python {argv[0]}", script=path))
+    from vggt_fsdp.train.faults import end_process
+
+    end_process(lambda: main(overrides, prog=f"python {argv[0]}", script=path))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from vggt_fsdp.train.faults import end_process
+
+    end_process(main)

@@ -16,7 +16,6 @@ Order matters and is the point of this module:
 from __future__ import annotations
 
 import json
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,52 +112,53 @@ def run(recipe) -> int:
 
     Every rank reports the error it meets itself (faults.report_failure). The expected failures (a
     refused recipe, a directory in use, a damaged checkpoint, non-finite weights or losses, bad data)
-    end with code 1 and no traceback; a stop signal before training began ends with code 0.
+    end with code 1 and no traceback; a stop signal before training began ends the process with code 0
+    (faults.stop_during_startup), an error after such a signal too (it is the stop's consequence).
     """
     from vggt_fsdp.data import DataError
     from vggt_fsdp.train.checkpoint import CheckpointError
     from vggt_fsdp.tasks import TaskError
-    from vggt_fsdp.train.faults import (PREEMPTED_EXIT_CODE, NonFiniteLossError, StartupInterrupted,
-                                        report_failure, stop_during_startup)
+    from vggt_fsdp.train.faults import (EXIT_FAILED, STOPPED, NonFiniteLossError, forget_early_exit,
+                                        on_early_exit, report_failure, stop_during_startup, stop_if_signalled)
     from vggt_fsdp.train.lock import LockError, RunLock
     from vggt_fsdp.train.preflight import PreflightError
 
     stop_during_startup()  # until the training loop takes SIGTERM over
     lock = RunLock(recipe.train.output_dir)
+
+    def early_exit(why: str) -> None:  # faults ends the process: a start-up stop, or the launcher gone
+        if why == STOPPED:
+            _report_preempted(recipe, lock, step=None, checkpoint=None)
+        lock.close()
+
+    on_early_exit(early_exit)
     try:
         return _train(recipe, lock)
-    except StartupInterrupted as signum:
-        log(f"stopped by signal {signum} during start-up: nothing was trained, nothing saved")
-        _report_preempted(recipe, lock, step=None, checkpoint=None)
-        return PREEMPTED_EXIT_CODE
     except (PreflightError, LockError, CheckpointError, NonFiniteLossError, DataError, TaskError) as err:
+        stop_if_signalled()
         report_failure(err)
-        return 1
+        return EXIT_FAILED
     except Exception as err:
+        stop_if_signalled()
         report_failure(err)
         raise
     finally:
+        forget_early_exit(early_exit)
         lock.release()
 
 
-STATUS_ENV = "VGGT_FSDP_STATUS"  # set by `vggt-fsdp train`: where rank 0 says the run was preempted
-
-
 def _report_preempted(recipe, lock, step: int | None, checkpoint: Path | None) -> None:
-    """Rank 0: preempted.json in output_dir (only while holding its lock) and the launcher's status file.
-    Read by `vggt-fsdp train`: the launcher (torchrun's agent) exits non-zero when signalled even though
-    every rank saved and exited cleanly."""
+    """Rank 0: preempted.json in output_dir, only while holding its lock."""
     if dist.is_initialized() and dist.get_rank() != 0:
         return
-    info = json.dumps({"step": step, "checkpoint": str(checkpoint) if checkpoint else None})
     if lock.holder is not None:
+        info = json.dumps({"step": step, "checkpoint": str(checkpoint) if checkpoint else None})
         (Path(recipe.train.output_dir) / PREEMPTED_MARKER).write_text(info)
-    if os.environ.get(STATUS_ENV):
-        Path(os.environ[STATUS_ENV]).write_text(info)
 
 
 def _train(recipe, lock) -> int:
     from vggt_fsdp.train import checkpoint as ckpt
+    from vggt_fsdp.train.faults import FINISHED, PREEMPTED, write_status
 
     built = build_trainer(recipe, lock)
     trainer = built.trainer
@@ -173,6 +173,7 @@ def _train(recipe, lock) -> int:
     outcome = trainer.fit()
     if outcome.preempted:
         _report_preempted(recipe, lock, outcome.step, outcome.last_checkpoint)
+        write_status(PREEMPTED, outcome.step, outcome.last_checkpoint)
     if not outcome.preempted and recipe.train.export_final and outcome.last_checkpoint is not None:
         if trainer.rank == 0:
             # Just written and checksummed, weights checked finite: export_safetensors checks them again.
@@ -180,5 +181,7 @@ def _train(recipe, lock) -> int:
             log(f"exported {count} tensors to {out / 'model.safetensors'}")
     if dist.is_initialized():
         dist.barrier()
+    if not outcome.preempted:  # for `vggt-fsdp train`: a signal that came during the export stopped nothing
+        write_status(FINISHED, outcome.step, outcome.last_checkpoint)
     built.accelerator.end_training()
     return outcome.exit_code

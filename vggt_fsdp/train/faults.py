@@ -1,10 +1,19 @@
-"""What the trainer does when things go wrong: preemption, non-finite losses, out of memory.
+"""What the trainer does when things go wrong: stop signals, a launcher that is gone, non-finite
+losses, out of memory; and the exit codes that say how a run ended (EXIT_CODES, README's table).
 
-- SIGTERM (preemption, `scancel`, a launcher stopping the job): during start-up (imports, building,
-  loading weights, resuming) it ends the process at once with code 0: nothing was trained, so nothing
-  is saved. Once training runs, the handler only sets a flag; at the next step boundary all ranks
-  agree (a MAX over a CPU gloo group, which never waits for the GPU), save a checkpoint and exit with
-  code 0. A second SIGTERM during that save is ignored.
+- SIGTERM (preemption, `scancel`, a launcher stopping the job) during start-up (imports, building,
+  loading weights, resuming): the handler only records it. A watchdog thread then ends the process
+  with code 0 (nothing was trained, nothing is saved): it runs the registered clean-up (rank 0 releases
+  the output directory's lock) and calls os._exit. Nothing is raised in the main thread, so no
+  exception can land in whatever code it runs at that moment (an import callback, a __del__, a
+  library's `finally`), and no traceback is printed. An error the main thread meets after such a
+  signal (a peer that stopped first) ends the process the same way (`stop_if_signalled`).
+- Once training runs (`StopSignal`), the handler only sets a flag; at the next step boundary all
+  ranks agree (a MAX over a CPU gloo group, which never waits for the GPU), save a checkpoint and exit
+  with code 0. A second SIGTERM during that save is ignored.
+- A training process started by a launcher (torch elastic runs each in a session of its own, so a
+  kill of the launcher's process group does not reach it) watches its parent: when the launcher is
+  gone (kill -9, the OOM killer) it releases the lock and exits within a second (`exit_with_launcher`).
 - A non-finite loss or gradient norm: the optimizer update is skipped on every rank. With fused AdamW
   the skip happens on the device (the optimizer's `found_inf` input), so no host sync is needed and the
   count of skipped steps in a row is checked at the next log step; the run aborts with
@@ -17,49 +26,275 @@
 """
 from __future__ import annotations
 
+import json
+import os
 import signal
 import sys
+import threading
+import time
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from pathlib import Path
+from typing import Any, Callable, NoReturn, TypeVar
 
 import torch
 import torch.distributed as dist
 
-PREEMPTED_EXIT_CODE = 0  # a preempted run that saved its checkpoint ended as intended
 T = TypeVar("T")
 
 
 class NonFiniteLossError(RuntimeError):
     pass
 
+# ------------------------------------------------------------------------------------------ exit codes
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_REFUSED = 2
+SIGNAL_EXIT_BASE = 128  # a process ended by signal N exits 128+N (as a shell reports it)
+PREEMPTED_EXIT_CODE = EXIT_OK  # a preempted run that saved its checkpoint ended as intended
 
-class StartupInterrupted(BaseException):
-    """A stop signal arrived before training began (BaseException: no `except Exception` swallows it)."""
+# The one table of exit codes of `vggt-fsdp train` and of each training process. README.md holds it
+# verbatim (tests/test_integrity.py compares them); `exit_code_table()` prints it.
+EXIT_CODES: dict[str, str] = {
+    str(EXIT_OK): "finished; or stopped cleanly by SIGTERM: a checkpoint saved (`preempted.json` names it), "
+                  "or still starting, so nothing was trained and nothing saved",
+    str(EXIT_FAILED): "failed: an error during start-up or training, printed by the rank that met it "
+                      "(a busy output directory, a damaged checkpoint, non-finite weights or losses, bad data)",
+    str(EXIT_REFUSED): "refused before any training process started: the recipe does not load or fails "
+                       "its checks (one `error:` line each)",
+    f"{SIGNAL_EXIT_BASE}+N": "ended by signal N before the processes could stop cleanly (137: SIGKILL; 143: "
+                             "SIGTERM while training, the processes killed before they saved)",
+}
 
 
-# The stop signal received during start-up. The exception the handler raises can be swallowed when it
-# lands in code that ignores exceptions (a __del__, a weakref callback); StopSignal then honours it.
-_startup_signal: int | None = None
+def exit_code_table() -> str:
+    """EXIT_CODES as README's Markdown table."""
+    rows = [f"| {code} | {meaning} |" for code, meaning in EXIT_CODES.items()]
+    return "\n".join(["| exit code | meaning |", "|---|---|", *rows])
 
 
-def _raise_startup(signum, frame) -> None:
-    global _startup_signal
-    _startup_signal = signum
-    raise StartupInterrupted(signum)
+def signal_exit_code(returncode: int) -> int:
+    """A subprocess's returncode as an exit code: -N (ended by signal N) becomes 128+N."""
+    return SIGNAL_EXIT_BASE - returncode if returncode < 0 else returncode
 
 
-def stop_during_startup(signals: tuple[int, ...] = (signal.SIGTERM,)) -> None:
-    """Until `StopSignal` takes over, `signals` raise StartupInterrupted. A process that blocked them
-    first (`signal.pthread_sigmask`, before its slow imports) receives a pending one now."""
-    global _startup_signal
-    _startup_signal = None
-    for sig in signals:
-        signal.signal(sig, _raise_startup)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, set(signals))
+# ---------------------------------------------------------------------------- the launcher's status file
+# `vggt-fsdp train` sets STATUS_ENV to a file; rank 0 records there how far the run got, so that the
+# command can tell a clean stop from a failure after it forwarded a signal (torch elastic's agent exits
+# non-zero when signalled, although every rank stopped cleanly).
+STATUS_ENV = "VGGT_FSDP_STATUS"
+STARTING, TRAINING, STOPPED, PREEMPTED, FINISHED = "starting", "training", "stopped", "preempted", "finished"
 
 
 def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+    if dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+def write_status(state: str, step: int | None = None, checkpoint: Path | None = None) -> None:
+    """Rank 0: `state` (STARTING ... FINISHED) in the launcher's status file, when there is one."""
+    path = os.environ.get(STATUS_ENV)
+    if not path or _rank() != 0:
+        return
+    tmp = Path(f"{path}.tmp")
+    try:
+        tmp.write_text(json.dumps({"state": state, "step": step,
+                                   "checkpoint": str(checkpoint) if checkpoint else None}))
+        os.replace(tmp, path)
+    except OSError:  # the launcher is gone (its agent can exit before its workers): nobody to tell
+        pass
+
+
+def read_status(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+# ------------------------------------------------------------------------------ ending the process early
+# Clean-up run (once, in order) before the process ends itself early: at a stop signal during start-up
+# (why=STOPPED) or when its launcher is gone (why=ORPHANED). Rank 0 releases the lock here.
+ORPHANED = "orphaned"
+_cleanups: list[Callable[[str], None]] = []
+_exit_lock = threading.RLock()  # one early exit at a time; held while the clean-up runs
+_exit: Callable[[int], Any] = os._exit  # tests replace it
+
+
+def on_early_exit(callback: Callable[[str], None]) -> None:
+    """Run `callback(why)` before the process ends itself early (why: STOPPED or ORPHANED)."""
+    _cleanups.append(callback)
+
+
+def forget_early_exit(callback: Callable[[str], None]) -> None:
+    if callback in _cleanups:
+        _cleanups.remove(callback)
+
+
+def _exit_now(code: int, why: str, message: str) -> None:
+    """Clean up, say why and end the process, from any thread, without raising anywhere. os._exit: the
+    main thread may sit in a collective or in a library's code, which must not run on."""
+    with _exit_lock:
+        for callback in list(_cleanups):
+            try:
+                callback(why)
+            except Exception as err:  # the exit must happen; say what could not be cleaned up
+                print(f"[vggt-fsdp rank {_rank()}] while stopping: {type(err).__name__}: {err}",
+                      file=sys.stderr)
+        print(message, file=sys.stderr)
+        _flush_and_exit(code)
+
+
+def _flush_and_exit(code: int) -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    _exit(code)
+
+
+def end_process(main: Callable[[], int]) -> NoReturn:
+    """Run a training process's `main` and end the process with its code, skipping the interpreter's
+    teardown. Torch keeps gloo process groups alive past destroy_process_group (DTensor's caches hold
+    the device mesh): their worker threads run while the interpreter and C++ statics are torn down in
+    no fixed order, which can abort a process that trained, saved and exported ("terminate called
+    without an active exception", SIGABRT: the launcher then reports a failure). By now every file is
+    written and closed, the data loader's workers are joined (the trainer was freed when `main`
+    returned) and the process group destroyed, so nothing is lost. An unexpected error is printed with
+    its traceback and ends the process with code 1, as Python would."""
+    try:
+        code = main()
+    except SystemExit as exit_:  # argparse: --help, a usage error
+        code = exit_.code if isinstance(exit_.code, int) else EXIT_FAILED
+    except KeyboardInterrupt:
+        code = SIGNAL_EXIT_BASE + signal.SIGINT
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        code = EXIT_FAILED
+    _flush_and_exit(code)
+
+
+@dataclass
+class _StartUp:
+    signum: int | None = None  # the stop signal received, recorded by the handler
+    over: bool = False  # StopSignal took over
+    signals: tuple[int, ...] = ()
+
+
+_startup: _StartUp | None = None
+WATCH_INTERVAL_S = 0.05  # how often the start-up watchdog looks for a recorded signal
+
+
+def _record_startup(signum, frame) -> None:
+    if _startup is not None and _startup.signum is None:
+        _startup.signum = signum
+
+
+def _stop_startup(state: _StartUp) -> None:
+    """The stop during start-up: status, clean-up (lock, preempted.json), message, exit 0."""
+    with _exit_lock:
+        if state.over:
+            return
+        state.over = True  # once (the exit does not return, but tests replace it)
+        write_status(STOPPED)
+        message = f"stopped by signal {state.signum} during start-up: nothing was trained, nothing saved"
+        _exit_now(EXIT_OK, STOPPED, f"[vggt-fsdp rank {_rank()}] {message}")
+
+
+def _startup_watchdog(state: _StartUp, wakeup: int) -> None:
+    """Also reads the signal numbers Python's C-level handler writes to `wakeup` at once: the Python
+    handler runs only when the main thread returns to the interpreter, which a thread blocked in C++
+    (a rendezvous, a collective waiting for a peer) may not do for minutes."""
+    import select
+
+    while not state.over:
+        if state.signum is not None:
+            _stop_startup(state)
+            return
+        ready, _, _ = select.select([wakeup], [], [], WATCH_INTERVAL_S)
+        if ready:
+            try:
+                received = os.read(wakeup, 64)
+            except OSError:
+                return
+            stop = [sig for sig in received if sig in state.signals]
+            if stop and state.signum is None:
+                state.signum = stop[0]
+
+
+def stop_during_startup(signals: tuple[int, ...] = (signal.SIGTERM,)) -> None:
+    """Until `StopSignal` takes over, `signals` end the process with code 0 (see the module's doc). A
+    process that blocked them first (`signal.pthread_sigmask`, before its slow imports) receives a
+    pending one now. Calling it again during the same start-up changes nothing."""
+    global _startup
+    if _startup is None or _startup.over:
+        _startup = _StartUp(signals=tuple(signals))
+        read, write = os.pipe()
+        os.set_blocking(write, False)
+        signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+        threading.Thread(target=_startup_watchdog, args=(_startup, read), name="vggt-fsdp-startup-stop",
+                         daemon=True).start()
+        write_status(STARTING)
+    for sig in signals:
+        signal.signal(sig, _record_startup)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, set(signals))
+
+
+def stop_if_signalled() -> None:
+    """Called on an error during start-up: when a stop signal came first, the error is its consequence
+    (a peer that stopped left a collective), and the process ends as the signal asks, without the error."""
+    state = _startup
+    if state is not None and state.signum is not None:
+        _stop_startup(state)
+
+
+def end_startup() -> None:
+    """Start-up is over (StopSignal installed its handler): a signal recorded until now still stops."""
+    state = _startup
+    if state is None:
+        return
+    with _exit_lock:
+        if state.signum is not None:
+            _stop_startup(state)
+        state.over = True
+    signal.set_wakeup_fd(-1)
+    write_status(TRAINING)
+
+
+def _adopted_by_init(parent: int) -> bool:
+    """The launcher died before this process noted its PID: init adopted it. (A launcher can be PID 1
+    itself, in a container: then PID 1 is a Python process.)"""
+    if parent != 1:
+        return False
+    import psutil
+
+    try:
+        name = psutil.Process(1).name()
+    except psutil.Error:
+        return False
+    return not name.startswith(("python", "torchrun", "accelerate"))
+
+
+def exit_with_launcher(parent: int, poll_s: float = 0.5) -> threading.Thread:
+    """Watch `parent` (the launcher's agent, its PID taken before the slow imports); when it is gone,
+    clean up (rank 0 releases the lock) and exit. torch elastic starts each training process in a session of its own, so a kill -9 of the
+    launcher or of its process group never reaches them, and they would train on unseen. A thread that
+    polls the parent PID, not PR_SET_PDEATHSIG: that signal's handler would run on the main thread,
+    which may wait in a collective for minutes, and it would fire when the launcher's forking thread
+    ends; the thread works on every POSIX system and can release the lock."""
+
+    def watch() -> None:
+        while os.getppid() == parent and not _adopted_by_init(parent):
+            time.sleep(poll_s)
+        _exit_now(EXIT_FAILED, ORPHANED, f"[vggt-fsdp rank {_rank()}] error: the launcher (PID {parent}) is "
+                  "gone: this training process stops now (steps after the last checkpoint are lost)")
+
+    thread = threading.Thread(target=watch, name="vggt-fsdp-launcher-watch", daemon=True)
+    thread.start()
+    return thread
 
 
 def report_failure(err: BaseException) -> None:
@@ -90,27 +325,31 @@ def rank0_decides(decide: Callable[[], T], errors: tuple[type[Exception], ...]) 
 
 class StopSignal:
     """`signals` (SIGTERM by default; SIGINT keeps its KeyboardInterrupt) -> stop at the next step
-    boundary, agreed across ranks. Creating it ends the start-up handling of `stop_during_startup`."""
+    boundary, agreed across ranks. Creating it ends the start-up handling of `stop_during_startup`.
+    The handler only records the signal: it says so at the step boundary (a print from a handler can
+    land inside another print to the same stream, which raises)."""
 
     def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)):
         self.received: int | None = None
+        self._said = False
         self._group = None
         if dist.is_initialized() and dist.get_world_size() > 1:
             # A CPU group: agreeing on the flag must not wait for queued GPU work.
             self._group = dist.new_group(backend="gloo")
-        for sig in signals:
+        for sig in signals:  # first: a signal from here on is this handler's, none is lost in between
             signal.signal(sig, self._handle)
-        if _startup_signal is not None:  # received during start-up, its exception swallowed: stop now
-            raise StartupInterrupted(_startup_signal)
+        end_startup()
 
     def _handle(self, signum, frame) -> None:
         if self.received is None:
             self.received = signum
-            print(f"[vggt-fsdp] received signal {signum}: saving a checkpoint at the next step boundary",
-                  file=sys.stderr, flush=True)
 
     def should_stop(self) -> bool:
         """Collective over all ranks: True when any rank was signalled."""
+        if self.received is not None and not self._said:
+            self._said = True
+            print(f"[vggt-fsdp rank {_rank()}] received signal {self.received}: saving a checkpoint at this "
+                  "step boundary", file=sys.stderr, flush=True)
         flag = torch.tensor([1 if self.received is not None else 0], dtype=torch.int32)
         if self._group is not None:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)

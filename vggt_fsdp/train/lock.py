@@ -11,12 +11,19 @@ when its holder is known to be gone: on this host, no process with that PID and 
 host, an earlier incarnation of this SLURM job (a requeued job runs again with the same job id and a
 higher restart count). A lock from another host cannot be checked from here: the message says so and
 how to remove it.
+
+A trainer that ends itself early (a stop signal during start-up, its launcher gone: faults.py) releases
+the lock from another thread, possibly while the main thread is taking it: acquire and release exclude
+each other, and after `close()` the lock is never taken again by this object. A trainer killed outright
+(kill -9) leaves its lock, which the next trainer finds stale (no process with that PID and start time)
+and takes over.
 """
 from __future__ import annotations
 
 import json
 import os
 import socket
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -99,8 +106,16 @@ class RunLock:
         self.path = Path(output_dir) / LOCK_NAME
         self.holder: Holder | None = None  # set while this process holds the lock
         self.took_over: str | None = None  # why a stale lock was replaced, for the log
+        self._mutex = threading.Lock()  # acquire/release from different threads (see the module's doc)
+        self._closed = False
 
     def acquire(self) -> RunLock:
+        with self._mutex:
+            if self._closed:
+                raise LockError(f"{self.path}: this trainer is stopping; the lock is not taken again")
+            return self._acquire()
+
+    def _acquire(self) -> RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         me = Holder.this_process()
         for _ in range(3):  # a race with another starter or a stale-lock removal: look again
@@ -149,6 +164,16 @@ class RunLock:
 
     def release(self) -> None:
         """Remove the lock if this process holds it (never another trainer's)."""
+        with self._mutex:
+            self._release()
+
+    def close(self) -> None:
+        """Release, and refuse to acquire from now on: the process is ending."""
+        with self._mutex:
+            self._closed = True
+            self._release()
+
+    def _release(self) -> None:
         if self.holder is None:
             return
         try:
