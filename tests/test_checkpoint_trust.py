@@ -312,7 +312,7 @@ def test_vggt_fsdp_train_refuses_it_before_launching(run_with_checkpoint, capsys
     from vggt_fsdp.commands import train
 
     out, step = run_with_checkpoint
-    monkeypatch.setattr(train, "_run_forwarding_signals", lambda *a: pytest.fail("launched"))
+    monkeypatch.setattr(train._Launcher, "run", lambda *a: pytest.fail("launched"))
     args = argparse.Namespace(recipe=str(REPO / "recipes" / "cpu_tiny.yaml"), dry_run=False, config_file=None,
                               overrides=[f"train.output_dir={out}", "model.preset=vggt-mid"])
     assert train.run(args) == 2

@@ -66,9 +66,11 @@ def test_header_says_how_to_run_the_recipe_first(path):
 def test_running_the_file_trains_it_with_the_command_line_as_overrides(path, monkeypatch):
     """What `python RECIPE.yaml ARGS` (and so accelerate launch / torchrun) executes, in-process."""
     import vggt_fsdp.train.__main__ as entry
+    from vggt_fsdp.train import faults
 
     calls = []
     monkeypatch.setattr(entry, "main", lambda argv, prog, script: calls.append((argv, prog, script)) or 7)
+    monkeypatch.setattr(faults, "_exit", sys.exit)  # the process ends with os._exit (faults.end_process)
     monkeypatch.setattr(sys, "argv", ["ignored", "train.max_steps=2", "train.output_dir=OUT"])  # run_path sets [0]
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_path(str(path), run_name="__main__")
