@@ -99,6 +99,33 @@ def test_a_closed_lock_is_released_and_never_taken_again(tmp_path):
     assert not (tmp_path / LOCK_NAME).exists()
 
 
+@pytest.mark.parametrize("held", [True, False])
+def test_last_words_run_only_for_a_held_lock_even_while_its_acquire_is_in_flight(tmp_path, monkeypatch, held):
+    """A start-up stop on another thread can come the moment the lock file appears, before acquire() has
+    recorded the holder: close() waits for that acquire, so the stop's marker is still written."""
+    import threading
+
+    lock, created, words = RunLock(tmp_path), threading.Event(), []
+    if held:
+        make = RunLock._create
+
+        def slow_create(self, me):  # the file exists; the holder is recorded only after a pause
+            made = make(self, me)
+            created.set()
+            time.sleep(0.3)
+            return made
+
+        monkeypatch.setattr(RunLock, "_create", slow_create)
+        acquiring = threading.Thread(target=lock.acquire)
+        acquiring.start()
+        assert created.wait(10)
+    lock.close(last_words=lambda: words.append(lock.holder is not None))
+    if held:
+        acquiring.join(10)
+    assert words == ([True] if held else [])
+    assert not (tmp_path / LOCK_NAME).exists()
+
+
 def test_release_never_removes_another_trainers_lock(tmp_path):
     lock = RunLock(tmp_path).acquire()
     other = _holder()

@@ -127,9 +127,8 @@ def run(recipe) -> int:
     lock = RunLock(recipe.train.output_dir)
 
     def early_exit(why: str) -> None:  # faults ends the process: a start-up stop, or the launcher gone
-        if why == STOPPED:
-            _report_preempted(recipe, lock, step=None, checkpoint=None)
-        lock.close()
+        said = (lambda: _report_preempted(recipe, lock, step=None, checkpoint=None)) if why == STOPPED else None
+        lock.close(last_words=said)
 
     on_early_exit(early_exit)
     try:
@@ -158,13 +157,15 @@ def _report_preempted(recipe, lock, step: int | None, checkpoint: Path | None) -
 
 def _train(recipe, lock) -> int:
     from vggt_fsdp.train import checkpoint as ckpt
+    from vggt_fsdp.train import faults
     from vggt_fsdp.train.faults import FINISHED, PREEMPTED, write_status
 
     built = build_trainer(recipe, lock)
     trainer = built.trainer
     out = Path(recipe.train.output_dir)
     if trainer.rank == 0:
-        (out / PREEMPTED_MARKER).unlink(missing_ok=True)  # only this run's preemption may be reported
+        with faults.early_exit_held():  # an early exit's own marker (written by another thread) must stay
+            (out / PREEMPTED_MARKER).unlink(missing_ok=True)  # only this run's preemption may be reported
     trainer.resume()
     if trainer.rank == 0:  # after the resume: the recipe in effect, and what changed (resume_check.py)
         from vggt_fsdp.recipe import dump_recipe

@@ -26,6 +26,7 @@ losses, out of memory; and the exit codes that say how a run ended (EXIT_CODES, 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -119,6 +120,14 @@ ORPHANED = "orphaned"
 _cleanups: list[Callable[[str], None]] = []
 _exit_lock = threading.RLock()  # one early exit at a time; held while the clean-up runs
 _exit: Callable[[int], Any] = os._exit  # tests replace it
+
+
+@contextlib.contextmanager
+def early_exit_held():
+    """Run the block wholly before an early exit's clean-up (which another thread may start at any moment)
+    or not at all: the process ends while the block waits."""
+    with _exit_lock:
+        yield
 
 
 def on_early_exit(callback: Callable[[str], None]) -> None:

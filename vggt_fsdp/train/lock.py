@@ -28,6 +28,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import psutil
 
@@ -167,10 +168,15 @@ class RunLock:
         with self._mutex:
             self._release()
 
-    def close(self) -> None:
-        """Release, and refuse to acquire from now on: the process is ending."""
+    def close(self, last_words: Callable[[], None] | None = None) -> None:
+        """Release, and refuse to acquire from now on: the process is ending. `last_words` runs first, and
+        only while this process holds the lock (what it writes in output_dir is then this trainer's): under
+        the mutex, so an acquire in flight on another thread (the lock file made, the holder not yet
+        recorded) finishes before it is judged."""
         with self._mutex:
             self._closed = True
+            if last_words is not None and self.holder is not None:
+                last_words()
             self._release()
 
     def _release(self) -> None:
