@@ -28,7 +28,6 @@ import math
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from fnmatch import fnmatchcase
 from typing import Any
 
 import torch
@@ -37,33 +36,13 @@ from torch import nn
 
 from vggt_fsdp.memory.accounting import SavedTensorCounter
 from vggt_fsdp.memory.planner import FRAGMENTATION, NON_PYTORCH_BYTES, GiB, Term, _state_terms, _unsharded_terms
-from vggt_fsdp.memory.units import _DTYPE_BYTES, ParamInfo, UnitInfo, shard_size
+from vggt_fsdp.memory.units import shard_size, unit_layout_of
 
 FIT_SIZES = (1, 2)  # the linear fit's two points
 CHECK_SIZE = 4  # where the fit is checked against a third measurement
 LINEARITY_TOLERANCE = 0.05  # a larger misfit at CHECK_SIZE is reported as a warning in the plan
 
 ExampleInputs = Callable[[int], Any]  # size -> a tuple of positional inputs, or a dict of keyword inputs
-
-
-# ======================================================================================== the layout
-def unit_layout_of(model: nn.Module, parallel_cfg, freeze: tuple[str, ...] = ()) -> list[UnitInfo]:
-    """The FSDP units of `model` (any device, meta included) under `parallel_cfg`, each with the shapes of
-    the parameters it owns (the innermost unit whose path contains the parameter's name)."""
-    from vggt_fsdp.parallel.sharding import plan_parallelism
-
-    plan = plan_parallelism(model, parallel_cfg)
-    paths = sorted((u.path for u in plan.units if u.path), key=lambda p: -p.count("."))
-    owned: dict[str, list[ParamInfo]] = {u.path: [] for u in plan.units}
-    for name, param in model.named_parameters():
-        trainable = param.requires_grad and not any(fnmatchcase(name, pattern) for pattern in freeze)
-        owner = next((p for p in paths if name.startswith(p + ".")), "")
-        owned[owner].append(ParamInfo(name, tuple(param.shape), trainable))
-    return [
-        UnitInfo(u.path, u.kind, u.group, _DTYPE_BYTES[u.param_dtype], _DTYPE_BYTES[u.reduce_dtype],
-                 u.reshard_after_forward, u.checkpoint, tuple(owned[u.path]))
-        for u in plan.units
-    ]
 
 
 def model_state_bytes(model: nn.Module, parallel_cfg, world_size: int, gpus_per_node: int,

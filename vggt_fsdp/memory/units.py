@@ -8,6 +8,8 @@ import math
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
+from torch import nn
+
 from vggt_fsdp.model.config import VGGTConfig
 
 
@@ -135,10 +137,16 @@ def _relabel(structure: list[UnitInfo], chunkable: tuple[str, ...], parallel_cfg
 
 
 def _unit_layout(model_cfg: VGGTConfig, parallel_cfg, freeze: tuple[str, ...]) -> list[UnitInfo]:
+    return unit_layout_of(_meta_model(model_cfg), parallel_cfg, freeze)
+
+
+def unit_layout_of(model: nn.Module, parallel_cfg, freeze: tuple[str, ...] = ()) -> list[UnitInfo]:
+    """The FSDP units of `model` (any device, meta included) under `parallel_cfg`, each with the shapes of
+    the parameters it owns (the innermost unit whose path contains the parameter's name) and whether it
+    casts its inputs."""
     from vggt_fsdp.parallel.precision import casts_inputs
     from vggt_fsdp.parallel.sharding import plan_parallelism
 
-    model = _meta_model(model_cfg)
     plan = plan_parallelism(model, parallel_cfg)
     paths = sorted((u.path for u in plan.units if u.path), key=lambda p: -p.count("."))
     owned: dict[str, list[ParamInfo]] = {u.path: [] for u in plan.units}

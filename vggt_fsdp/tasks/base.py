@@ -332,10 +332,10 @@ class MapValidator:
             for key, value in values.items():
                 sums[key] = sums.get(key, 0) + value.detach().double().reshape(())
         keys = sorted(sums)
-        totals = torch.stack([sums[k] for k in keys] + [torch.tensor(float(len(self.order)), dtype=torch.float64,
-                                                                       device=self.device)]) if keys else None
-        if totals is None:
+        if not keys:
             return {}
+        count = torch.tensor(float(len(self.order)), dtype=torch.float64, device=self.device)
+        totals = torch.stack([sums[k] for k in keys] + [count])
         if dist.is_initialized():
             dist.all_reduce(totals)
-        return {k: (totals[i] / totals[-1]).item() for i, k in enumerate(keys)}
+        return dict(zip(keys, (totals[:-1] / totals[-1]).tolist()))  # one host sync, not one per metric

@@ -10,8 +10,8 @@ checkpoint is ever unpickled without a restriction:
 - DCP's `.metadata`, a pickle torch itself reads without restriction: `SafeReader.read_metadata`
   admits only the classes DCP's metadata is made of (`_ALLOWED`), and every storage record must name a
   plain file inside the checkpoint directory;
-- DCP's non-tensor items (the optimizer's hyperparameters), which torch's default planner reads with
-  `weights_only=False`: `SafePlanner.load_bytes` reads them with `weights_only=True`.
+- DCP's non-tensor items (the optimizer's hyperparameters), which torch's default planner unpickles
+  without restriction: `SafePlanner.load_bytes` reads them with `weights_only=True`.
 
 Anything else in a file is refused with `UnsafeCheckpointError`, naming the file and the object.
 """
@@ -123,7 +123,7 @@ def _weights_only(source, what: str) -> Any:
     try:
         return torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:  # weights_only refusals are UnpicklingErrors
-        # torch's message: advice to set weights_only=False (never here), then the object refused.
+        # torch's message: advice to lift the restriction (never here), then the object refused.
         lines = [line for line in str(err).splitlines() if "GLOBAL" in line or "Unsupported" in line]
         found = lines[0].strip() if lines else type(err).__name__
         raise UnsafeCheckpointError(f"{what} holds objects other than tensors and plain data ({found[:200]}): "
