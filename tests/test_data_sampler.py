@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -52,17 +54,21 @@ def test_sampler_is_deterministic_given_seed_rank_step():
 
 @pytest.mark.parametrize("group", [1, 2, 3])
 def test_a_context_group_draws_the_same_scenes_on_each_rank_with_frames_a_multiple_of_its_size(group):
-    """Ranks r of a group of N get the sampler of group r // N: same scenes, same seeds; scene lengths are
-    multiples of N, and N = 1 draws exactly what the sampler drew before groups existed."""
+    """Ranks r of a group of N get the sampler of group r // N: same scenes, same seeds, and rank i of the
+    group builds the i-th contiguous share of each scene's frames; scene lengths are multiples of N, and
+    N = 1 draws exactly what the sampler drew before groups existed (whole scenes)."""
     cfg = DataConfig(frames_range=[2, 12], frames_per_gpu=12)
-    samplers = [DynamicBatchSampler(40, cfg, 12, rank // group, 6 // group, context_parallel=group)
-                for rank in range(6)]
+    samplers = [DynamicBatchSampler(40, cfg, 12, rank // group, 6 // group, context_parallel=group,
+                                    context_rank=rank % group) for rank in range(6)]
     plain = DynamicBatchSampler(40, cfg, 12, 0, 6)
     for step in range(20):
         specs = [s.specs_at(step, 0) for s in samplers]
-        for rank in range(6):
-            assert specs[rank] == specs[rank - rank % group]
         frames = specs[0][0].num_frames
+        for rank in range(6):
+            whole = [dataclasses.replace(spec, frames=None) for spec in specs[rank]]
+            assert whole == [dataclasses.replace(spec, frames=None) for spec in specs[rank - rank % group]]
+            share, i = frames // group, rank % group
+            assert {spec.frames for spec in specs[rank]} == {None if group == 1 else (i * share, (i + 1) * share)}
         assert frames % group == 0 and 2 <= frames <= 12
         assert len(specs[0]) == 12 * group // frames
         if group == 1:

@@ -183,8 +183,8 @@ def build_dataloader(cfg: DataConfig, *, rank: int = 0, world_size: int = 1, spl
                      pin_memory: bool = False, context_parallel: int = 1) -> SceneLoader:
     """The loader of one rank. `frames_per_gpu` overrides cfg.frames_per_gpu (pass the planner's value
     when the recipe says "auto"); augmentation applies to the train split only. With `context_parallel`
-    N > 1 the N consecutive ranks of a group get the same whole scenes (the model keeps each rank's
-    share of the frames, the loss reads them all)."""
+    N > 1 the N consecutive ranks of a group draw the same scenes and each builds only its share of their
+    frames, in world coordinates: the group completes the batch (data/split_scenes.py)."""
     cfg.validate()
     budget = cfg.frames_per_gpu if frames_per_gpu is None else frames_per_gpu
     if budget == "auto":
@@ -193,7 +193,7 @@ def build_dataloader(cfg: DataConfig, *, rank: int = 0, world_size: int = 1, spl
     if world_size % context_parallel:
         raise ValueError(f"context_parallel={context_parallel} does not divide the world size {world_size}")
     sampler = DynamicBatchSampler(build_mixture(cfg, sources, split), cfg, int(budget), rank // context_parallel,
-                                  world_size // context_parallel, split, context_parallel)
+                                  world_size // context_parallel, split, context_parallel, rank % context_parallel)
     augment = cfg.augment if split == "train" else None
     workers = cfg.num_workers if num_workers is None else num_workers
     return SceneLoader(sources, sampler, augment, workers, pin_memory)

@@ -18,16 +18,18 @@ _TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, 
 _FROM_YIQ = torch.linalg.inv(_TO_YIQ)
 
 
-def photometric_frames(images: list[torch.Tensor], rng: np.random.Generator,
-                       cfg: AugmentConfig | None) -> torch.Tensor:
-    """`photometric` on each frame of a scene, stacked; with probability cojitter_prob every frame
-    repeats one draw (the same random numbers), so the scene keeps consistent colours."""
+def photometric_frames(images: list[torch.Tensor], rng: np.random.Generator, cfg: AugmentConfig | None,
+                       frame_rngs: list[np.random.Generator] | None = None) -> torch.Tensor:
+    """`photometric` on each frame of a scene, stacked; with probability cojitter_prob (drawn from the
+    scene's `rng`) every frame repeats one draw (the same random numbers), so the scene keeps consistent
+    colours. Otherwise frame i draws from `frame_rngs[i]` (its own generator; default: `rng` for all)."""
     if cfg is None or not cfg.enabled:
         return torch.stack(images)
     if rng.uniform() < cfg.cojitter_prob:
         seed = int(rng.integers(2**63))
         return torch.stack([photometric(image, np.random.default_rng(seed), cfg) for image in images])
-    return torch.stack([photometric(image, rng, cfg) for image in images])
+    frame_rngs = frame_rngs if frame_rngs is not None else [rng] * len(images)
+    return torch.stack([photometric(image, frame_rng, cfg) for image, frame_rng in zip(images, frame_rngs)])
 
 
 def photometric(image: torch.Tensor, rng: np.random.Generator, cfg: AugmentConfig | None) -> torch.Tensor:

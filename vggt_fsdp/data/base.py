@@ -3,7 +3,11 @@
 A source (synthetic, co3d, vkitti, folder, colmap) is a list of scenes. Asked for scene `index` with S
 frames at an image size, it returns one scene's tensors in world coordinates; `build_sample` then
 normalises them as upstream. All randomness comes from the spec's seed, so a sample is reproducible
-anywhere. The real formats' shared reading machinery is vggt_fsdp.data.files.
+anywhere: draws about the whole scene (which frames, the cameras of a synthetic scene, one colour jitter
+for all frames) from the scene's generator, draws about one frame (its crop and zoom, its colour jitter,
+the replacement of a bad frame) from that frame's own generator (`SampleSpec.frame_rng`). So a rank
+that builds only some of a scene's frames (`SampleSpec.frames`, context parallelism) builds them exactly
+as a process building the whole scene does. The real formats' shared reading machinery is vggt_fsdp.data.files.
 """
 from __future__ import annotations
 
@@ -33,6 +37,16 @@ class SampleSpec:
     step: int  # the batch this sample belongs to
     next_position: int  # sampler position after this batch (for resuming)
     source: int = 0  # which source of data.source_configs() the scene comes from
+    # [start, stop) of the scene's frames this rank builds (a context group shares the scene); None: all.
+    frames: tuple[int, int] | None = None
+
+    def positions(self) -> range:
+        """The frame positions this rank builds."""
+        return range(self.num_frames) if self.frames is None else range(*self.frames)
+
+    def frame_rng(self, position: int) -> np.random.Generator:
+        """The generator of frame `position`'s own random draws (the same whichever frames a rank builds)."""
+        return np.random.default_rng([*self.seed, 0xF5A3E, position])
 
 
 @dataclass
@@ -86,9 +100,12 @@ def pick_frames(rng: np.random.Generator, available: int, num_frames: int, windo
 
 
 def build_sample(source: SceneSource, spec: SampleSpec, augment: AugmentConfig | None) -> dict[str, torch.Tensor]:
+    """One scene, normalised; a share of a scene's frames (`spec.frames`) stays in world coordinates: its
+    normalisation needs the whole scene, which the context group completes (data/split_scenes.py)."""
     rng = np.random.default_rng(list(spec.seed))
     scene = source.scene(spec, rng, augment)
-    scene = normalize_scene(scene)
+    if spec.frames is None:
+        scene = normalize_scene(scene)
     scene.setdefault("skipped_frames", torch.tensor(0))
     scene["source_index"] = torch.tensor(spec.source)
     return scene

@@ -26,13 +26,15 @@ _log = logging.getLogger(__name__)
 
 
 def assemble_frames(frames: list[RawFrame], image_hw: tuple[int, int], rng: np.random.Generator,
-                    augment: AugmentConfig | None, margin: int) -> dict[str, torch.Tensor]:
+                    frame_rngs: list[np.random.Generator], augment: AugmentConfig | None,
+                    margin: int) -> dict[str, torch.Tensor]:
     """Fit each frame to image_hw (vggt_fsdp.data.crop; intrinsics updated exactly), jitter colours,
-    stack, and compute camera and world points from the resized depth."""
+    stack, and compute camera and world points from the resized depth. `rng`: the scene's generator;
+    `frame_rngs`: each frame's own."""
     images, depths, masks, intrinsics = [], [], [], []
-    for frame in frames:
+    for frame, frame_rng in zip(frames, frame_rngs):
         pp = (float(frame.intrinsics[0, 2]), float(frame.intrinsics[1, 2]))
-        plan = plan_crop(rng, tuple(frame.depth.shape), pp, image_hw, margin, augment)
+        plan = plan_crop(frame_rng, tuple(frame.depth.shape), pp, image_hw, margin, augment)
         image, depth, mask = apply_plan(frame.image, frame.depth, frame.mask, plan)
         mask = mask & (depth > 0) & torch.isfinite(depth)
         images.append(image)
@@ -40,7 +42,7 @@ def assemble_frames(frames: list[RawFrame], image_hw: tuple[int, int], rng: np.r
         masks.append(mask)
         intrinsics.append(plan_intrinsics(frame.intrinsics, plan))
     out = {
-        "images": photometric_frames(images, rng, augment),
+        "images": photometric_frames(images, rng, augment, frame_rngs),
         "depths": torch.stack(depths),
         "point_masks": torch.stack(masks),
         "extrinsics": torch.stack([f.extrinsics for f in frames]).float(),
@@ -52,18 +54,19 @@ def assemble_frames(frames: list[RawFrame], image_hw: tuple[int, int], rng: np.r
 
 @dataclasses.dataclass
 class FrameLoader:
-    """Loads frames through `load(frame_id)`, replacing bad ones by other frames when allowed."""
+    """Loads frames through `load(frame_id)`, replacing bad ones by other frames when allowed (drawn
+    from the frame's own generator, so a replacement changes no other frame's draws)."""
 
     skip_bad_frames: bool
     skipped: int = 0
     errors: list[str] = dataclasses.field(default_factory=list)
 
     def load(self, load: Callable[[int], RawFrame], frame_ids: list[int], available: int,
-             rng: np.random.Generator) -> list[RawFrame]:
-        return [self._load_one(load, frame_id, available, rng) for frame_id in frame_ids]
+             frame_rngs: list[np.random.Generator]) -> list[RawFrame]:
+        return [self._load_one(load, frame_id, available, rng) for frame_id, rng in zip(frame_ids, frame_rngs)]
 
     def _load_one(self, load, frame_id: int, available: int, rng: np.random.Generator) -> RawFrame:
-        tries = 0
+        failed: list[int] = []
         while True:
             try:
                 return load(frame_id)
@@ -72,11 +75,13 @@ class FrameLoader:
                     raise
                 self.skipped += 1
                 self.errors.append(str(err))
-                tries += 1
-                if tries >= min(available, 8):
-                    raise DataError(f"{tries} frames in a row failed to load (data.skip_bad_frames=true); "
+                failed.append(frame_id)
+                if len(failed) >= min(available, 8):
+                    raise DataError(f"{len(failed)} frames in a row failed to load (data.skip_bad_frames=true); "
                                     f"last error: {err}") from err
-                frame_id = int(rng.integers(0, available))
+                # another frame, never one that already failed here
+                others = np.setdiff1d(np.arange(available), failed)
+                frame_id = int(others[rng.integers(0, len(others))])
 
 
 class FileSceneSource:
@@ -145,12 +150,16 @@ class FileSceneSource:
     def scene(self, spec: SampleSpec, rng: np.random.Generator, augment: AugmentConfig | None) -> dict[str, torch.Tensor]:
         available = self.frame_counts[spec.index]
         ids = pick_frames(rng, available, spec.num_frames, self.frame_window, self.replace)
+        positions = spec.positions()  # this rank's share of the scene: only these frames are read
+        frame_rngs = [spec.frame_rng(j) for j in positions]
         loader = FrameLoader(self.skip_bad_frames)
-        frames = loader.load(lambda f: self.load_frame(spec.index, f), ids, available, rng)
+        frames = loader.load(lambda f: self.load_frame(spec.index, f), [ids[j] for j in positions], available,
+                             frame_rngs)
         for error in loader.errors:
             _log.warning("skipped a bad frame of source %s (data.skip_bad_frames): %s", self.label, error)
-        out = assemble_frames(frames, spec.image_hw, rng, augment, self.margin)
-        if not out["point_masks"].any():
+        out = assemble_frames(frames, spec.image_hw, rng, frame_rngs, augment, self.margin)
+        # (a share of a scene may lack valid depth; the group checks the whole scene: data/split_scenes.py)
+        if spec.frames is None and not out["point_masks"].any():
             raise DataError(f"{self.root / self.scene_names[spec.index]}: no valid depth left in any of the "
                             f"sample's {spec.num_frames} frames after cropping to {spec.image_hw}")
         out["skipped_frames"] = torch.tensor(loader.skipped)

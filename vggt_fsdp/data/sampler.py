@@ -11,7 +11,8 @@ the r-th contiguous slice of each step's scenes.
 Context parallelism (`context_parallel` N > 1): a group of N ranks shares each scene, so the sampler's
 `rank` and `world_size` count groups (every rank of a group draws the same scenes and seeds), the frame
 budget is the group's (N x frames_per_gpu) and S is drawn among the multiples of N in frames_range (N = 1
-draws exactly as before).
+draws exactly as before). Rank i of a group builds frames [i S/N, (i+1) S/N) of each scene only
+(`SampleSpec.frames`, `context_rank`).
 """
 from __future__ import annotations
 
@@ -112,7 +113,7 @@ class DynamicBatchSampler:
     """
 
     def __init__(self, scenes: Mixture | int, cfg: DataConfig, frames_per_gpu: int, rank: int, world_size: int,
-                 split: str = "train", context_parallel: int = 1):
+                 split: str = "train", context_parallel: int = 1, context_rank: int = 0):
         if split not in _SPLIT_TAG:
             raise ValueError(f"split={split!r}; valid: {sorted(_SPLIT_TAG)}")
         if isinstance(scenes, int):
@@ -128,7 +129,9 @@ class DynamicBatchSampler:
                              f"data.frames_range[1]={cfg.frames_range[1]}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
-        self.mixture, self.cfg, self.context_parallel = scenes, cfg, context_parallel
+        if not 0 <= context_rank < context_parallel:
+            raise ValueError(f"context_rank={context_rank} must be in [0, context_parallel={context_parallel})")
+        self.mixture, self.cfg, self.context_parallel, self.context_rank = scenes, cfg, context_parallel, context_rank
         self.frames_per_gpu = frames_per_gpu * context_parallel  # the frames of the GPUs holding a scene
         self.rank, self.world_size, self.split = rank, world_size, split
         self.step, self.position = 0, 0
@@ -149,12 +152,14 @@ class DynamicBatchSampler:
         per_rank = shape.scenes_per_rank
         next_position = position + self._consumed(shape)
         first = position + self.rank * per_rank
+        share = shape.num_frames // self.context_parallel
+        frames = None if self.context_parallel == 1 else (self.context_rank * share, (self.context_rank + 1) * share)
         specs = []
         for b in range(per_rank):
             source, scene = self.mixture.at(first + b)
             specs.append(SampleSpec(index=scene, num_frames=shape.num_frames, image_hw=shape.image_hw,
                                     seed=(self.cfg.seed, _SPLIT_TAG[self.split], step, self.rank, b), step=step,
-                                    next_position=next_position, source=source))
+                                    next_position=next_position, source=source, frames=frames))
         return specs
 
     def _consumed(self, shape: StepShape) -> int:

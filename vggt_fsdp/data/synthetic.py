@@ -353,15 +353,19 @@ class SyntheticSource:
     def scene(self, spec: SampleSpec, rng: np.random.Generator, augment: AugmentConfig | None) -> dict[str, torch.Tensor]:
         scene = make_scene(self.seed, self.offset + spec.index, self.cfg)
         hw, count = spec.image_hw, spec.num_frames
-        extrinsics, intrinsics = draw_cameras(scene, rng, count, hw, self.cfg.fov_range_deg)
+        extrinsics, intrinsics = draw_cameras(scene, rng, count, hw, self.cfg.fov_range_deg)  # every frame's
+        positions = list(spec.positions())  # this rank's share of the scene: only these frames are rendered
+        frame_rngs = [spec.frame_rng(j) for j in positions]
         # The real formats' crop, resize and zoom without resampling: the drawn cameras render a frame
         # of the target size, planned like a real one, and the planned intrinsics render the result.
         centre = ((hw[1] - 1) / 2, (hw[0] - 1) / 2)
-        intrinsics = torch.stack([plan_intrinsics(k, plan_crop(rng, hw, centre, hw, self.margin, augment))
-                                  for k in intrinsics])
+        extrinsics = extrinsics[positions]
+        intrinsics = torch.stack([plan_intrinsics(intrinsics[j], plan_crop(frame_rng, hw, centre, hw, self.margin,
+                                                                           augment))
+                                  for j, frame_rng in zip(positions, frame_rngs)])
         images, depths, masks, points = zip(*(render(scene, e, k, hw) for e, k in zip(extrinsics, intrinsics)))
         out = {
-            "images": photometric_frames(list(images), rng, augment),
+            "images": photometric_frames(list(images), rng, augment, frame_rngs),
             "depths": torch.stack(depths),
             "point_masks": torch.stack(masks),
             "extrinsics": extrinsics,
@@ -370,7 +374,9 @@ class SyntheticSource:
         # the rays' hit points are the world points; camera points follow from depth alone
         out["world_points"] = torch.where(out["point_masks"][..., None], torch.stack(points), 0.0)
         out["cam_points"] = unproject_depth(out["depths"], intrinsics)
-        if self.cfg.num_track_queries:
+        # Tracks start at frame 0's pixels; a share of a scene (context parallelism, which refuses the
+        # track head) has none.
+        if self.cfg.num_track_queries and spec.frames is None:
             out.update(track_queries(scene, extrinsics, intrinsics, out["world_points"], out["point_masks"],
                                      self.cfg.num_track_queries, rng))
         return out

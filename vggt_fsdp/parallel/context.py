@@ -18,6 +18,8 @@ model calls (`vggt_fsdp.model.layers.ContextHooks`; the model never imports this
   average over W = N * groups then equals one process per scene.
 - which rank holds the scene's first frame (VGGT gives frame 0 its own camera and register tokens):
   `holds_first_frame`.
+- the data: each rank builds only its frames; `first_frame` and `sum` let the group normalise the
+  scenes and `gather_frames` share their ground truth (data/split_scenes.py).
 
 Frames per scene must be a multiple of N: the sampler draws only such counts (data/sampler.py).
 """
@@ -27,7 +29,18 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.distributed._functional_collectives import all_gather_tensor, all_to_all_single_autograd
+from torch.distributed._functional_collectives import all_to_all_single_autograd
+
+# torch 2.13 renamed all_gather_into_tensor (and warns on the old name); 2.11 has only the old one.
+_all_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def _gather(x: torch.Tensor, dim: int, group: dist.ProcessGroup, size: int) -> torch.Tensor:
+    """Every rank's `x` concatenated along `dim` in rank order (a finished, synchronous all-gather)."""
+    moved = x.movedim(dim, 0).contiguous()
+    out = moved.new_empty((size * moved.shape[0], *moved.shape[1:]))
+    _all_gather_into(out, moved, group=group)
+    return out.movedim(0, dim).contiguous()
 
 
 def check_context_parallel(size: int, world_size: int, num_heads: dict[str, int]) -> None:
@@ -87,9 +100,7 @@ class _GatherFrames(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, dim: int, group, rank: int, size: int) -> torch.Tensor:
         ctx.dim, ctx.rank, ctx.size, ctx.share = dim, rank, size, x.shape[dim]
-        moved = x.movedim(dim, 0).contiguous()
-        gathered = all_gather_tensor(moved, 0, group)
-        return gathered.movedim(0, dim).contiguous()
+        return _gather(x.detach(), dim, group, size)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -130,10 +141,22 @@ class ContextGroup:
         received = self._all_to_all(send)  # (N source ranks = head chunks, B, H/N, n, d)
         return received.permute(1, 0, 2, 3, 4).reshape(B, N * h, tokens // N, d)
 
+    def first_frame(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` as the group's first rank (the holder of every scene's frame 0) has it (no gradient)."""
+        x = x.detach().contiguous().clone()
+        dist.broadcast(x, src=self._ranks[0], group=self.group)
+        return x
+
+    def sum(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` summed over the group (no gradient)."""
+        x = x.detach().contiguous().clone()
+        dist.all_reduce(x, group=self.group)
+        return x
+
     def gather_frames(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         """Every rank's frames of `x` along `dim` (rank order); see the module doc for its backward."""
-        if not x.requires_grad:
-            return all_gather_tensor(x.movedim(dim, 0).contiguous(), 0, self.group).movedim(0, dim).contiguous()
+        if not x.requires_grad:  # data, and predictions under no_grad
+            return _gather(x, dim, self.group, self.size)
         return _GatherFrames.apply(x, dim, self.group, self.rank, self.size)
 
 

@@ -108,11 +108,10 @@ class VGGTTask:
         return iter(self.loader)
 
     def predict(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict:
+        # Under context parallelism `images` is this rank's share of the frames; the predictions come back
+        # whole (gathered over the group), like the ground truth (to_device).
         query = batch.get("query_points") if self.tracks else None
-        images = batch["images"]
-        if self.context is not None:  # the predictions come back whole (gathered over the group)
-            images = images[:, self.context.layout.frames(images.shape[1])]
-        return model(images, query_points=query)
+        return model(batch["images"], query_points=query)
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]):
         from vggt_fsdp.losses import compute_loss
@@ -127,7 +126,12 @@ class VGGTTask:
     def to_device(self, batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
         from vggt_fsdp.data import move_batch
 
-        return move_batch(batch, device)
+        batch = move_batch(batch, device)
+        if self.context is not None:  # this rank built its frames only: the group completes the scenes
+            from vggt_fsdp.data.split_scenes import complete_split_batch
+
+            batch = complete_split_batch(batch, self.context)
+        return batch
 
     def data_counts(self) -> dict[str, dict[str, int]]:
         return self.loader.data_counts()
