@@ -322,3 +322,24 @@ def test_the_track_head_adds_its_work_when_the_step_tracks_points():
     assert "track head" in tracking.parts and "track head" not in without.parts
     assert tracking.model.model_flops > without.model.model_flops and tracking.kernel_ops > without.kernel_ops
     assert tracking.attention_backward_flops >= without.attention_backward_flops > 0
+
+
+@pytest.mark.parametrize("size", [2, 4])
+def test_context_parallel_ranks_count_global_attention_over_the_whole_scene(size):
+    """A rank of a context group of N runs its S/N frames' global blocks with H/N heads over all S
+    frames: its global-block work is the whole scene's divided by N (the attention products included,
+    which S/N frames alone would undercount N-fold), and its frame blocks are those of S/N frames."""
+    cfg, frames, image = _tiny(), 8, (28, 42)
+    whole = steptime.step_work(cfg, _parallel("none", "none"), planner.Batch(1, frames, *image, 14))
+    split = _parallel("none", "none")
+    split.context_parallel = size
+    share = planner.Batch(1, frames // size, *image, 14)
+    rank = steptime.step_work(cfg, split, share)
+    alone = steptime.step_work(cfg, _parallel("none", "none"), share)
+    kinds = {part: w.by_kind() for part, w in rank.parts.items()}
+    want = whole.parts["global blocks"].by_kind()
+    assert kinds["global blocks"]["attention"] == pytest.approx(want["attention"] / size, rel=1e-9)
+    assert kinds["global blocks"]["matmul"] == pytest.approx(want["matmul"] / size, rel=1e-9)
+    assert kinds["global blocks"]["attention"] == pytest.approx(
+        size * alone.parts["global blocks"].by_kind()["attention"], rel=1e-9)
+    assert rank.parts["frame blocks"].by_kind() == alone.parts["frame blocks"].by_kind()

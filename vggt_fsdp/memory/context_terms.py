@@ -4,7 +4,8 @@ A rank holds S/N frames of each scene through every frame-wise part, so the plan
 batch (scenes x S/N frames) with the usual terms. On top of them (parallel/context.py says why each
 exists):
 - the whole-scene dense outputs every rank gathers for the loss (alive until backward ends), and the
-  whole scene's images, which each rank of the group loads (the loss reads every frame's targets);
+  other ranks' frames of the ground truth, which the group gathers for the loss (data/split_scenes.py;
+  a rank loads only its own frames, images included);
 - the exchange buffers of one global attention: the send and receive copies of q, k, v and of the
   attention output (transient, one block at a time);
 - the all-to-all time: 4 exchanges a global block forward, 4 in backward, 4 more where the block (or its
@@ -21,6 +22,12 @@ LINK_BYTES_PER_S = {"a100": 300e9, "h100": 450e9, "h200": 450e9}
 PCIE_BYTES_PER_S = 25e9
 EXCHANGE_LATENCY_S = 30e-6  # per all-to-all (an estimate)
 EXCHANGES = {"none": 8}  # per global block and step; a recomputed block or attention exchanges 4 more
+
+
+# The ground truth a frame's pixel carries in a batch: depth (fp32), world and camera points (3 x fp32
+# each) and the valid-point mask (bool). (A one-process plan leaves its own batch's ground truth out, as
+# the plans always have: a share of the activations' size.)
+GROUND_TRUTH_BYTES_PER_PIXEL = 4 + 12 + 12 + 1
 
 
 def exchanged_qkv_delta(qk_norm: bool) -> int:
@@ -40,6 +47,31 @@ def gathered_output_bytes(model_cfg: VGGTConfig, scenes: int, frames: int, size:
     """The whole-scene dense outputs beyond this rank's own share (the local ones are planned already)."""
     dense = (2 if model_cfg.enable_depth else 0) + (4 if model_cfg.enable_point else 0)
     return scenes * frames * (size - 1) // size * dense * hw * 4
+
+
+class CountingExchange:
+    """Stands in for parallel.context.ContextGroup when a global block is counted on the meta device
+    (memory/steptime.py): the same shapes on both sides of the exchange, so SDPA is counted as a rank
+    runs it (H/N heads over the whole scene's S x T tokens: N times the attention FLOPs of its S/N frames
+    alone), with a permute copy standing for each all-to-all's packing and no process group."""
+
+    holds_first_frame = True
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def heads_to_sequence(self, x):
+        B, H, n, d = x.shape
+        N = self.size
+        return x.reshape(B, N, H // N, n, d).permute(0, 2, 1, 3, 4).reshape(B, H // N, N * n, d)
+
+    def sequence_to_heads(self, x):
+        B, h, tokens, d = x.shape
+        N = self.size
+        return x.reshape(B, h, N, tokens // N, d).permute(0, 2, 1, 3, 4).reshape(B, N * h, tokens // N, d)
+
+    def gather_frames(self, x, dim: int = 1):
+        raise NotImplementedError("counting covers the global blocks only; the heads are counted per rank")
 
 
 def link_bytes_per_s(card_name: str) -> float:

@@ -322,8 +322,10 @@ def _context_terms(model_cfg: VGGTConfig, b: Batch, size: int, global_units: lis
         Term("camera head over the other ranks' frames", "activation", camera * (size - 1),
              f"camera head terms x {size - 1}: its trunk runs on every rank over the whole scene's pose tokens "
              "(linear in frames: its attention over one token a frame is negligible)", group="camera"),
-        Term("whole-scene images (context group)", "io", b.images * (size - 1) * 3 * hw * 4,
-             f"scenes x frames on the {size - 1} other ranks x 3 x H x W x 4 B (each rank loads the scene)"),
+        Term("gathered ground truth (context group)", "io",
+             b.images * (size - 1) * CT.GROUND_TRUTH_BYTES_PER_PIXEL * hw,
+             f"scenes x frames on the {size - 1} other ranks x H x W x {CT.GROUND_TRUTH_BYTES_PER_PIXEL} B "
+             "(depth, world and camera points, mask), gathered for the loss"),
         Term("gathered dense outputs (context group)", "outputs",
              CT.gathered_output_bytes(model_cfg, b.scenes, b.frames * size, size, hw),
              "the other ranks' frames of the dense outputs, gathered for the loss"),

@@ -220,9 +220,8 @@ def candidate_batches(frames_per_gpu: int, frames_range: tuple[int, int], image_
                       patch: int, context_parallel: int = 1) -> list[Batch]:
     """The splits of the frame budget that can be the slowest: the most images (the largest scenes among
     those: per-frame work), and the largest scenes (global attention grows with their square).
-    With context parallelism N a GPU's batch is its share, S/N frames of each scene (the global
-    attention's FLOPs are then those of S/N frames: an underestimate, each rank attending over all S
-    frames with H/N heads does N times that)."""
+    With context parallelism N a GPU's batch is its share, S/N frames of each scene (its global
+    attention is counted over all S frames with H/N heads, as the rank runs it: `_count_calls`)."""
     size = context_parallel
     splits = planner.scene_splits(frames_per_gpu * size, frames_range, size)
     most_images = max(splits, key=lambda bs: (bs[0] * bs[1], bs[1]))
@@ -325,7 +324,8 @@ def _calls(model_cfg, parallel_cfg, units: list[UnitInfo], batch: Batch, freeze)
     """The counted calls of a step, by part. They depend on the model, the batch, the precision and the
     frozen parameters, not on the checkpoint policy: cached across policies."""
     dtypes = tuple((u.path, u.param_bytes) for u in units)
-    key = repr((model_cfg, parallel_cfg.precision, parallel_cfg.layout, dtypes, freeze, batch))
+    key = repr((model_cfg, parallel_cfg.precision, parallel_cfg.layout, dtypes, freeze, batch,
+                getattr(parallel_cfg, "context_parallel", 1)))
     if key not in _CALLS:
         _CALLS[key] = _count_calls(model_cfg, parallel_cfg, units, batch)
     return _CALLS[key]
@@ -340,8 +340,10 @@ def _autocast(parallel_cfg, param_bytes: int) -> torch.dtype | None:
 
 
 def _count_calls(model_cfg, parallel_cfg, units: list[UnitInfo], b: Batch) -> dict[str, _Call]:
-    from vggt_fsdp.model.layers import patch_positions
+    from vggt_fsdp.memory.context_terms import CountingExchange
+    from vggt_fsdp.model.layers import Attention, patch_positions
 
+    context = getattr(parallel_cfg, "context_parallel", 1)
     model = planner._meta_model(model_cfg)
     agg, pe = model_cfg.aggregator, model_cfg.patch_embed
     by_path = {u.path: u for u in units}
@@ -404,6 +406,10 @@ def _count_calls(model_cfg, parallel_cfg, units: list[UnitInfo], b: Batch) -> di
             signatures.setdefault((u.param_bytes, grad, tuple(p.trainable for p in u.params)), []).append(path)
         for n, ((param_bytes, grad, _), members) in enumerate(signatures.items()):
             block = unit_copy(members[0], param_bytes)
+            if group == "global" and context > 1:  # attends over the whole scene with H/N heads
+                for module in block.modules():
+                    if isinstance(module, Attention):
+                        module.__dict__["context"] = CountingExchange(context)
             x = meta(*shape, dtype=DTYPES[param_bytes], grad=grad)
             count = count_call(block, x, pos=pos, autocast=_autocast(parallel_cfg, param_bytes))
             calls[f"{group} blocks" + (f" ({n})" if n else "")] = _Call(count, tuple(members), each)
