@@ -170,3 +170,42 @@ def test_searched_layouts_are_labelled_as_the_sharding_plan_labels_them(heads):
         relabelled = planner.unit_layout(cfg, candidate)
         fresh = planner._unit_layout(cfg, candidate, ())
         assert [(u.path, u.checkpoint) for u in relabelled] == [(u.path, u.checkpoint) for u in fresh], blocks
+
+
+# ------------------------------------------------------------------------------ --optimize over N
+@pytest.mark.parametrize("heads, world, per_node, frames_range, track, sizes", [
+    (16, 8, 8, (48, 96), False, [1, 2, 4, 8]),  # a100_40g_long: 16 would leave the node
+    (16, 12, 4, (48, 96), False, [1, 2, 4]),  # 3 divides neither the heads nor the node's 4
+    (16, 8, 8, (5, 5), False, [1]),  # a 5-frame scene splits over no group
+    (16, 8, 8, (48, 96), True, [1]),  # the track head refuses context parallelism
+    (4, 1, 8, (2, 24), False, [1]),  # one process
+])
+def test_optimize_tries_every_group_size_the_heads_processes_node_and_scenes_allow(
+        heads, world, per_node, frames_range, track, sizes):
+    from vggt_fsdp.memory.optimize import context_sizes
+
+    assert context_sizes(heads, world, per_node, frames_range, track) == sizes
+
+
+def test_optimize_ranks_group_sizes_by_frames_per_second_per_gpu_at_the_recipes_scene_length(capsys):
+    """a100_40g_long holds 96 frames a group (4 GPUs x 24): each size N plans 96 / N frames a GPU; the
+    recipe's own N is the main search; the rate counts the exchange; the advice pastes back as planned."""
+    long_recipe = str(RECIPES / "a100_40g_long.yaml")
+    assert main(["plan", long_recipe, "--optimize", "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)["optimize"]
+    sizes = {g["context_parallel"]: g for g in found["context_sizes"]}
+    assert sorted(sizes) == [1, 2, 4, 8]
+    assert all(g["frames_per_gpu"] * n == 96 for n, g in sizes.items())
+    assert sizes[4]["best"] == found["best"] and sizes[1]["exchange_s"] == 0
+    for n, g in sizes.items():
+        if g["best"] is None:
+            continue
+        assert n == 1 or g["exchange_s"] > 0
+        step = g["best"]["predicted_step_s"] + g["exchange_s"]
+        assert g["frames_per_s_per_gpu"] == pytest.approx(g["frames_per_gpu"] / step, rel=1e-3)
+    fitting = [g for g in sizes.values() if g["best"] is not None]
+    top = max(fitting, key=lambda g: g["frames_per_s_per_gpu"])
+    overrides = [shlex.split(o)[0] for o in top["overrides"]]
+    data = plan_json(capsys, long_recipe, *overrides)
+    assert data["predicted_step_s"] == top["best"]["predicted_step_s"]
+    assert data["plan"]["device_GiB"] == top["best"]["device_GiB"] and data["fits"]

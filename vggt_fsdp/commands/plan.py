@@ -170,6 +170,7 @@ def report(recipe, args, where: Target) -> tuple[dict, planner.MemoryPlan, stept
         "work": work.to_dict(),
         "plan": result.to_dict(),
     }
+    summary["context_parallel"] = recipe.parallel.context_parallel
     if recipe.parallel.context_parallel > 1 and where.card is not None:
         summary["context_exchange_s"] = _exchange_seconds(recipe, shape, result, work, where.card.name)
     if step is None:
@@ -195,16 +196,27 @@ def optimize(recipe, args, where: Target, frames: int) -> dict:
     if not 0 <= args.margin < 1:
         raise ValueError(f"--margin {args.margin}: a fraction of the card's memory, 0 <= margin < 1")
     shape = planner.recipe_shape(recipe, where.world_size, args.image)
-    found = opt.search(shape.model_cfg, recipe.parallel, world_size=shape.world_size, frames_per_gpu=frames,
-                       image_hw=shape.image_hw, frames_range=shape.frames_range, memory_bytes=where.memory_bytes,
-                       card=where.card, margin=args.margin, device_kind=where.device_kind, freeze=shape.freeze,
-                       gpus_per_node=where.gpus_per_node, track_points=shape.track_points)
+    common = dict(world_size=shape.world_size, image_hw=shape.image_hw, frames_range=shape.frames_range,
+                  memory_bytes=where.memory_bytes, card=where.card, margin=args.margin, device_kind=where.device_kind,
+                  freeze=shape.freeze, gpus_per_node=where.gpus_per_node, track_points=shape.track_points)
+    found = opt.search(shape.model_cfg, recipe.parallel, frames_per_gpu=frames, **common)
+    sizes = opt.search_context(shape.model_cfg, recipe.parallel, frames_per_gpu=frames, known=found, **common)
     return {
         "card": where.card.name, "margin": args.margin, "frames_per_gpu": frames,
         "candidates": found.candidates, "planned": found.planned,
         "frontier": [p.to_dict(where.memory_bytes, args.margin) for p in found.frontier],
         "best": None if found.best is None else found.best.to_dict(where.memory_bytes, args.margin),
+        "context_parallel": recipe.parallel.context_parallel,
+        "context_sizes": [_group_size(g, where.memory_bytes, args.margin) for g in sizes],
     }
+
+
+def _group_size(group, memory_bytes: int, margin: float) -> dict:
+    best = group.found.best
+    return {"context_parallel": group.size, "frames_per_gpu": group.frames_per_gpu,
+            "best": None if best is None else best.to_dict(memory_bytes, margin),
+            "exchange_s": group.exchange_s, "frames_per_s_per_gpu": group.frames_per_s,
+            "overrides": group.overrides() if best is not None else None}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -261,7 +273,9 @@ def print_report(args, data: dict, result: planner.MemoryPlan, work: steptime.St
               f"(peak {cheapest['peak_GiB']} GiB, device {cheapest['device_GiB']} GiB)")
     print()
     b = work.batch
-    print(f"step time, {b.scenes} scene(s) x {b.frames} frames (the slowest split): model "
+    size = data["context_parallel"]  # a scene's frames are spread over this many GPUs
+    held = f"{b.frames} frames" if size == 1 else f"{b.frames * size} frames ({b.frames} on this GPU)"
+    print(f"step time, {b.scenes} scene(s) x {held} (the slowest split): model "
           f"{_si(work.model.model_flops, 'FLOP')}, recompute {work.recompute_fraction:.1%} of it")
     step = data["step_time"]
     if step is None:
@@ -277,9 +291,8 @@ def print_report(args, data: dict, result: planner.MemoryPlan, work: steptime.St
           f"per GPU, MFU {step['predicted_mfu']:.1%} (an estimate, compute only: communication assumed overlapped)")
     if "context_exchange_s" in data:
         print(f"  context parallelism: {_si(data['context_exchange_s'], 's')} a step of all-to-all exchanges over the "
-              "node's GPU links (datasheet bandwidth, not overlapped: an estimate; memory/context_terms.py), and "
-              "the global attention above is counted at this GPU's frames (each GPU attends over the whole scene "
-              "with heads/N: N times that)")
+              "node's GPU links (datasheet bandwidth, not overlapped: an estimate; memory/context_terms.py), not in "
+              "the step above; its global attention is this GPU's: heads/N over the whole scene's frames")
 
 
 def _exchange_seconds(recipe, shape, result, work, card_name: str) -> float:
@@ -324,3 +337,32 @@ def print_optimize(found: dict, memory_gib: float) -> None:
     print("  " + " ".join(best["overrides"]))
     print("or in the recipe (parallel:):")
     print(best["checkpoint_yaml"])
+    print_context_sizes(found)
+
+
+def print_context_sizes(found: dict) -> None:
+    """The search at each context group size, ranked by frames a second per GPU."""
+    sizes = found["context_sizes"]
+    group = found["frames_per_gpu"] * found["context_parallel"]
+    print()
+    print(f"context parallelism: the same search for each group size N (a group holds {group} frames: each GPU "
+          f"{group} / N), by predicted frames/s per GPU with the exchange added (estimates):")
+    rows = [("N", "frames/GPU", "step", "exchange", "frames/s/GPU", "fastest that fits")]
+    for g in sizes:
+        best = g["best"]
+        if best is None:
+            rows.append((str(g["context_parallel"]), str(g["frames_per_gpu"]), "-", "-", "-", "none fits"))
+            continue
+        label = " / ".join(best["blocks"].values()) + f" / {best['heads']}"
+        rows.append((str(g["context_parallel"]), str(g["frames_per_gpu"]), _si(best["predicted_step_s"], "s"),
+                     _si(g["exchange_s"], "s") if g["exchange_s"] else "0", f"{g['frames_per_s_per_gpu']:.3f}", label))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  " + "  ".join(c.rjust(wd) if i < 5 else c for i, (c, wd) in enumerate(zip(r, widths))))
+    fitting = [g for g in sizes if g["best"] is not None]
+    if not fitting:
+        return
+    top = max(fitting, key=lambda g: g["frames_per_s_per_gpu"])
+    print(f"most frames/s per GPU: N = {top['context_parallel']}"
+          + (" (the recipe's)" if top["context_parallel"] == found["context_parallel"] else "") + "; as overrides:")
+    print("  " + " ".join(top["overrides"]))

@@ -11,6 +11,10 @@ of the plan alike, so a candidate's peak is close to the all-block plan plus eac
 (measured by one plan per group and policy). Screening orders the work; every figure reported is a
 full plan: the frontier's points, and the fastest candidate that fits, found by planning candidates
 in order of predicted step time until one fits with the margin (its plan covers every scene split).
+
+`search_context` repeats the search for each context group size N (parallel.context_parallel) that the
+heads, the process count and a node's GPUs allow, keeping the frames a group holds (so the longest
+scene) fixed, and ranks the sizes by frames per second per GPU, the exchange's estimated time included.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ import shlex
 from dataclasses import dataclass
 
 from vggt_fsdp import hardware
-from vggt_fsdp.memory import planner, steptime
+from vggt_fsdp.memory import context_terms, planner, steptime
 
 GROUPS = ("dino", "frame", "global")
 SCREEN_SLACK = 1.10  # a candidate screened above 110% of the usable memory is not planned
@@ -79,6 +83,7 @@ class SearchResult:
     best: Planned | None  # the fastest candidate that fits with the margin
     candidates: int
     planned: int  # candidates planned in full
+    batch: planner.Batch  # the slowest split, whose step time ranks the candidates
 
 
 def group_checkpoint(label: str):
@@ -186,7 +191,67 @@ def search(model_cfg, parallel_cfg, *, world_size: int, frames_per_gpu: int, ima
             lowest = p.plan.device_bytes
     if best is not None and best not in frontier:
         frontier = sorted([*frontier, best], key=lambda p: p.candidate.step.total_s)
-    return SearchResult(frontier, best, len(candidates), len(planned))
+    return SearchResult(frontier, best, len(candidates), len(planned), time_batch)
+
+
+@dataclass(frozen=True)
+class GroupSize:
+    """The checkpoint search at one context group size."""
+
+    size: int  # N
+    frames_per_gpu: int
+    found: SearchResult
+    exchange_s: float  # all-to-all seconds a step of the fastest fitting candidate (estimate, not overlapped)
+
+    @property
+    def frames_per_s(self) -> float | None:
+        """Frames a second per GPU with the fastest fitting candidate, exchange included (None: none fits)."""
+        if self.found.best is None:
+            return None
+        return self.found.batch.images / (self.found.best.candidate.step.total_s + self.exchange_s)
+
+    def overrides(self) -> list[str]:
+        extra = [] if self.found.best is None else self.found.best.candidate.overrides()
+        return [f"parallel.context_parallel={self.size}", f"data.frames_per_gpu={self.frames_per_gpu}", *extra]
+
+
+def context_sizes(num_heads: int, world_size: int, gpus_per_node: int, frames_range: tuple[int, int],
+                  track_head: bool) -> list[int]:
+    """The group sizes N worth planning: N divides the heads (each rank attends with H/N of them), the
+    process count and a node's GPUs (the exchange stays on the node's GPU links), and the scene lengths
+    hold a multiple of N. N = 1 only with the track head (context parallelism refuses it)."""
+    lo, hi = frames_range
+    return [n for n in range(1, num_heads + 1)
+            if num_heads % n == 0 and world_size % n == 0 and gpus_per_node % n == 0 and hi // n * n >= lo
+            and (n == 1 or not track_head)]
+
+
+def search_context(model_cfg, parallel_cfg, *, world_size: int, frames_per_gpu: int, image_hw: tuple[int, int],
+                   frames_range: tuple[int, int], memory_bytes: int, card: hardware.Card, margin: float = 0.05,
+                   device_kind: str = "cuda", freeze: tuple[str, ...] = (), gpus_per_node: int = 8,
+                   track_points: int = 0, known: SearchResult | None = None) -> list[GroupSize]:
+    """`search` at every context group size (`context_sizes`), each GPU holding its 1/N of the frames the
+    recipe's group holds (frames_per_gpu x its N). `known`: the search already made at the recipe's N."""
+    group_frames = frames_per_gpu * parallel_cfg.context_parallel
+    elem = 4 if parallel_cfg.precision.param_dtype == "fp32" else 2
+    out = []
+    for size in context_sizes(model_cfg.aggregator.num_heads, world_size, gpus_per_node, frames_range,
+                              model_cfg.enable_track):
+        cfg = copy.deepcopy(parallel_cfg)
+        cfg.context_parallel = size
+        per_gpu = -(-group_frames // size)
+        found = known if known is not None and size == parallel_cfg.context_parallel else search(
+            model_cfg, cfg, world_size=world_size, frames_per_gpu=per_gpu, image_hw=image_hw,
+            frames_range=frames_range, memory_bytes=memory_bytes, card=card, margin=margin, device_kind=device_kind,
+            freeze=freeze, gpus_per_node=gpus_per_node, track_points=track_points)
+        exchange = 0.0
+        if found.best is not None:
+            b = found.batch
+            policies = [dict(found.best.candidate.blocks)["global"]] * model_cfg.aggregator.depth
+            exchange = context_terms.exchange_seconds(model_cfg, policies, b.scenes, b.frames, b.patches, size,
+                                                      elem, card.name)
+        out.append(GroupSize(size, per_gpu, found, exchange))
+    return out
 
 
 def _flow(group) -> str:
