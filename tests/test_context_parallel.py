@@ -1,9 +1,11 @@
 """Context parallelism: a scene's frames split over a group of ranks gives what one process gives.
 
-The spawned ranks (gloo, fp32) shard the tiny model with FSDP2 over all of them, split each scene's
-frames over the context group (parallel/context.py) and record the gathered outputs, the loss and the
-full gradients under each checkpoint policy; the test process computes the same scenes unsharded on
-one process with the same checkpoint wrappers.
+The spawned ranks (gloo, fp32) shard the model with FSDP2 over all of them, split each scene's frames
+over the context group (parallel/context.py) and record the gathered outputs, the loss and the full
+gradients under each checkpoint policy; the test process computes the same scenes unsharded on one
+process with the same checkpoint wrappers. Presets: tiny (4 heads: N = 2 and 4, every policy) and mid
+(6 heads: N = 2 and 3, no checkpointing, block and selective; N = 4 does not divide its heads and is
+refused, the last table of this file).
 """
 from __future__ import annotations
 
@@ -29,16 +31,19 @@ CPU_TINY = REPO / "recipes" / "cpu_tiny.yaml"
 POLICIES = ("none", "attention", "block", "selective")
 COMPILED = ("none", "selective")
 OUTPUTS = ("depth", "depth_conf", "world_points", "world_points_conf", "pose_enc")
+# preset: (scenes, frames, the policies its ranks run)
+PRESETS = {"vggt-tiny": (2, 4, POLICIES), "vggt-mid": (1, 6, ("none", "block", "selective"))}
 
 
-def tiny_model() -> VGGT:
+def tiny_model(preset: str = "vggt-tiny") -> VGGT:
     torch.manual_seed(0)
-    return VGGT(model_config(load_recipe(CPU_TINY).model))
+    return VGGT(model_config(load_recipe(CPU_TINY, [f"model.preset={preset}"]).model))
 
 
-def scenes() -> torch.Tensor:
-    """2 scenes of 4 frames at 28 x 42 px (2 x 3 patches)."""
-    return torch.rand(2, 4, 3, 28, 42, generator=torch.Generator().manual_seed(1))
+def scenes(preset: str = "vggt-tiny") -> torch.Tensor:
+    """The preset's scenes at 28 x 42 px (2 x 3 patches)."""
+    count, frames, _ = PRESETS[preset]
+    return torch.rand(count, frames, 3, 28, 42, generator=torch.Generator().manual_seed(1))
 
 
 def loss_fn(out: dict) -> torch.Tensor:
@@ -77,7 +82,8 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _worker(rank: int, world: int, size: int, port: int, out_dir: str, compiled: bool = False) -> None:
+def _worker(rank: int, world: int, size: int, port: int, out_dir: str, compiled: bool = False,
+            preset: str = "vggt-tiny") -> None:
     import torch.distributed as dist
 
     from vggt_fsdp.memory.accounting import SavedTensorCounter
@@ -92,12 +98,12 @@ def _worker(rank: int, world: int, size: int, port: int, out_dir: str, compiled:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     context = new_context_group(size)
     layout = context.layout
-    images = scenes()[:, layout.frames(scenes().shape[1])]
+    images = scenes(preset)[:, layout.frames(scenes(preset).shape[1])]
     result = {}
-    for policy in COMPILED if compiled else POLICIES:
+    for policy in COMPILED if compiled else PRESETS[preset][2]:
         cfg = parallel_config(policy)
         cfg.compile = compiled
-        model = tiny_model()
+        model = tiny_model(preset)
         apply_parallelism(model, cfg, build_mesh(cfg.sharding, "cpu"))
         model.set_context(context)
         counter = SavedTensorCounter(block_groups(model))
@@ -108,11 +114,11 @@ def _worker(rank: int, world: int, size: int, port: int, out_dir: str, compiled:
     dist.destroy_process_group()
 
 
-def reference(policy: str) -> tuple[dict, float, dict]:
-    model = tiny_model()
+def reference(policy: str, preset: str = "vggt-tiny") -> tuple[dict, float, dict]:
+    model = tiny_model(preset)
     plan = plan_parallelism(model, parallel_config(policy))
     apply_checkpointing(model, plan.checkpoint_wrapped, plan.chunk_checkpointed, plan.selective)
-    return run(model, scenes())
+    return run(model, scenes(preset))
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -126,24 +132,24 @@ def references():
 
 @pytest.fixture(scope="module")
 def spawned(tmp_path_factory):
-    """size -> what each of `size` spawned ranks recorded (spawned once per size for the module)."""
-    cache: dict[int, list[dict]] = {}
+    """(size, preset) -> what each of `size` spawned ranks recorded (spawned once for the module)."""
+    cache: dict[tuple[int, str], list[dict]] = {}
 
-    def get(size: int) -> list[dict]:
-        if size not in cache:
+    def get(size: int, preset: str = "vggt-tiny") -> list[dict]:
+        if (size, preset) not in cache:
             out_dir = tmp_path_factory.mktemp(f"ranks{size}")
-            mp.spawn(_worker, args=(size, size, _free_port(), str(out_dir)), nprocs=size, join=True)
-            cache[size] = [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(size)]
-        return cache[size]
+            mp.spawn(_worker, args=(size, size, _free_port(), str(out_dir), False, preset), nprocs=size, join=True)
+            cache[size, preset] = [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(size)]
+        return cache[size, preset]
 
     return get
 
 
-@pytest.mark.parametrize("size", [2, 4])
-def test_frames_split_over_ranks_equal_one_process(size, references, spawned):
-    ranks = spawned(size)
-    for policy in POLICIES:
-        want_out, want_loss, want_grads = references[policy]
+@pytest.mark.parametrize("preset, size", [("vggt-tiny", 2), ("vggt-tiny", 4), ("vggt-mid", 2), ("vggt-mid", 3)])
+def test_frames_split_over_ranks_equal_one_process(preset, size, references, spawned):
+    ranks = spawned(size, preset)
+    for policy in PRESETS[preset][2]:
+        want_out, want_loss, want_grads = references[policy] if preset == "vggt-tiny" else reference(policy, preset)
         for rank in ranks:
             out, loss, grads = rank[policy]
             assert loss == pytest.approx(want_loss, rel=1e-5), policy
@@ -233,3 +239,10 @@ def test_long_recipes_plan_to_fit_their_cards_with_long_scenes(name, scene, memo
     longest = planner.plan(shape.model_cfg, recipe.parallel, shape.world_size, scene // 4, shape.image_hw,
                            frames_range=(scene, scene))
     assert longest.frames_per_scene == scene and longest.scenes == 1 and longest.fits(memory * 0.9 * 1024**3)
+
+
+def test_a_group_that_does_not_divide_the_presets_heads_is_refused_when_the_recipe_loads():
+    """vggt-mid has 6 heads: N = 4 cannot give each rank a whole share of them."""
+    with pytest.raises(ValueError, match="parallel.context_parallel=4 does not divide the 6 heads"):
+        load_recipe(CPU_TINY, ["model.preset=vggt-mid", "parallel.context_parallel=4", "accelerate.num_processes=4",
+                               "data.frames_range=[4,8]", "data.frames_per_gpu=2"])
