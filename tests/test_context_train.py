@@ -6,8 +6,11 @@ Three launches, fp32, scenes of 4 frames (2 per rank), 5 steps, validation at st
        checkpoint at step 3;
   ONE  `python -m vggt_fsdp.train ... data.frames_per_gpu=4` (1 process), side by side with CP;
   RES  CP resumed from its step-3 checkpoint to step 5.
-The learning rate is 1e-4: at the recipe's 1e-3 AdamW turns the rounding difference of summing a
-gradient in two parts into loss differences of ~2e-4 by step 5 (measured), at 1e-4 they stay ~1e-7.
+At the recipe's learning rate (1e-3) AdamW amplifies the rounding of summing a gradient in two parts:
+measured (2026-12-07), loss relative differences ~1e-7 at steps 1-4 and 2.5e-5 at step 5, the same as
+one process run with 2 threads against 1 thread (2.6e-5 at step 5): rounding, not a difference in what
+is computed. The gradient norm, more sensitive, differs 2.3e-4 at step 5 (2 threads against 1: 2.9e-4),
+so it is held to 1e-3 and the loss to the issue's 1e-4.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from vggt_fsdp.train.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = str(REPO / "recipes" / "cpu_tiny.yaml")
-COMMON = ["data.image_width=56", "data.frames_range=[4,4]", "data.num_workers=0", "optim.lr=1e-4",
+COMMON = ["data.image_width=56", "data.frames_range=[4,4]", "data.num_workers=0",
           "parallel.precision.param_dtype=fp32", "accelerate.mixed_precision=no", "train.log_every=1",
           "train.progress_bar=false", "schedule.warmup_steps=2", "train.max_steps=5", "train.checkpoint_every=3",
           "train.val_every=5", "train.val_batches=1"]
@@ -63,7 +66,7 @@ def test_two_ranks_sharing_scenes_train_as_one_process(runs):
     assert cp[5]["world_size"] == 2 and cp[5]["context_parallel"] == 2 and one[5]["world_size"] == 1
     for step in cp:
         assert cp[step]["loss"] == pytest.approx(one[step]["loss"], rel=1e-4), step
-        assert cp[step]["grad_norm"] == pytest.approx(one[step]["grad_norm"], rel=1e-4), step
+        assert cp[step]["grad_norm"] == pytest.approx(one[step]["grad_norm"], rel=1e-3), step
         assert cp[step]["loss_terms"].keys() == one[step]["loss_terms"].keys()
     # Training moved: the equality is not that of an untouched model.
     assert abs(cp[5]["loss"] - cp[1]["loss"]) > 1e-3
