@@ -203,8 +203,12 @@ def markdown(result: dict) -> str:
 
 
 def join(results: list[dict]) -> dict:
-    """One report from several runs' files: each preset's curves side by side. Refused unless the curves of
-    a preset agree on steps, batch shapes and initial weights (the same experiment, split over processes)."""
+    """One report from several runs' files: each preset's curves side by side. Refused unless the files
+    come from one commit and the curves of a preset agree on steps, batch shapes and initial weights (the
+    same experiment, split over processes)."""
+    commits = {result["provenance"]["commit"] for result in results}
+    if len(commits) != 1:  # the same code draws the same batches: shapes and weights alone would not show it
+        raise SystemExit(f"--join: the files come from different commits {sorted(commits)}; join runs of one commit")
     runs: dict[str, dict] = {}
     for result in results:
         for run_ in result["runs"]:
