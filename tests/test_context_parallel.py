@@ -165,7 +165,8 @@ def test_frames_split_over_ranks_equal_one_process(preset, size, references, spa
 
 
 @pytest.mark.slow  # inductor compiles every block graph: 4.5-11 minutes on 2 loaded cores (the eager
-# tests above cover the exchange itself; this covers it inside compiled blocks)
+# tests above cover the exchange in the model, test_a_compiled_global_block_exchanges_exactly inside a
+# compiled block; this covers the whole model compiled)
 def test_frames_split_over_ranks_equal_one_process_compiled(references, tmp_path):
     mp.spawn(_worker, args=(2, 2, _free_port(), str(tmp_path), True), nprocs=2, join=True)
     for rank in range(2):
@@ -246,3 +247,64 @@ def test_a_group_that_does_not_divide_the_presets_heads_is_refused_when_the_reci
     with pytest.raises(ValueError, match="parallel.context_parallel=4 does not divide the 6 heads"):
         load_recipe(CPU_TINY, ["model.preset=vggt-mid", "parallel.context_parallel=4", "accelerate.num_processes=4",
                                "data.frames_range=[4,8]", "data.frames_per_gpu=2"])
+
+
+def _block_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """One global block, its frames split over 2 ranks, compiled as parallel.compile compiles blocks."""
+    import torch.distributed as dist
+
+    from vggt_fsdp.model.layers import Block
+    from vggt_fsdp.parallel.compiling import compile_blocks, compiled_graphs
+    from vggt_fsdp.parallel.context import new_context_group
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    holder = torch.nn.Module()
+    holder.block = Block(32, 4, qk_norm=True)
+    holder.block.attn.__dict__["context"] = new_context_group(world)
+    compile_blocks(holder, ["block"])
+    x = _block_input()[:, rank * 6:(rank + 1) * 6].clone().requires_grad_(True)
+    out = holder.block(x)
+    (out * _block_weights()[:, rank * 6:(rank + 1) * 6]).sum().backward()
+    grads = {name: p.grad.clone() for name, p in holder.block.named_parameters()}
+    for grad in grads.values():
+        dist.all_reduce(grad)  # a parameter's gradient is the sum of the ranks' parts
+    torch.save({"out": out.detach(), "x_grad": x.grad, "grads": grads, "graphs": len(compiled_graphs())},
+               os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _block_input() -> torch.Tensor:
+    return torch.randn(2, 12, 32, generator=torch.Generator().manual_seed(3))
+
+
+def _block_weights() -> torch.Tensor:
+    return torch.randn(2, 12, 32, generator=torch.Generator().manual_seed(4))
+
+
+def test_a_compiled_global_block_exchanges_exactly(tmp_path):
+    """The exchange traced into a compiled block (inductor, dynamic shapes, as parallel.compile does):
+    outputs, input gradients and parameter gradients equal the eager block over all tokens on one
+    process. (The whole model compiled at N = 2 is the slow test above; this is its fast cover.)"""
+    from vggt_fsdp.model.layers import Block
+
+    torch.manual_seed(0)
+    block = Block(32, 4, qk_norm=True)
+    x = _block_input().requires_grad_(True)
+    out = block(x)
+    (out * _block_weights()).sum().backward()
+    mp.spawn(_block_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        share = slice(rank * 6, (rank + 1) * 6)
+        assert got["graphs"] >= 1  # the block ran compiled
+        assert rel_err(got["out"], out.detach()[:, share]) <= 1e-5
+        assert rel_err(got["x_grad"], x.grad[:, share]) <= 1e-5
+        want = torch.cat([param.grad.flatten() for _, param in block.named_parameters()])
+        have = torch.cat([got["grads"][name].flatten() for name, _ in block.named_parameters()])
+        # as one vector: k_norm's bias has an exactly zero gradient (softmax ignores a shift shared by all
+        # keys), which both sides get only as rounding noise
+        assert rel_err(have, want) <= 1e-5

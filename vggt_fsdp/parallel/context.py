@@ -60,8 +60,9 @@ def check_context_parallel(size: int, world_size: int, num_heads: dict[str, int]
 
 def check_context_recipe(size: int, processes: int, num_heads: dict[str, int], track_head: bool) -> None:
     """What a recipe with parallel.context_parallel=`size` must satisfy, checked before any launch.
-    (parallel.compile is fine: the functional collectives trace into the compiled blocks, and the
-    exchange matched one process compiled too, tests/test_context_parallel.py, a slow test.)"""
+    (parallel.compile is fine: the functional collectives trace into the compiled blocks, and a compiled
+    global block, and the whole model compiled (a slow test), matched one process:
+    tests/test_context_parallel.py.)"""
     if size == 1:
         return
     check_context_parallel(size, processes, num_heads)
