@@ -214,7 +214,19 @@ def flops_key(spec: BenchSpec, recipe, device: torch.device) -> str:
     arch.pop("keep_all_layers")  # which layer outputs stay alive changes memory, not FLOPs
     return json.dumps({"model": arch, "freeze": recipe.model.freeze, "device": device.type,
                        "scenes": spec.scenes, "frames_per_scene": spec.frames_per_scene,
-                       "image": [spec.height, spec.width]}, sort_keys=True)
+                       "image": [spec.height, spec.width], "context_parallel": recipe.parallel.context_parallel},
+                      sort_keys=True)
+
+
+def context_stand_in(recipe):
+    """With parallel.context_parallel N > 1 the benchmark is one rank's share: `frames_per_scene` are its
+    frames of scenes N times longer, its global attention runs over all of them with H/N heads, and the
+    other ranks' frames are stood in for by its own (parallel.context.StandInGroup; no exchange is
+    measured). None for N = 1."""
+    from vggt_fsdp.parallel.context import StandInGroup
+
+    size = recipe.parallel.context_parallel
+    return StandInGroup(size) if size > 1 else None
 
 
 def count_flops(spec: BenchSpec, recipe, device: torch.device) -> dict:
@@ -242,6 +254,7 @@ def _count_flops(spec: BenchSpec, recipe, device: torch.device) -> dict:
 
     model = build_model(model_config(recipe.model), device)
     freeze(model, recipe.model.freeze)
+    model.set_context(context_stand_in(recipe))
 
     def images(scenes: int, frames: int) -> torch.Tensor:
         return torch.rand(scenes, frames, 3, spec.height, spec.width, device=device)
@@ -324,12 +337,18 @@ def build_workload(spec: BenchSpec, recipe, device: torch.device,
     params_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     apply_parallelism(model, recipe.parallel, build_mesh(recipe.parallel.sharding, device.type))
     materialize(model, device)
+    stand_in = context_stand_in(recipe)
+    model.set_context(stand_in)
     optimizer = build_optimizer(model, recipe.optim, device.type)
     groups = clip_groups(model, recipe.optim.clip_groups)
     task = VGGTTask(None, recipe.loss, cfg.aggregator.patch_size, 1 + cfg.aggregator.num_register_tokens,
                     tracks=bool(recipe.model.heads.track))
     host_batches = batches_for(spec, recipe) if host_batches is None else host_batches
     batches = [move_batch(batch, device) for batch in host_batches]
+    if stand_in is not None:  # the whole scenes' ground truth a rank holds for the loss (data/split_scenes.py)
+        from vggt_fsdp.data.split_scenes import FRAME_KEYS
+
+        batches = [{k: stand_in.gather_frames(v) if k in FRAME_KEYS else v for k, v in b.items()} for b in batches]
 
     def update(index: int) -> None:
         loss, _ = task.loss(model, batches[index])
@@ -533,6 +552,8 @@ def _parallel_summary(recipe, spec: BenchSpec) -> dict:
         "checkpoint_groups": {k: asdict(v) for k, v in par.checkpoint.groups.items()},
         "checkpoint_heads": par.checkpoint.heads,
         "keep_all_layers": model_config(recipe.model).keep_all_layers,
+        # N > 1: one rank's share, the exchange stood in for by local copies (context_stand_in)
+        "context_parallel": par.context_parallel,
     }
 
 

@@ -14,6 +14,7 @@
 #                    compiled, one process each
 #   30_sampler_mix   the same on the sampler's mix of shapes, one warm-up step per shape
 #   40_track, 50_single_gpu
+#   60_long_share    one GPU's share of the long-scene recipes (context parallelism; the exchange stood in for)
 # Each stage gets its share of what is left when it starts (a stage that ends early leaves its time to
 # the next). A failing or hanging stage is recorded and the next one still runs.
 #
@@ -44,7 +45,11 @@ MIN_STAGE=${GPU_SESSION_MIN_STAGE_S:-20}  # a stage is not started with less tha
 MAX_OUT_BYTES=$((5 * 1024 * 1024))
 
 # Nominal seconds per stage on a GPU (a stage not listed gets DEFAULT_BUDGET): shares of what is left.
-declare -A NOMINAL=([10_trainer_cuda]=150 [20_throughput]=170 [30_sampler_mix]=60 [40_track]=45 [50_single_gpu]=45)
+declare -A NOMINAL=([10_trainer_cuda]=150 [20_throughput]=170 [30_sampler_mix]=60 [40_track]=45 [50_single_gpu]=45
+                   [60_long_share]=60)
+# Stages that take only what the stages before them leave: no earlier stage's share counts them. (A first
+# session then leaves them owed; a later one, whose earlier stages skip what the ledger lists, reaches them.)
+LEFTOVER_ONLY=" 60_long_share "
 DEFAULT_BUDGET=60
 SETUP_S=$([ "$SMOKE" = 1 ] && echo 0 || echo 25)  # pip install -e . and the header, on a GPU machine
 
@@ -60,6 +65,7 @@ share() {
   local left=$1 index=$2 sum=0 i name own
   for ((i = index; i < ${#stages[@]}; i++)); do
     name=$(basename "${stages[$i]}" .sh)
+    if (( i > index )) && [[ "$LEFTOVER_ONLY" == *" $name "* ]]; then continue; fi
     sum=$((sum + ${NOMINAL[$name]:-$DEFAULT_BUDGET}))
   done
   name=$(basename "${stages[$index]}" .sh)

@@ -23,7 +23,9 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 CODE_PATHS = ("vggt_fsdp", "recipes", "benchmarks", "setup.py", "setup.cfg", "pyproject.toml")
@@ -78,6 +80,29 @@ def skip_if_measured(stage_dir: Path, item: str) -> bool:
               flush=True)
         return True
     return False
+
+
+def run_configs(stage_dir: Path, doc: dict, configs: list, budget_s: float, run: Callable, write: Callable) -> None:
+    """A stage's configurations in order, within `budget_s` from now: each (with `.name`, `.estimate_s`)
+    skipped when an earlier session at this code measured it, owed when less than its estimate is left,
+    else `run(config, timeout_s)` appended to doc["results"], written (`write(doc)`) and recorded at once
+    (status "ok" or "oom" is a measurement; anything else a failure)."""
+    start = time.monotonic()
+    for config in configs:
+        if skip_if_measured(stage_dir, config.name):
+            continue
+        left = budget_s - (time.monotonic() - start)
+        if left < config.estimate_s:
+            why = f"{left:.0f} s of the budget left, needs about {config.estimate_s:.0f} s"
+            doc["owed"].append({"name": config.name, "why": why})
+            record(stage_dir, config.name, OWED, why)
+            continue
+        result = run(config, max(left, 10))
+        doc["results"].append(result)
+        write(doc)
+        status = result.get("status")
+        record(stage_dir, config.name, MEASURED if status in ("ok", "oom") else FAILED, result.get("error"),
+               run_status=status)
 
 
 # ----------------------------------------------------------------------------------------- the session

@@ -216,20 +216,9 @@ def run_stage(out: Path, budget_s: float, smoke: bool) -> dict:
     cache = out / "flops_cache.json"
     device = resolve_device("cpu" if smoke else "auto")
     doc: dict = {"smoke": smoke, "device": describe_device(device), "budget_s": budget_s, "results": [], "owed": []}
-    for config in configs(smoke):
-        if ledger.skip_if_measured(out, config.name):
-            continue
-        left = budget_s - (time.monotonic() - start)
-        if left < config.estimate_s:
-            why = f"{left:.0f} s of the budget left, needs about {config.estimate_s:.0f} s"
-            doc["owed"].append({"name": config.name, "why": why})
-            ledger.record(out, config.name, ledger.OWED, why)
-            continue
-        doc["results"].append(run_config(config, smoke, cache, timeout_s=max(left, 10)))
-        _write(doc, out)
-        status = doc["results"][-1].get("status")
-        ledger.record(out, config.name, ledger.MEASURED if status in ("ok", "oom") else ledger.FAILED,
-                      doc["results"][-1].get("error"), run_status=status)
+    ledger.run_configs(out, doc, configs(smoke), budget_s - (time.monotonic() - start),
+                       lambda config, timeout_s: run_config(config, smoke, cache, timeout_s),
+                       lambda doc: _write(doc, out))
     doc["wall_s"] = round(time.monotonic() - start, 1)
     _write(doc, out)
     return doc

@@ -308,3 +308,25 @@ def test_a_compiled_global_block_exchanges_exactly(tmp_path):
         # as one vector: k_norm's bias has an exactly zero gradient (softmax ignores a shift shared by all
         # keys), which both sides get only as rounding noise
         assert rel_err(have, want) <= 1e-5
+
+
+def test_a_stand_in_group_runs_a_ranks_shapes_without_a_group():
+    """StandInGroup (the step-time model counts with it; the one-GPU stage 60_long_share measures with it):
+    a rank's 2 of 4 frames give outputs of the whole scene's 4 frames, and its global attention attends
+    over all 4 frames' tokens with half the heads, so the share's attention FLOPs lie between a plain
+    2-frame and a plain 4-frame forward's."""
+    from vggt_fsdp.memory.flops import Counter
+    from vggt_fsdp.parallel.context import StandInGroup
+
+    def attention_flops(model, images):
+        with Counter() as counter:
+            out = model(images)
+        return out, counter.work.by_kind()["attention"]
+
+    model = tiny_model()
+    _, two = attention_flops(model, scenes()[:, :2])
+    _, four = attention_flops(model, scenes())
+    model.set_context(StandInGroup(2))
+    out, share = attention_flops(model, scenes()[:, :2])
+    assert out["depth"].shape[:2] == out["pose_enc"].shape[:2] == (2, 4)
+    assert two < share < four

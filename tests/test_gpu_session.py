@@ -89,6 +89,20 @@ def test_budgets_shift_to_later_stages_when_a_stage_ends_early(tmp_path):
 def test_the_real_stages_are_scripts_the_session_can_name():
     stages = sorted((REPO / "benchmarks" / "gpu_stages").glob("[0-9]*.sh"))
     assert [s.stem for s in stages] == ["10_trainer_cuda", "20_throughput", "30_sampler_mix", "40_track",
-                                        "50_single_gpu"]
+                                        "50_single_gpu", "60_long_share"]
     for stage in stages:
         assert "GPU_SESSION_SMOKE" in stage.read_text(), f"{stage.name} has no CPU smoke mode"
+
+
+def test_a_leftover_stage_takes_only_what_the_stages_before_it_leave():
+    """60_long_share counts in no earlier stage's share: adding it left the first five budgets as they were."""
+    def budgets(*stages: str) -> dict[str, int]:
+        out = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_session.sh"), "--budgets", "480", *stages],
+                             cwd=REPO, capture_output=True, text=True, check=True).stdout
+        return {name: int(budget) for name, budget in (line.split() for line in out.splitlines())}
+
+    every = budgets()
+    first_five = budgets("10_trainer_cuda", "20_throughput", "30_sampler_mix", "40_track", "50_single_gpu")
+    assert list(every) == [*first_five, "60_long_share"]
+    assert {name: every[name] for name in first_five} == first_five
+    assert every["60_long_share"] < 10  # a session whose stages take their full shares leaves it nothing

@@ -15,6 +15,9 @@ session (GPU_SESSION_RECORD=1, a scratch directory): each records its items in m
   step), the track head's FLOPs counted and the planner's prediction attached.
 - 50_single_gpu: both single-GPU recipes' settings (one process, CPU offload, the host optimizer) train 2
   measured steps, and the report carries every figure the GPU run will fill in.
+- 60_long_share: one GPU's share of both long-scene recipes (the exchange stood in for) through
+  bench_step, with the planner's peak for the share's scene attached. It takes only what the stages
+  before it leave (none in the session's planned split), so here it gets LEFTOVER_BUDGET_S.
 """
 from __future__ import annotations
 
@@ -28,10 +31,11 @@ import pytest
 from processes import finish, start
 
 REPO = Path(__file__).resolve().parents[1]
-TIMEOUT_S = 1500  # generous: five stages share two cores
+TIMEOUT_S = 1500  # generous: six stages share two cores
 # The session runs its stages one after another; here five share two cores, so each gets the session's
 # split at twice the smoke scale.
 SIDE_BY_SIDE_SCALE = 6
+LEFTOVER_BUDGET_S = 300  # the stages that take what is left (gpu_session.sh LEFTOVER_ONLY)
 
 
 def session_budgets(scale: int | None = None) -> dict[str, int]:
@@ -48,6 +52,7 @@ class Stages:
 
     def __init__(self, root: Path):
         budgets = session_budgets(SIDE_BY_SIDE_SCALE)
+        budgets["60_long_share"] = LEFTOVER_BUDGET_S
         self.dirs = {name: root / name for name in budgets}
         self.scratch = {name: root / "scratch" / name for name in budgets}
         self.procs = {}
@@ -86,8 +91,10 @@ def stages(tmp_path_factory):
 
 def test_budgets_are_the_sessions_split_scaled_to_the_cpu():
     budgets = session_budgets()
-    assert list(budgets) == ["10_trainer_cuda", "20_throughput", "30_sampler_mix", "40_track", "50_single_gpu"]
+    assert list(budgets) == ["10_trainer_cuda", "20_throughput", "30_sampler_mix", "40_track", "50_single_gpu",
+                             "60_long_share"]
     # The GPU split (480 s in all, setup included) times 3; the trainer and the throughput grid come first.
+    assert budgets.pop("60_long_share") < 10  # it takes only what the others leave
     assert 1200 < sum(budgets.values()) + 10 * len(budgets) <= 3 * 480
     assert budgets["10_trainer_cuda"] > budgets["30_sampler_mix"] and budgets["20_throughput"] > budgets["40_track"]
 
@@ -170,3 +177,21 @@ def test_single_gpu_stage(stages):
         assert run["batch"]["frames_per_scene"] == 2  # the planner's worst split: scenes of 2 frames
     summary = (out / "summary.md").read_text()
     assert "CPU smoke run (tiny model; no GPU figure)" in summary and "FAILED" not in summary
+
+
+def test_long_share_stage(stages):
+    out = stages.finished("60_long_share")
+    doc = json.loads((out / "long_share.json").read_text())
+    assert doc["smoke"] is True and doc["owed"] == []
+    names = [r["config"]["name"] for r in doc["results"]]
+    assert names == ["40GB long recipe, one GPU's share", "80GB long recipe, one GPU's share"]
+    for result in doc["results"]:
+        assert result["status"] == "ok", result
+        assert result["parallel"]["context_parallel"] == 4 and result["throughput"]["frames_per_s"] > 0
+        # the share's scene is the recipe's group of 4 times its frames, planned as such
+        plan = result["planned"]
+        assert plan["context_parallel"] == 4 and plan["scene_frames"] == 4 * result["config"]["frames"]
+        assert plan["peak_bytes"] > 0 and "step_s" not in plan  # no card's rates on the CPU
+    assert stages.measured("60_long_share") == dict.fromkeys(names, "measured")
+    summary = (out / "summary.md").read_text()
+    assert "CPU smoke run (tiny model; no GPU figure)" in summary and "stood in for" in summary

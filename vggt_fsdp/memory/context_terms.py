@@ -49,31 +49,6 @@ def gathered_output_bytes(model_cfg: VGGTConfig, scenes: int, frames: int, size:
     return scenes * frames * (size - 1) // size * dense * hw * 4
 
 
-class CountingExchange:
-    """Stands in for parallel.context.ContextGroup when a global block is counted on the meta device
-    (memory/steptime.py): the same shapes on both sides of the exchange, so SDPA is counted as a rank
-    runs it (H/N heads over the whole scene's S x T tokens: N times the attention FLOPs of its S/N frames
-    alone), with a permute copy standing for each all-to-all's packing and no process group."""
-
-    holds_first_frame = True
-
-    def __init__(self, size: int):
-        self.size = size
-
-    def heads_to_sequence(self, x):
-        B, H, n, d = x.shape
-        N = self.size
-        return x.reshape(B, N, H // N, n, d).permute(0, 2, 1, 3, 4).reshape(B, H // N, N * n, d)
-
-    def sequence_to_heads(self, x):
-        B, h, tokens, d = x.shape
-        N = self.size
-        return x.reshape(B, h, N, tokens // N, d).permute(0, 2, 1, 3, 4).reshape(B, N * h, tokens // N, d)
-
-    def gather_frames(self, x, dim: int = 1):
-        raise NotImplementedError("counting covers the global blocks only; the heads are counted per rank")
-
-
 def link_bytes_per_s(card_name: str) -> float:
     name = card_name.lower()
     return next((rate for key, rate in LINK_BYTES_PER_S.items() if key in name), PCIE_BYTES_PER_S)

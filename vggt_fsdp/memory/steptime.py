@@ -340,8 +340,8 @@ def _autocast(parallel_cfg, param_bytes: int) -> torch.dtype | None:
 
 
 def _count_calls(model_cfg, parallel_cfg, units: list[UnitInfo], b: Batch) -> dict[str, _Call]:
-    from vggt_fsdp.memory.context_terms import CountingExchange
     from vggt_fsdp.model.layers import Attention, patch_positions
+    from vggt_fsdp.parallel.context import StandInGroup
 
     context = getattr(parallel_cfg, "context_parallel", 1)
     model = planner._meta_model(model_cfg)
@@ -409,7 +409,7 @@ def _count_calls(model_cfg, parallel_cfg, units: list[UnitInfo], b: Batch) -> di
             if group == "global" and context > 1:  # attends over the whole scene with H/N heads
                 for module in block.modules():
                     if isinstance(module, Attention):
-                        module.__dict__["context"] = CountingExchange(context)
+                        module.__dict__["context"] = StandInGroup(context)
             x = meta(*shape, dtype=DTYPES[param_bytes], grad=grad)
             count = count_call(block, x, pos=pos, autocast=_autocast(parallel_cfg, param_bytes))
             calls[f"{group} blocks" + (f" ({n})" if n else "")] = _Call(count, tuple(members), each)

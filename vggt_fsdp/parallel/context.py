@@ -161,6 +161,35 @@ class ContextGroup:
         return _GatherFrames.apply(x, dim, self.group, self.rank, self.size)
 
 
+class StandInGroup:
+    """One process standing in for a rank of a context group of `size`: a rank's work without the group.
+
+    The exchange becomes a local reshuffle of this rank's own tokens, with the shapes the all-to-all gives
+    (H/N heads over N times the tokens), and a gather repeats this rank's frames N times. Compute and
+    memory are a rank's (up to the exchange's own buffers); the values are not a scene's, and nothing is
+    communicated. The step-time model counts a rank's global blocks with it on the meta device
+    (memory/steptime.py), and one GPU measures a rank's share of a long scene with it
+    (benchmarks/long_share_gpu.py)."""
+
+    holds_first_frame = True  # the share with frame 0's own camera and register tokens
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def heads_to_sequence(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, n, d = x.shape
+        N = self.size
+        return x.reshape(B, N, H // N, n, d).permute(0, 2, 1, 3, 4).reshape(B, H // N, N * n, d)
+
+    def sequence_to_heads(self, x: torch.Tensor) -> torch.Tensor:
+        B, h, tokens, d = x.shape
+        N = self.size
+        return x.reshape(B, h, N, tokens // N, d).permute(0, 2, 1, 3, 4).reshape(B, N * h, tokens // N, d)
+
+    def gather_frames(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        return torch.cat([x] * self.size, dim)
+
+
 def new_context_group(size: int) -> ContextGroup | None:
     """This rank's context group over the default process group (every rank calls this, in the same
     order: new_group is collective); None for size 1."""
