@@ -116,7 +116,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     group = new_context_group(world)
     loader = build_dataloader(_data(FRAMES // world), rank=rank, world_size=world, context_parallel=world)
     raw = _batches(loader)
-    done = [complete_split_batch(batch, group) for batch in raw]
+    done = [complete_split_batch(batch, group)[0] for batch in raw]
     torch.save({"raw_frames": [b["images"].shape[1] for b in raw], "batches": done},
                os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
@@ -135,3 +135,41 @@ def test_a_group_completes_its_shares_into_the_batches_one_process_builds(size, 
             assert torch.equal(batch["images"], whole["images"][:, share])
             for key in (*FRAME_KEYS, "scene_scale"):
                 torch.testing.assert_close(batch[key], whole[key], rtol=1e-6, atol=1e-6, msg=key)
+
+
+class _Alone:
+    """A group of one (FrameGroup): what the rank has is the group's."""
+
+    def first_frame(self, x):
+        return x
+
+    def sum(self, x):
+        return x
+
+    def gather_frames(self, x, dim=1):
+        return x
+
+
+def test_a_scene_without_valid_depth_is_scaled_by_one_and_reported_at_the_next_log_step():
+    """The group's sums stay on the device (no host read each step): an empty scene is scaled by 1 and
+    flagged, and the task raises where the trainer reads counts anyway (data_counts, at log steps)."""
+    from vggt_fsdp.data import DataError
+    from vggt_fsdp.data.split_scenes import complete_split_batch
+    from vggt_fsdp.tasks.vggt import VGGTTask
+
+    raw = _batches(build_dataloader(_data(FRAMES), context_parallel=1), 1)[0]
+    raw["point_masks"][:] = False  # no valid depth in any frame
+    batch, has_depth = complete_split_batch(raw, _Alone())
+    assert has_depth.tolist() == [False] * len(raw["images"])
+    assert (batch["scene_scale"] == 1).all() and torch.isfinite(batch["extrinsics"]).all()
+
+    class Loader:
+        def data_counts(self):
+            return {"frames": {}}
+
+    task = VGGTTask(Loader(), None, 14, 5, tracks=False, context=_Alone())
+    task.to_device(_batches(build_dataloader(_data(FRAMES)), 1)[0], torch.device("cpu"))
+    assert task.data_counts() == {"frames": {}}  # scenes with depth: nothing to report
+    task.to_device(raw, torch.device("cpu"))
+    with pytest.raises(DataError, match="1 scene.* had no valid depth in any frame"):
+        task.data_counts()

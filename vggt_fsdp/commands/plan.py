@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from vggt_fsdp import hardware
 from vggt_fsdp.cli import add_recipe_arguments
-from vggt_fsdp.memory import planner, steptime
+from vggt_fsdp.memory import context_terms, planner, steptime
 
 EXAMPLES = """  vggt-fsdp plan a100_40g                                   peak memory and step time on the recipe's card
   vggt-fsdp plan a100_40g --optimize data.frames_per_gpu=32  the fastest checkpoint policy that fits
@@ -172,7 +172,9 @@ def report(recipe, args, where: Target) -> tuple[dict, planner.MemoryPlan, stept
     }
     summary["context_parallel"] = recipe.parallel.context_parallel
     if recipe.parallel.context_parallel > 1 and where.card is not None:
-        summary["context_exchange_s"] = _exchange_seconds(recipe, shape, result, work, where.card.name)
+        summary["context_exchange_s"] = context_terms.exchange_seconds(
+            shape.model_cfg, result.policy["blocks"].get("global", "none"), work.batch,
+            recipe.parallel.context_parallel, recipe.parallel.precision.param_dtype, where.card.name)
     if step is None:
         summary["step_time_unavailable"] = ("no card with rates: set hardware.device to a GPU card "
                                             f"({', '.join(hardware.cards())})")
@@ -293,17 +295,6 @@ def print_report(args, data: dict, result: planner.MemoryPlan, work: steptime.St
         print(f"  context parallelism: {_si(data['context_exchange_s'], 's')} a step of all-to-all exchanges over the "
               "node's GPU links (datasheet bandwidth, not overlapped: an estimate; memory/context_terms.py), not in "
               "the step above; its global attention is this GPU's: heads/N over the whole scene's frames")
-
-
-def _exchange_seconds(recipe, shape, result, work, card_name: str) -> float:
-    """The context group's all-to-all seconds a step (memory/context_terms.py: an estimate)."""
-    from vggt_fsdp.memory import context_terms
-
-    b, agg = work.batch, shape.model_cfg.aggregator
-    policies = [result.policy["blocks"].get("global", "none")] * agg.depth
-    elem = 4 if recipe.parallel.precision.param_dtype == "fp32" else 2
-    return context_terms.exchange_seconds(shape.model_cfg, policies, b.scenes, b.frames, b.patches,
-                                          recipe.parallel.context_parallel, elem, card_name)
 
 
 def _si(value: float, unit: str) -> str:

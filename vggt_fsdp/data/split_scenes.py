@@ -11,6 +11,11 @@ training process, where the group can talk:
 - the ground truth of every frame is then gathered, so the loss and the validation metrics (which
   cross frames: camera pairs, the scene-wide means) read the whole scene on every rank, as they read
   the gathered predictions. `images` stays this rank's share: it is what the model reads.
+
+A scene with no valid depth in any frame has no scale. One process refuses it as it loads it; a group
+knows only once its sums are on the device, and reading them on the host each step would stall the
+step. So such a scene is scaled by 1 and reported in the returned flags, which the task reads where
+the trainer syncs anyway (tasks/vggt.py: at log steps).
 """
 from __future__ import annotations
 
@@ -41,18 +46,25 @@ class FrameGroup(Protocol):
         ...
 
 
-def complete_split_batch(batch: dict[str, torch.Tensor], group: FrameGroup) -> dict[str, torch.Tensor]:
+def complete_split_batch(batch: dict[str, torch.Tensor], group: FrameGroup
+                         ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """This rank's batch (its share of the frames, world coordinates) -> normalised, with the whole scenes'
-    ground truth and this rank's images. Every rank of the group calls it with the same scenes."""
+    ground truth and this rank's images; and per scene whether it has any valid depth (on the device, not
+    read here). Every rank of the group calls it with the same scenes."""
     first = group.first_frame(batch["extrinsics"][:, 0].contiguous())
     moved = in_first_camera(batch, first)
     total, count = distance_sums(moved["world_points"], batch["point_masks"], lead=1)
     sums = group.sum(torch.stack([total.double(), count.double()]))
-    if (sums[1] == 0).any():
-        empty = (sums[1] == 0).nonzero()[:, 0].tolist()
-        raise DataError(f"scene(s) {empty} of this step's batch have no valid depth in any of their frames "
-                        "after cropping: no scale can be defined (check the source's depth maps)")
-    out = rescaled(moved, unit_scale(sums[0], sums[1]).to(total.dtype))
+    has_depth = sums[1] > 0
+    scale = torch.where(has_depth, unit_scale(sums[0], sums[1]), torch.ones_like(sums[0]))
+    out = rescaled(moved, scale.to(total.dtype))
     for key in FRAME_KEYS:
         out[key] = group.gather_frames(out[key], 1)
-    return out
+    return out, has_depth
+
+
+def no_depth_error(scenes: int) -> DataError:
+    """What a group says of scenes without valid depth (counted by the task since its last report)."""
+    return DataError(f"{scenes} scene(s) of the batches since the last log step had no valid depth in any frame "
+                     "after cropping, so no scale (one process refuses such a scene as it loads it; a context "
+                     "group finds out once its ranks' sums are added): check the source's depth maps")

@@ -54,14 +54,17 @@ def link_bytes_per_s(card_name: str) -> float:
     return next((rate for key, rate in LINK_BYTES_PER_S.items() if key in name), PCIE_BYTES_PER_S)
 
 
-def exchange_seconds(model_cfg: VGGTConfig, block_policies: list[str], scenes: int, local_frames: int,
-                     patches: int, size: int, elem: int, card_name: str) -> float:
-    """All-to-all time of one training step (forward, backward, recompute) on one rank: an estimate that
-    assumes no overlap with compute (Ulysses' exchanges sit between a block's matmuls)."""
+def exchange_seconds(model_cfg: VGGTConfig, global_policy: str, batch, size: int, param_dtype: str,
+                     card_name: str) -> float:
+    """All-to-all time of one training step (forward, backward, recompute) on one rank whose `batch`
+    (memory.planner.Batch) is its share, the global blocks checkpointed as `global_policy` (a policy
+    label): an estimate that assumes no overlap with compute (Ulysses' exchanges sit between a block's
+    matmuls)."""
     if size == 1:
         return 0.0
     agg = model_cfg.aggregator
-    tokens = scenes * local_frames * (patches + 1 + agg.num_register_tokens)
+    elem = 4 if param_dtype == "fp32" else 2
+    tokens = batch.scenes * batch.frames * (batch.patches + 1 + agg.num_register_tokens)
     moved = tokens * agg.embed_dim * elem * (size - 1) / size
-    calls = sum(EXCHANGES.get(policy, 12) for policy in block_policies)
+    calls = agg.depth * EXCHANGES.get(global_policy, 12)
     return calls * (moved / link_bytes_per_s(card_name) + EXCHANGE_LATENCY_S)

@@ -233,7 +233,6 @@ def search_context(model_cfg, parallel_cfg, *, world_size: int, frames_per_gpu: 
     """`search` at every context group size (`context_sizes`), each GPU holding its 1/N of the frames the
     recipe's group holds (frames_per_gpu x its N). `known`: the search already made at the recipe's N."""
     group_frames = frames_per_gpu * parallel_cfg.context_parallel
-    elem = 4 if parallel_cfg.precision.param_dtype == "fp32" else 2
     out = []
     for size in context_sizes(model_cfg.aggregator.num_heads, world_size, gpus_per_node, frames_range,
                               model_cfg.enable_track):
@@ -244,12 +243,9 @@ def search_context(model_cfg, parallel_cfg, *, world_size: int, frames_per_gpu: 
             model_cfg, cfg, world_size=world_size, frames_per_gpu=per_gpu, image_hw=image_hw,
             frames_range=frames_range, memory_bytes=memory_bytes, card=card, margin=margin, device_kind=device_kind,
             freeze=freeze, gpus_per_node=gpus_per_node, track_points=track_points)
-        exchange = 0.0
-        if found.best is not None:
-            b = found.batch
-            policies = [dict(found.best.candidate.blocks)["global"]] * model_cfg.aggregator.depth
-            exchange = context_terms.exchange_seconds(model_cfg, policies, b.scenes, b.frames, b.patches, size,
-                                                      elem, card.name)
+        exchange = 0.0 if found.best is None else context_terms.exchange_seconds(
+            model_cfg, dict(found.best.candidate.blocks)["global"], found.batch, size,
+            parallel_cfg.precision.param_dtype, card.name)
         out.append(GroupSize(size, per_gpu, found, exchange))
     return out
 

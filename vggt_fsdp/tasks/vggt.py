@@ -103,6 +103,7 @@ class VGGTTask:
         # outside it, in fp32.
         self.patch_size, self.special_tokens, self.tracks = patch_size, special_tokens, tracks
         self.recipe = recipe
+        self._scenes_without_depth = None  # context groups: a device count, read where the trainer syncs
 
     def batches(self):
         return iter(self.loader)
@@ -130,10 +131,19 @@ class VGGTTask:
         if self.context is not None:  # this rank built its frames only: the group completes the scenes
             from vggt_fsdp.data.split_scenes import complete_split_batch
 
-            batch = complete_split_batch(batch, self.context)
+            batch, has_depth = complete_split_batch(batch, self.context)
+            missing = (~has_depth).sum()  # no host sync here: checked in data_counts
+            self._scenes_without_depth = missing if self._scenes_without_depth is None else \
+                self._scenes_without_depth + missing
         return batch
 
     def data_counts(self) -> dict[str, dict[str, int]]:
+        """The loader's counts (read at log steps). Under context parallelism also where a group's scenes
+        without valid depth are reported: one host read per log step, not per step."""
+        if self._scenes_without_depth is not None and int(self._scenes_without_depth):
+            from vggt_fsdp.data.split_scenes import no_depth_error
+
+            raise no_depth_error(int(self._scenes_without_depth))
         return self.loader.data_counts()
 
     def oom_report(self, step: int, shape: StepShape | None) -> str:
